@@ -1,0 +1,118 @@
+"""Command line: ``puller pull REF``. Wiring only; the work is in the engine, registry and stores."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from . import __version__, config
+from .engine.budget import ConnectionBudget
+from .engine.fetcher import BlobFetcher, FetchSettings
+from .engine.pull import PullProgress, PullResult, pull_image
+from .errors import ConfigError, PullerError
+from .progress import emit_json, show, summary_json, summary_line
+from .reference import Reference
+from .registry.auth import Credentials, CredentialStore
+from .registry.client import ClientSettings, RegistryClient
+from .registry.hosts import HostSettings
+from .registry.manifest import Platform
+from .stores.oci_layout import OCILayoutStore
+
+EXIT_INTERRUPTED = 130
+
+
+def open_store(spec: str) -> OCILayoutStore:
+    """``oci:DIR`` (or a bare directory) -> the OCI layout store."""
+    kind, sep, arg = spec.partition(":")
+    if sep and kind == "oci":
+        return OCILayoutStore(arg or config.DEFAULT_OCI_DIR)
+    if not sep or "/" in kind or kind.startswith("."):
+        return OCILayoutStore(spec)
+    raise ConfigError(f"unknown store {kind!r}: this version supports oci:DIR")
+
+
+async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials | None, output: str) -> PullResult:
+    hosts = HostSettings(frozenset(settings.plain_http), frozenset(settings.insecure_skip_verify), settings.ca_file)
+    explicit = {ref.domain: creds, ref.api_host: creds} if creds else {}
+    credentials = CredentialStore(explicit, Path(settings.docker_config) if settings.docker_config else None)
+    client_settings = ClientSettings(hosts, settings.connect_timeout, settings.read_timeout)
+    platform = Platform.parse(settings.platform) if settings.platform else None
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(RegistryClient(client_settings, credentials))
+        store = await stack.enter_async_context(open_store(settings.store))
+        budget = ConnectionBudget(settings.connections, settings.connections_per_host)
+        fetcher = BlobFetcher(client, budget, FetchSettings(settings.chunk_size, settings.min_split, settings.attempts))
+        progress = PullProgress(str(ref))
+        async with show(progress, output):
+            return await pull_image(ref, client, fetcher, store, platform, progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="puller", description="Pull whole container images, fast.")
+    parser.add_argument("--version", action="version", version=f"puller {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pull", help="pull an image into a store")
+    p.add_argument("reference", help="image reference, e.g. busybox, ghcr.io/org/app:1.2, repo@sha256:...")
+    p.add_argument("--config", help=f"YAML settings file (default: ${config.CONFIG_ENV} if set)")
+    p.add_argument("--store", help=f"where to put the image: oci:DIR (default oci:{config.DEFAULT_OCI_DIR})")
+    p.add_argument("--platform", help="os/arch[/variant] to pick from a multi-arch index (default: this host)")
+    p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to this image's registry")
+    p.add_argument("--insecure-skip-verify", action="store_true", help="skip TLS verification for this registry")
+    p.add_argument("--creds", help="user:password for this image's registry (else docker config.json)")
+    p.add_argument("--concurrency", type=int, help="connection budget shared by all chunks (default 32)")
+    p.add_argument("--chunk-size", help="bytes per ranged request, e.g. 8MiB")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress display")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        ref = Reference.parse(args.reference)
+        settings = config.load(args.config)
+        flags: dict = {
+            "store": args.store,
+            "platform": args.platform,
+            "connections": args.concurrency,
+            "chunk_size": args.chunk_size,
+        }
+        if args.plain_http:
+            flags["plain_http"] = [*settings.plain_http, ref.api_host]
+        if args.insecure_skip_verify:
+            flags["insecure_skip_verify"] = [*settings.insecure_skip_verify, ref.api_host]
+        settings = config.apply(settings, flags)
+        creds = Credentials.from_user_pass(args.creds) if args.creds else None
+        output = "json" if args.json else ("tty" if sys.stderr.isatty() else "plain")
+        result = _run(run_pull(ref, settings, creds, output))
+    except PullerError as e:
+        if args.json:
+            emit_json({"event": "error", "error": type(e).__name__, "message": str(e)})
+        print(f"puller: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("puller: interrupted; progress is kept and the next pull resumes", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        emit_json(summary_json(result))
+    else:
+        print(summary_line(result))
+    return 0
+
+
+def _run(coro):
+    """Run on uvloop when it is installed (it is a dependency on Linux), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

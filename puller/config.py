@@ -1,0 +1,104 @@
+"""One settings model: defaults here, overridden by a YAML file, overridden by command-line flags.
+
+Every option is documented in config/puller.yaml. Unknown keys are refused, so a typo is an error, not a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
+from .engine.fetcher import DEFAULT_ATTEMPTS, DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
+from .errors import ConfigError
+from .registry.client import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+from .stores.oci_layout import DEFAULT_OCI_DIR
+
+CONFIG_ENV = "PULLER_CONFIG"
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+@dataclass
+class Settings:
+    store: str = f"oci:{DEFAULT_OCI_DIR}"
+    platform: str | None = None
+    connections: int = DEFAULT_MAX_CONNECTIONS
+    connections_per_host: int = DEFAULT_MAX_PER_HOST
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    min_split: int = DEFAULT_MIN_SPLIT
+    attempts: int = DEFAULT_ATTEMPTS
+    connect_timeout: float = CONNECT_TIMEOUT_S
+    read_timeout: float = READ_TIMEOUT_S
+    plain_http: list[str] = field(default_factory=list)
+    insecure_skip_verify: list[str] = field(default_factory=list)
+    ca_file: str | None = None
+    docker_config: str | None = None
+
+    def validate(self) -> Settings:
+        if self.connections < 1 or self.connections_per_host < 1:
+            raise ConfigError("connections and connections_per_host must be at least 1")
+        if self.chunk_size < 64 * 1024:
+            raise ConfigError("chunk_size must be at least 64KiB")
+        if self.attempts < 1:
+            raise ConfigError("attempts must be at least 1")
+        return self
+
+
+def parse_size(value: Any) -> int:
+    """``8388608``, ``"8MiB"``, ``"8M"``, ``"512k"`` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if text and text[-1] in _UNITS:
+            return int(float(text[:-1]) * _UNITS[text[-1]])
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"invalid size {value!r}: use bytes or a number with KiB/MiB/GiB") from None
+
+
+def load(path: str | None = None) -> Settings:
+    """Settings from ``path`` (or $PULLER_CONFIG); defaults when neither is given."""
+    path = path or os.environ.get(CONFIG_ENV)
+    settings = Settings()
+    if not path:
+        return settings
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    return apply(settings, doc, where=str(path))
+
+
+def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> Settings:
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r}")
+        if value is None:
+            continue
+        if name in ("chunk_size", "min_split"):
+            value = parse_size(value)
+        elif name in ("plain_http", "insecure_skip_verify"):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of hosts")
+        elif known[name].type in ("int", "float"):
+            try:
+                value = int(value) if known[name].type == "int" else float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: {key} must be a number") from None
+        setattr(settings, name, value)
+    return settings.validate()

@@ -1,0 +1,415 @@
+"""The parallel blob fetcher.
+
+One :class:`BlobFetcher` per process serves every pull: the same digest wanted twice at once is fetched once,
+and every chunk request of every blob takes a slot of one :class:`ConnectionBudget`.
+
+A blob is fetched like this:
+1. ``staging/<alg>-<hex>.partial`` is opened (created and preallocated to the blob's size) under an exclusive
+   lock file, so two processes never write the same blob; ``<alg>-<hex>.ranges`` records which byte ranges are
+   already on disk, so a killed pull resumes where it stopped.
+2. The first chunk's request also resolves the redirect: the registry's 307 to a CDN is followed without
+   credentials and the final URL is reused for every other range of the blob (resolved again on 401/403/410).
+   If the server answers the Range with 200, the blob is streamed whole over that one connection.
+3. Other chunks go out in parallel; when none are left, the slowest streaming range is split (tail split).
+4. Each received block is written with ``os.pwritev`` at its offset; the contiguous prefix is hashed as it
+   grows (:class:`PrefixHasher`). At the end size and digest are checked; a mismatch deletes the staged data
+   and the blob is fetched once more before the pull fails.
+5. The verified file is handed to the store's ``commit_blob``; nothing unverified is ever in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from ..errors import DigestMismatch, SizeMismatch, StoreError, TransportError
+from ..reference import Reference
+from ..registry.client import NET_ERRORS, ExpiredURL, RegistryClient, RetryableStatus
+from ..registry.manifest import Descriptor
+from ..stores import Store, store_error
+from .budget import ConnectionBudget
+from .plan import MIB, Chunk, RangeSet, plan_chunks, split_for_tail
+from .verify import PrefixHasher
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 8 * MIB
+DEFAULT_MIN_SPLIT = 1 * MIB
+DEFAULT_ATTEMPTS = 6
+MAX_RETRY_AFTER_S = 60.0
+WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
+VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class TruncatedBody(TransportError):
+    """The connection ended before the requested range was complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    min_split: int = DEFAULT_MIN_SPLIT
+    attempts: int = DEFAULT_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 64 * 1024:
+            raise ValueError("chunk size must be at least 64 KiB")
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+
+
+@dataclass(slots=True)
+class BlobProgress:
+    """Live counters of one blob, read by progress displays and metrics."""
+
+    digest: str
+    size: int
+    done: int = 0  # bytes on disk (including those resumed from an earlier run)
+    fetched: int = 0  # bytes received over the network by this run
+    resumed: int = 0
+    state: str = "waiting"  # waiting | present | fetching | verifying | done | failed
+    retries: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+
+def _is_retryable(e: BaseException) -> bool:
+    return isinstance(e, TransportError | RetryableStatus | ExpiredURL)
+
+
+def _wait(retry_state) -> float:
+    e = retry_state.outcome.exception() if retry_state.outcome else None
+    if isinstance(e, ExpiredURL):
+        return 0.0
+    if isinstance(e, RetryableStatus) and e.retry_after is not None:
+        return min(e.retry_after, MAX_RETRY_AFTER_S)
+    return wait_random_exponential(multiplier=0.25, max=8.0)(retry_state)
+
+
+class BlobFetcher:
+    def __init__(self, client: RegistryClient, budget: ConnectionBudget, settings: FetchSettings | None = None):
+        self.client = client
+        self.budget = budget
+        self.settings = settings or FetchSettings()
+        self._inflight: dict[tuple[int, str], asyncio.Future] = {}
+
+    async def fetch(self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress) -> None:
+        """Make ``desc`` present in ``store``. Concurrent calls for the same digest and store share one fetch."""
+        key = (id(store), str(desc.digest))
+        shared = self._inflight.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self._fetch_verified(ref, desc, store, progress))
+            self._inflight[key] = shared
+            shared.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        else:
+            progress.state = "fetching"
+        await asyncio.shield(shared)
+        progress.state = "done"
+        progress.done = desc.size
+
+    async def _fetch_verified(self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress) -> None:
+        for attempt in range(1, VERIFY_ATTEMPTS + 1):
+            try:
+                await _BlobDownload(self, ref, desc, store, progress).run()
+                return
+            except DigestMismatch as e:
+                log.warning("%s: %s (attempt %d of %d)", ref, e, attempt, VERIFY_ATTEMPTS)
+                if attempt == VERIFY_ATTEMPTS:
+                    progress.state = "failed"
+                    raise
+            except BaseException:
+                progress.state = "failed"
+                raise
+
+
+class _BlobDownload:
+    """One blob's download into its staged file. Not reused."""
+
+    def __init__(self, fetcher: BlobFetcher, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress):
+        self.f = fetcher
+        self.ref = ref
+        self.desc = desc
+        self.store = store
+        self.progress = progress
+        stem = f"{desc.digest.algorithm}-{desc.digest.hex}"
+        self.data_path = store.staging_dir / f"{stem}.partial"
+        self.ranges_path = store.staging_dir / f"{stem}.ranges"
+        self.lock_path = store.staging_dir / f"{stem}.lock"
+        self.url: str | None = None  # the resolved (redirected) blob URL, reused for every range
+        self.done = RangeSet()
+        self.pending: list[Chunk] = []
+        self.inflight: set[Chunk] = set()
+        self.range_ok: bool | None = None
+        self.range_known = asyncio.Event()
+        self.fd = -1
+        self.hasher: PrefixHasher | None = None
+
+    async def run(self) -> None:
+        lock_fd = await self._lock()
+        try:
+            if await self.store.has_blob(self.desc):  # another process committed it while we waited
+                self.progress.state = "present"
+                return
+            await asyncio.to_thread(self._open)
+            try:
+                await self._download()
+                await self._verify()
+            finally:
+                if self.hasher:
+                    await self.hasher.close()
+                os.close(self.fd)
+            await self.store.commit_blob(self.desc, self.data_path)
+            self.ranges_path.unlink(missing_ok=True)
+        finally:
+            self.lock_path.unlink(missing_ok=True)
+            os.close(lock_fd)
+
+    async def _lock(self) -> int:
+        """An exclusive flock on the blob's lock file; the inode check guards against a file already unlinked."""
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.progress.state = "waiting"
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def _open(self) -> None:
+        size = self.desc.size
+        try:
+            self.done = self._load_ranges()
+            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+            if os.fstat(self.fd).st_size != size or not self.done:
+                os.ftruncate(self.fd, 0)
+                self.done = RangeSet()
+                if size:
+                    try:
+                        os.posix_fallocate(self.fd, 0, size)  # fail now, not mid-pull, when the disk is full
+                    except OSError as e:
+                        if e.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystem without fallocate
+                            raise
+                        os.ftruncate(self.fd, size)
+        except OSError as e:
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.data_path.unlink(missing_ok=True)
+            raise store_error(e, f"preparing {self.desc.size} bytes for {self.desc.digest}") from None
+        self.hasher = PrefixHasher(self.fd, self.desc.digest)
+        self.progress.resumed = self.progress.done = self.done.total()
+        self.pending = plan_chunks(self.done.missing(size), self.f.settings.chunk_size)
+
+    def _load_ranges(self) -> RangeSet:
+        try:
+            record = json.loads(self.ranges_path.read_text())
+            if record.get("size") != self.desc.size:
+                return RangeSet()
+            return RangeSet(
+                (int(s), int(e)) for s, e in record.get("done", []) if 0 <= int(s) < int(e) <= self.desc.size
+            )
+        except (OSError, ValueError, TypeError, AttributeError):
+            return RangeSet()
+
+    def _save_ranges(self) -> None:
+        """Record the done ranges (temp + rename). Not fsynced: a crash of the machine may lose the record, never
+        correctness, since the whole blob is hashed before commit."""
+        tmp = self.ranges_path.with_suffix(".ranges-tmp")
+        try:
+            tmp.write_text(json.dumps({"size": self.desc.size, "done": self.done.as_list()}))
+            os.replace(tmp, self.ranges_path)
+        except OSError as e:
+            log.debug("could not record progress of %s: %s", self.desc.digest, e)
+
+    # ---- downloading ---------------------------------------------------------------------------------------
+
+    async def _download(self) -> None:
+        if not self.pending:
+            return
+        self.progress.state = "fetching"
+        probe = self.pending.pop(0)
+        n_workers = min(self.f.budget.total, max(1, len(self.pending) + 1))
+        workers = [asyncio.ensure_future(self._worker(probe))]
+        workers += [asyncio.ensure_future(self._worker(None)) for _ in range(n_workers - 1)]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        finally:
+            self._save_ranges()
+
+    async def _worker(self, first: Chunk | None) -> None:
+        if first is None:
+            await self.range_known.wait()
+            if not self.range_ok:
+                return
+        chunk = first
+        while chunk is not None:
+            self.inflight.add(chunk)
+            try:
+                await self._fetch_chunk(chunk)
+            finally:
+                self.inflight.discard(chunk)
+                if not self.range_known.is_set():
+                    self.range_known.set()  # a failed probe: let the others try (and fail) on their own
+            self._save_ranges()
+            chunk = self._next_chunk() if self.range_ok else None
+
+    def _next_chunk(self) -> Chunk | None:
+        if self.pending:
+            return self.pending.pop(0)
+        return split_for_tail(self.inflight, self.f.settings.min_split)
+
+    async def _fetch_chunk(self, chunk: Chunk) -> None:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.f.settings.attempts),
+            wait=_wait,
+            retry=retry_if_exception(_is_retryable),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.progress.retries += 1
+                async with self.f.budget.slot(self.ref.api_host):
+                    await self._stream(chunk)
+
+    async def _stream(self, chunk: Chunk) -> None:
+        if chunk.pos >= chunk.end:
+            return
+        headers = {"Range": f"bytes={chunk.pos}-{chunk.end - 1}", "Accept-Encoding": "identity"}
+        if self.url:
+            try:
+                async with self.f.client.url_get(self.url, headers) as resp:
+                    await self._consume(chunk, resp)
+            except ExpiredURL:
+                self.url = None  # resolve through the registry again on the next attempt
+                raise
+        else:
+            path = f"blobs/{self.desc.digest}"
+            async with self.f.client.registry_get(self.ref, path, headers) as (resp, final_url):
+                if final_url != self.f.client.registry_url(self.ref, path):
+                    self.url = final_url
+                await self._consume(chunk, resp)
+
+    async def _consume(self, chunk: Chunk, resp) -> None:
+        size = self.desc.size
+        if resp.status == 206:
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != chunk.pos:
+                raise TransportError(f"bad Content-Range {resp.headers.get('Content-Range')!r} for {chunk.pos}-")
+            if m.group(3) != "*" and int(m.group(3)) != size:
+                raise SizeMismatch(size, int(m.group(3)), what=f"blob {self.desc.digest}")
+            skip = 0
+            self._set_range_support(True)
+        elif resp.status == 200:
+            # Range ignored: the body is the whole blob. Stream it over this one connection.
+            length = resp.content_length
+            if length is not None and length != size:
+                raise SizeMismatch(size, length, what=f"blob {self.desc.digest}")
+            self._set_range_support(False)
+            chunk.pos = next(iter(self.done.missing(size)), (size, size))[0]
+            chunk.end = size
+            skip = chunk.pos
+        else:
+            raise TransportError(f"unexpected HTTP {resp.status} for a blob range")
+        chunk.streaming = True
+        try:
+            await self._copy_body(chunk, resp, skip)
+        finally:
+            chunk.streaming = False
+
+    def _set_range_support(self, ok: bool) -> None:
+        if self.range_ok is None or not ok:
+            self.range_ok = ok
+        if not ok:
+            self.pending.clear()
+            for other in self.inflight:
+                other.end = other.pos  # stop the others; the whole-body stream covers their bytes
+        self.range_known.set()
+
+    async def _copy_body(self, chunk: Chunk, resp, skip: int) -> None:
+        loop = asyncio.get_running_loop()
+        content = resp.content
+        buffers: list[bytes] = []
+        buffered = 0
+        try:
+            while chunk.pos + buffered < chunk.end:
+                data = await content.read(WRITE_BLOCK)
+                if not data:
+                    break
+                if skip:
+                    cut = min(skip, len(data))
+                    skip -= cut
+                    data = data[cut:]
+                    if not data:
+                        continue
+                room = chunk.end - chunk.pos - buffered
+                if len(data) > room:
+                    data = data[:room]
+                buffers.append(data)
+                buffered += len(data)
+                self.progress.fetched += len(data)
+                if buffered >= WRITE_BLOCK:
+                    await self._write(loop, chunk, buffers, buffered)
+                    buffers, buffered = [], 0
+        except NET_ERRORS as e:
+            raise TruncatedBody(f"{self.desc.digest}: connection failed mid-body at {chunk.pos}: {e}") from None
+        finally:
+            if buffers:
+                await self._write(loop, chunk, buffers, buffered)
+        if chunk.pos < chunk.end:
+            raise TruncatedBody(f"{self.desc.digest}: body ended at byte {chunk.pos}, wanted up to {chunk.end}")
+
+    async def _write(self, loop: asyncio.AbstractEventLoop, chunk: Chunk, buffers: list[bytes], n: int) -> None:
+        start = chunk.pos
+        try:
+            written = await loop.run_in_executor(None, os.pwritev, self.fd, buffers, start)
+        except OSError as e:
+            raise store_error(e, f"writing {self.desc.digest}") from None
+        if written != n:
+            raise StoreError(f"short write of {self.desc.digest} at {start}")
+        chunk.pos = start + n
+        self.done.add(start, start + n)
+        self.progress.done += n
+        assert self.hasher is not None
+        self.hasher.advance(self.done.prefix_end())
+
+    # ---- verifying -----------------------------------------------------------------------------------------
+
+    async def _verify(self) -> None:
+        self.progress.state = "verifying"
+        size = self.desc.size
+        if self.done.prefix_end() != size:
+            raise SizeMismatch(size, self.done.prefix_end(), what=f"blob {self.desc.digest}")
+        assert self.hasher is not None
+        try:
+            actual = await self.hasher.finish(size)
+        except OSError as e:
+            raise store_error(e, f"reading back {self.desc.digest}") from None
+        if actual != self.desc.digest.hex:
+            # Never keep bad bytes: the next attempt starts from nothing.
+            self.data_path.unlink(missing_ok=True)
+            self.ranges_path.unlink(missing_ok=True)
+            raise DigestMismatch(
+                str(self.desc.digest), f"{self.desc.digest.algorithm}:{actual}", what=f"blob of {self.ref}"
+            )
+        self.progress.state = "done"
+        self.progress.finished = time.monotonic()

@@ -1,0 +1,127 @@
+"""One image: resolve -> plan -> fetch -> verify -> commit.
+
+:func:`pull_image` resolves the reference to a manifest (choosing the platform from an index), skips blobs the
+store already has, fetches the rest through the shared :class:`BlobFetcher`, and names the image in the store
+only after every blob is committed. Progress is kept in a :class:`PullProgress` that displays poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ..reference import Reference
+from ..registry import manifest as mf
+from ..registry.client import RegistryClient
+from ..stores import Store
+from .fetcher import BlobFetcher, BlobProgress
+
+
+@dataclass(slots=True)
+class PullProgress:
+    reference: str
+    state: str = "resolving"  # resolving | fetching | committing | done | failed
+    digest: str | None = None
+    blobs: dict[str, BlobProgress] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(b.size for b in self.blobs.values())
+
+    @property
+    def done(self) -> int:
+        return sum(b.done for b in self.blobs.values())
+
+    @property
+    def fetched(self) -> int:
+        return sum(b.fetched for b in self.blobs.values())
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    reference: Reference
+    digest: str  # what the reference resolved to (index digest for a multi-arch image)
+    manifest_digest: str  # the platform manifest actually pulled
+    total_bytes: int  # size of all blobs of the image
+    fetched_bytes: int  # bytes received over the network by this pull
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.fetched_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+async def resolve(
+    client: RegistryClient, ref: Reference, platform: mf.Platform
+) -> tuple[mf.Descriptor, mf.Descriptor, mf.Manifest, list[tuple[mf.Descriptor, bytes]]]:
+    """Return (top descriptor, platform manifest descriptor, manifest, raw documents to store)."""
+    top, body = await client.get_manifest(ref)
+    documents = [(top, body)]
+    doc = mf.parse(body, top.media_type)
+    target = top
+    if isinstance(doc, mf.Index):
+        chosen = mf.select_platform(doc, platform)
+        m_desc, m_body = await client.get_manifest(ref.with_digest(chosen.digest), expected=chosen)
+        documents.append((m_desc, m_body))
+        doc = mf.parse(m_body, chosen.media_type)
+        if not isinstance(doc, mf.Manifest):
+            raise mf.ManifestError(f"{ref}: index entry {chosen.digest} is not an image manifest (nested index)")
+        target = chosen
+    assert isinstance(doc, mf.Manifest)
+    return top, target, doc, documents
+
+
+async def pull_image(
+    ref: Reference,
+    client: RegistryClient,
+    fetcher: BlobFetcher,
+    store: Store,
+    platform: mf.Platform | None = None,
+    progress: PullProgress | None = None,
+) -> PullResult:
+    progress = progress or PullProgress(str(ref))
+    started = time.monotonic()
+    try:
+        top, target, manifest, documents = await resolve(client, ref, platform or mf.Platform.host())
+        progress.digest = str(top.digest)
+        progress.state = "fetching"
+        jobs = []
+        for desc in dict.fromkeys(manifest.blobs):  # a blob listed twice is fetched once
+            bp = progress.blobs.setdefault(str(desc.digest), BlobProgress(str(desc.digest), desc.size))
+            if await store.has_blob(desc):
+                bp.state, bp.done = "present", desc.size
+                continue
+            jobs.append(fetcher.fetch(ref, desc, store, bp))
+        await _gather_or_cancel(jobs)
+        progress.state = "committing"
+        # The index (if any) is stored as a blob too; the name points at the platform manifest.
+        await store.commit_image(ref, target, documents)
+    except BaseException:
+        progress.state = "failed"
+        progress.finished = time.monotonic()
+        raise
+    progress.state = "done"
+    progress.finished = time.monotonic()
+    return PullResult(
+        reference=ref,
+        digest=str(top.digest),
+        manifest_digest=str(target.digest),
+        total_bytes=progress.total,
+        fetched_bytes=progress.fetched,
+        seconds=progress.finished - started,
+    )
+
+
+async def _gather_or_cancel(coros: list) -> None:
+    """Run all; on the first failure cancel the rest (their progress is kept for resume) and re-raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,327 @@
+"""The HTTP side: one aiohttp session, registry auth, manifests, and blob range requests.
+
+Redirects are followed by hand so that the Authorization header goes only to the registry host that asked
+for it; a blob's final (CDN) URL is returned to the caller to be reused for every range of that blob.
+aiohttp and OS errors are translated into :mod:`puller.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import aiohttp
+
+from ..digest import Digest
+from ..errors import (
+    DigestMismatch,
+    Forbidden,
+    ManifestError,
+    NotFound,
+    RegistryError,
+    SizeMismatch,
+    TransportError,
+    Unauthorized,
+)
+from ..reference import Reference
+from . import manifest as mf
+from .auth import Challenge, CredentialStore, TokenCache, parse_www_authenticate
+from .hosts import HostSettings
+
+MAX_REDIRECTS = 5
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+USER_AGENT = "puller/0.1"
+CONNECT_TIMEOUT_S = 15.0
+READ_TIMEOUT_S = 30.0  # between two reads of one response: a stalled connection fails after this
+MAX_ERROR_BODY = 64 * 1024
+NET_ERRORS = (aiohttp.ClientError, OSError)  # OSError covers TimeoutError
+
+
+class RetryableStatus(RegistryError):
+    """A status worth trying again (5xx, 429, 408); ``retry_after`` in seconds when the server said."""
+
+    def __init__(self, message: str, status: int, retry_after: float | None = None):
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class ExpiredURL(RegistryError):
+    """A redirect target (blob CDN URL) answered 401/403/410: resolve the blob through the registry again."""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def same_origin(a: str, b: str) -> bool:
+    sa, sb = urlsplit(a), urlsplit(b)
+    return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    hosts: HostSettings = field(default_factory=HostSettings)
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    read_timeout_s: float = READ_TIMEOUT_S
+
+
+class RegistryClient:
+    """Talks to registries. Use as ``async with RegistryClient(...) as client``."""
+
+    def __init__(self, settings: ClientSettings | None = None, credentials: CredentialStore | None = None):
+        self.settings = settings or ClientSettings()
+        self.credentials = credentials or CredentialStore()
+        self._tokens = TokenCache()
+        # (host, repository) -> challenge last seen, so later requests authenticate up front
+        self._challenges: dict[tuple[str, str], Challenge] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+
+    async def __aenter__(self) -> RegistryClient:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.settings.connect_timeout_s, sock_read=self.settings.read_timeout_s
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            headers={"User-Agent": USER_AGENT},
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("RegistryClient used outside 'async with'")
+        return self._session
+
+    def _ssl_for(self, url: str) -> ssl.SSLContext | bool:
+        host = urlsplit(url).netloc
+        if host not in self._ssl:
+            self._ssl[host] = self.settings.hosts.ssl_for(host)
+        return self._ssl[host]
+
+    def registry_url(self, ref: Reference, path: str) -> str:
+        return f"{self.settings.hosts.base_url(ref.api_host)}/v2/{ref.repository}/{path}"
+
+    # ---- auth ---------------------------------------------------------------------------------------------
+
+    async def _auth_header(self, ref: Reference) -> str | None:
+        challenge = self._challenges.get((ref.api_host, ref.repository))
+        if challenge is None:
+            return None
+        creds = self.credentials.lookup(ref.domain) or self.credentials.lookup(ref.api_host)
+        if challenge.scheme == "basic":
+            if creds is None:
+                raise Unauthorized(f"{ref.api_host} asks for basic auth and no credentials are configured", 401)
+            return creds.basic_header()
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise Unauthorized(f"{ref.api_host} sent a Bearer challenge without a realm", 401)
+        scope = f"repository:{ref.repository}:pull"
+        key = (realm, challenge.params.get("service", ""), scope)
+        token = self._tokens.get(key)
+        if token is None:
+            async with self._tokens.lock(key):
+                token = self._tokens.get(key) or await self._fetch_token(key, creds)
+        return f"Bearer {token}"
+
+    async def _fetch_token(self, key: tuple[str, str, str], creds) -> str:
+        realm, service, scope = key
+        query = {"scope": scope}
+        if service:
+            query["service"] = service
+        if creds and creds.username == "<token>":
+            # identity token (refresh token): the OAuth2 POST form of the token spec
+            form = {"grant_type": "refresh_token", "refresh_token": creds.password, "client_id": "puller", **query}
+            req = self.session.post(realm, data=form, ssl=self._ssl_for(realm), allow_redirects=False)
+        else:
+            headers = {"Authorization": creds.basic_header()} if creds else {}
+            url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
+            req = self.session.get(url, headers=headers, ssl=self._ssl_for(realm), allow_redirects=False)
+        try:
+            async with req as resp:
+                body = await resp.content.read(MAX_ERROR_BODY)
+                if resp.status in (401, 403):
+                    raise Unauthorized(
+                        f"token server {urlsplit(realm).netloc} refused the credentials for {scope}", resp.status
+                    )
+                if resp.status in RETRYABLE_STATUS:
+                    raise RetryableStatus(f"token server answered {resp.status}", resp.status)
+                if resp.status != 200:
+                    raise Unauthorized(f"token server {urlsplit(realm).netloc} answered {resp.status}", resp.status)
+        except NET_ERRORS as e:
+            raise TransportError(f"token server {urlsplit(realm).netloc}: {_describe(e)}") from None
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise Unauthorized("token server answered with invalid JSON", 200) from None
+        if not isinstance(payload, dict):
+            raise Unauthorized("token server answered with invalid JSON", 200)
+        return self._tokens.put(key, payload)
+
+    def _remember_challenge(self, ref: Reference, resp: aiohttp.ClientResponse) -> bool:
+        """Record the 401's challenge; True when it is new (worth one more try)."""
+        challenge = None
+        for header in resp.headers.getall("WWW-Authenticate", []):
+            challenge = parse_www_authenticate(header)
+            if challenge:
+                break
+        if challenge is None:
+            return False
+        key = (ref.api_host, ref.repository)
+        old = self._challenges.get(key)
+        self._challenges[key] = challenge
+        if old is not None and old.scheme == "bearer" and challenge.scheme == "bearer":
+            realm = old.params.get("realm", "")
+            self._tokens.drop((realm, old.params.get("service", ""), f"repository:{ref.repository}:pull"))
+            return old != challenge or "error" in challenge.params
+        return old != challenge
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def registry_get(
+        self, ref: Reference, path: str, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, str]]:
+        """GET ``/v2/<repo>/<path>`` with auth, following redirects by hand. Yields the final successful
+        (2xx) response and its URL. Credentials go only to the registry's own origin."""
+        url = self.registry_url(ref, path)
+        for attempt in range(2):
+            auth = await self._auth_header(ref)
+            resp, final_url = await self._get_following(url, headers or {}, auth)
+            if resp.status == 401 and attempt == 0 and same_origin(final_url, url):
+                retry = self._remember_challenge(ref, resp)
+                resp.release()
+                if retry:
+                    continue
+                raise Unauthorized(f"{ref.api_host}: 401 Unauthorized for {ref.repository}", 401)
+            break
+        try:
+            if resp.status >= 300:
+                await _raise_for_status(resp, ref, final_url, registry=same_origin(final_url, url))
+            yield resp, final_url
+        finally:
+            resp.release()
+
+    @asynccontextmanager
+    async def url_get(self, url: str, headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET a redirect target (CDN URL) without credentials. 401/403/410 raise :class:`ExpiredURL`."""
+        resp, final_url = await self._get_following(url, headers, None)
+        try:
+            if resp.status in (401, 403, 410):
+                raise ExpiredURL(f"blob URL on {urlsplit(final_url).netloc} answered {resp.status}", resp.status)
+            if resp.status >= 300:
+                await _raise_for_status(resp, None, final_url, registry=False)
+            yield resp
+        finally:
+            resp.release()
+
+    async def _get_following(
+        self, url: str, headers: dict[str, str], auth: str | None
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        origin = url
+        for _ in range(MAX_REDIRECTS + 1):
+            h = dict(headers)
+            if auth and same_origin(url, origin):
+                h["Authorization"] = auth
+            try:
+                resp = await self.session.get(url, headers=h, allow_redirects=False, ssl=self._ssl_for(url))
+            except NET_ERRORS as e:
+                raise TransportError(f"{urlsplit(url).netloc}: {_describe(e)}") from None
+            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                url = urljoin(url, resp.headers["Location"])
+                resp.release()
+                if urlsplit(url).scheme not in ("http", "https"):
+                    raise RegistryError(f"redirect to unsupported URL scheme {urlsplit(url).scheme!r}")
+                continue
+            return resp, url
+        raise RegistryError(f"more than {MAX_REDIRECTS} redirects fetching {urlsplit(origin).path}")
+
+    # ---- manifests ----------------------------------------------------------------------------------------
+
+    async def get_manifest(self, ref: Reference, expected: mf.Descriptor | None = None) -> tuple[mf.Descriptor, bytes]:
+        """Fetch a manifest or index by ``ref.object``; size-capped and, when the digest is known (pulled by
+        digest, or a child of an index), verified. Returns its descriptor and raw bytes."""
+        async with self.registry_get(ref, f"manifests/{ref.object}", {"Accept": mf.ACCEPT}) as (resp, _):
+            length = resp.content_length
+            if length is not None and length > mf.MAX_MANIFEST_BYTES:
+                raise ManifestError(f"manifest for {ref} is {length} bytes, over the {mf.MAX_MANIFEST_BYTES} limit")
+            try:
+                body = await resp.content.read(mf.MAX_MANIFEST_BYTES + 1)
+                while len(body) <= mf.MAX_MANIFEST_BYTES and not resp.content.at_eof():
+                    more = await resp.content.read(mf.MAX_MANIFEST_BYTES + 1 - len(body))
+                    if not more:
+                        break
+                    body += more
+            except NET_ERRORS as e:
+                raise TransportError(f"{ref.api_host}: {_describe(e)} reading manifest") from None
+            if len(body) > mf.MAX_MANIFEST_BYTES:
+                raise ManifestError(f"manifest for {ref} is over the {mf.MAX_MANIFEST_BYTES} byte limit")
+            content_type = resp.headers.get("Content-Type", "")
+        want = expected.digest if expected else ref.digest
+        actual = Digest.of(body, want.algorithm if want else "sha256")
+        if want and actual != want:
+            raise DigestMismatch(str(want), str(actual), what=f"manifest of {ref}")
+        if expected and expected.size != len(body):
+            raise SizeMismatch(expected.size, len(body), what=f"manifest of {ref}")
+        doc = mf.parse(body, content_type)
+        media_type = doc.media_type
+        return mf.Descriptor(media_type, actual, len(body)), body
+
+
+async def _raise_for_status(resp: aiohttp.ClientResponse, ref: Reference | None, url: str, *, registry: bool) -> None:
+    status = resp.status
+    try:
+        body = await resp.content.read(MAX_ERROR_BODY)
+    except NET_ERRORS:
+        body = b""
+    codes: tuple[str, ...] = ()
+    detail = ""
+    try:
+        errors = json.loads(body).get("errors") or []
+        codes = tuple(str(e.get("code")) for e in errors if isinstance(e, dict))
+        detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
+    except (ValueError, AttributeError):
+        pass
+    where = f"{urlsplit(url).netloc}{urlsplit(url).path}"
+    what = f"{ref} " if ref else ""
+    msg = f"{what}({where}): HTTP {status}" + (f" {detail}" if detail else "")
+    if status in RETRYABLE_STATUS:
+        raise RetryableStatus(msg, status, parse_retry_after(resp.headers.get("Retry-After")))
+    if status == 404 or any(c in ("MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "NAME_UNKNOWN") for c in codes):
+        raise NotFound(f"not found: {msg}", status, codes)
+    if status == 401:
+        raise Unauthorized(f"unauthorized: {msg}", status, codes)
+    if status == 403:
+        raise Forbidden(f"forbidden: {msg}", status, codes)
+    raise RegistryError(msg, status, codes)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    text = str(e) or type(e).__name__
+    return text[:300]

@@ -1,0 +1,63 @@
+"""Where verified bytes go. Every store commits atomically and can answer "have I got X?".
+
+A store never talks to a registry. The engine stages a blob in :attr:`Store.staging_dir` (a directory on the
+store's filesystem, so that committing is a rename), verifies it, then calls :meth:`Store.commit_blob`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import DiskFull, StoreError
+from ..reference import Reference
+from ..registry.manifest import Descriptor
+
+
+class Store(Protocol):
+    staging_dir: Path
+
+    async def has_blob(self, desc: Descriptor) -> bool:
+        """True when the blob is present, complete and committed."""
+
+    async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
+        """Take ownership of ``staged``, a verified file of ``desc``; visible atomically."""
+
+    async def commit_image(self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]]) -> None:
+        """Record the image: write the manifest/index ``documents`` and name ``target`` by ``ref``."""
+
+
+def store_error(e: OSError, what: str) -> StoreError:
+    """Translate an OSError from store IO into the project's error types."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on device while {what}")
+    return StoreError(f"{what}: {e.strerror or e}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o644) -> None:
+    """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), fsync, rename over ``path``,
+    fsync the directory."""
+    tmp = tmp_dir / f".{path.name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,148 @@
+"""The embedded default store: an OCI image layout directory.
+
+    DIR/oci-layout                     {"imageLayoutVersion": "1.0.0"}
+    DIR/index.json                     one entry per image, named by org.opencontainers.image.ref.name
+    DIR/blobs/<alg>/<hex>              verified blobs; written temp -> fsync -> rename -> fsync(dir)
+    DIR/.puller/staging/               partial downloads and their done-range records (same filesystem)
+
+Each index.json entry names the image by its full reference (``docker.io/library/busybox:latest``) in
+``org.opencontainers.image.ref.name`` (the OCI grammar allows ``/`` and ``:``), so images of different
+repositories with the same tag can share a store; ``io.containerd.image.name`` carries the same name, as
+containerd's exporter writes it. When an image was pulled from a multi-arch index, the entry points at the
+selected platform's manifest, which is what ``skopeo copy oci:DIR:NAME`` and ``ctr import`` read; the index
+itself is kept as a blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from ..errors import StoreError
+from ..reference import Reference
+from ..registry.manifest import Descriptor
+from . import fsync_dir, store_error, write_file_atomic
+
+DEFAULT_OCI_DIR = "./oci-store"
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+LAYOUT = {"imageLayoutVersion": "1.0.0"}
+
+
+class OCILayoutStore:
+    def __init__(self, root: str | os.PathLike[str] = DEFAULT_OCI_DIR):
+        self.root = Path(root).absolute()
+        self.staging_dir = self.root / ".puller" / "staging"
+
+    async def __aenter__(self) -> OCILayoutStore:
+        await asyncio.to_thread(self._init)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def _init(self) -> None:
+        try:
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            (self.root / "blobs").mkdir(exist_ok=True)
+            layout = self.root / "oci-layout"
+            if not layout.exists():
+                write_file_atomic(layout, json.dumps(LAYOUT).encode(), self.staging_dir)
+            if not (self.root / "index.json").exists():
+                self._write_index(
+                    {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
+                )
+        except OSError as e:
+            raise store_error(e, f"initialising OCI layout {self.root}") from None
+
+    def blob_path(self, desc: Descriptor) -> Path:
+        # desc.digest is a validated Digest: algorithm from a fixed set, hex of fixed length.
+        return self.root / "blobs" / desc.digest.algorithm / desc.digest.hex
+
+    async def has_blob(self, desc: Descriptor) -> bool:
+        try:
+            return self.blob_path(desc).stat().st_size == desc.size
+        except FileNotFoundError:
+            return False
+
+    async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
+        await asyncio.to_thread(self._commit_blob, desc, staged)
+
+    def _commit_blob(self, desc: Descriptor, staged: Path) -> None:
+        final = self.blob_path(desc)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(staged, 0o644)
+            os.replace(staged, final)
+            fsync_dir(final.parent)
+        except OSError as e:
+            raise store_error(e, f"committing {desc.digest}") from None
+
+    async def put_blob_bytes(self, desc: Descriptor, data: bytes) -> None:
+        if not await self.has_blob(desc):
+            await asyncio.to_thread(self._put_bytes, desc, data)
+
+    def _put_bytes(self, desc: Descriptor, data: bytes) -> None:
+        final = self.blob_path(desc)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(final, data, self.staging_dir)
+        except OSError as e:
+            raise store_error(e, f"writing {desc.digest}") from None
+
+    async def commit_image(self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]]) -> None:
+        for desc, data in documents:
+            await self.put_blob_bytes(desc, data)
+        await asyncio.to_thread(self._name_image, ref, target)
+
+    def _name_image(self, ref: Reference, target: Descriptor) -> None:
+        name = image_name(ref)
+        lock_fd = os.open(self.root / ".puller" / "index.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one index.json writer at a time, across processes
+            index = self.read_index()
+            entry = {
+                "mediaType": target.media_type,
+                "digest": str(target.digest),
+                "size": target.size,
+                "annotations": {REF_NAME: name, CONTAINERD_NAME: name},
+            }
+            if target.platform:
+                entry["platform"] = {"os": target.platform.os, "architecture": target.platform.architecture}
+                if target.platform.variant:
+                    entry["platform"]["variant"] = target.platform.variant
+            manifests = [m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != name]
+            manifests.append(entry)
+            index["manifests"] = manifests
+            self._write_index(index)
+        except OSError as e:
+            raise store_error(e, "updating index.json") from None
+        finally:
+            os.close(lock_fd)
+
+    def read_index(self) -> dict:
+        try:
+            index = json.loads((self.root / "index.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read {self.root / 'index.json'}: {e}") from None
+        if not isinstance(index, dict):
+            raise StoreError(f"{self.root / 'index.json'} is not a JSON object")
+        return index
+
+    def _write_index(self, index: dict) -> None:
+        write_file_atomic(self.root / "index.json", json.dumps(index, indent=2).encode(), self.staging_dir)
+
+
+def image_name(ref: Reference) -> str:
+    """The name an image gets in index.json: the full reference, tag kept, digest only when there is no tag."""
+    if ref.tag:
+        return f"{ref.name}:{ref.tag}"
+    return f"{ref.name}@{ref.digest}"
