@@ -260,7 +260,7 @@ class _BlobDownload:
             await self.range_known.wait()
             if not self.range_ok:
                 return
-        chunk = first
+        chunk = first or self._next_chunk()
         while chunk is not None:
             self.inflight.add(chunk)
             try:

@@ -1,0 +1,487 @@
+"""Test and benchmark rig: the CNCF distribution registry, nginx as its blob CDN, a token issuer, and images
+generated here (random layers, known digests) pushed with skopeo. Everything listens on 127.0.0.1 and stops
+with its context manager."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+ACCEPT_ALL = ", ".join(
+    [
+        OCI_INDEX,
+        OCI_MANIFEST,
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, ok=(200, 401)) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status in ok:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code in ok:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not come up")
+        time.sleep(0.1)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- images ------------------------------------------------------------------------------------------------
+
+
+def random_layer(size: int, seed: int) -> tuple[bytes, bytes]:
+    """A valid tar+gzip layer holding ``size`` random bytes in one file. gzip level 0 (stored blocks) keeps it
+    incompressible and fast to make, and skopeo pushes it as it is (it only compresses uncompressed layers)."""
+    rnd = _prng_bytes(size, seed)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(f"data-{seed}.bin")
+        info.size = size
+        info.mtime = 0
+        tar.addfile(info, io.BytesIO(rnd))
+    raw = buf.getvalue()
+    return raw, gzip.compress(raw, compresslevel=0, mtime=0)
+
+
+def _prng_bytes(size: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+@dataclass
+class Image:
+    """What was written into a layout: the manifest/index digest and every blob (digest -> size)."""
+
+    tag: str
+    digest: str
+    media_type: str
+    blobs: dict[str, int] = field(default_factory=dict)
+    size: int = 0
+
+
+class LayoutWriter:
+    """Writes OCI image layouts for skopeo to push."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+        self.index: dict = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+
+    def put(self, data: bytes) -> tuple[str, int]:
+        hexd = hashlib.sha256(data).hexdigest()
+        (self.root / "blobs" / "sha256" / hexd).write_bytes(data)
+        return f"sha256:{hexd}", len(data)
+
+    def manifest(
+        self, layer_sizes: list[int], seed: int, os_: str = "linux", arch: str = "amd64"
+    ) -> tuple[dict, Image]:
+        layers, diff_ids, blobs = [], [], {}
+        for i, size in enumerate(layer_sizes):
+            raw, gz = random_layer(size, seed * 1000 + i)
+            digest, n = self.put(gz)
+            layers.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": n})
+            diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+            blobs[digest] = n
+        config = {
+            "architecture": arch,
+            "os": os_,
+            "config": {"Cmd": ["/bin/true"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created_by": "puller test"}],
+        }
+        cdigest, csize = self.put(json.dumps(config).encode())
+        blobs[cdigest] = csize
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": csize},
+            "layers": layers,
+        }
+        mdigest, msize = self.put(json.dumps(manifest).encode())
+        desc = {
+            "mediaType": OCI_MANIFEST,
+            "digest": mdigest,
+            "size": msize,
+            "platform": {"os": os_, "architecture": arch},
+        }
+        return desc, Image("", mdigest, OCI_MANIFEST, blobs, sum(blobs.values()))
+
+    def add_image(self, tag: str, layer_sizes: list[int], seed: int) -> Image:
+        desc, image = self.manifest(layer_sizes, seed)
+        desc = {**desc, "annotations": {"org.opencontainers.image.ref.name": tag}}
+        self._name(tag, desc)
+        image.tag = tag
+        return image
+
+    def add_index(self, tag: str, platforms: list[tuple[str, str]], layer_sizes: list[int], seed: int) -> dict:
+        """A multi-arch index; returns {platform: Image} plus the index digest under key 'index'."""
+        out = {}
+        descs = []
+        for i, (os_, arch) in enumerate(platforms):
+            desc, image = self.manifest(layer_sizes, seed * 10 + i, os_, arch)
+            descs.append(desc)
+            out[f"{os_}/{arch}"] = image
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs}
+        idigest, isize = self.put(json.dumps(index).encode())
+        self._name(
+            tag,
+            {
+                "mediaType": OCI_INDEX,
+                "digest": idigest,
+                "size": isize,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            },
+        )
+        out["index"] = idigest
+        return out
+
+    def _name(self, tag: str, desc: dict) -> None:
+        self.index["manifests"] = [
+            m
+            for m in self.index["manifests"]
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != tag
+        ]
+        self.index["manifests"].append(desc)
+        (self.root / "index.json").write_text(json.dumps(self.index))
+
+
+def skopeo_push(
+    layout: Path, tag: str, dest: str, *, all_images: bool = False, fmt: str | None = None, creds: str | None = None
+) -> None:
+    cmd = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
+    if all_images:
+        cmd.append("--all")
+    if fmt:
+        cmd += ["--format", fmt]
+    if creds:
+        cmd += ["--dest-creds", creds]
+    subprocess.run([*cmd, f"oci:{layout}:{tag}", f"docker://{dest}"], check=True, capture_output=True, timeout=600)
+
+
+# ---- servers -----------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """docker-registry (CNCF distribution) on 127.0.0.1 with a temp root. Options: htpasswd users, a token
+    issuer, a redirect of blob GETs to ``redirect_base`` (the redirect storage middleware)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        htpasswd: dict[str, str] | None = None,
+        token: TokenIssuer | None = None,
+        redirect_base: str | None = None,
+    ):
+        self.workdir = workdir
+        self.root = workdir / "storage"
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.htpasswd = htpasswd
+        self.token = token
+        self.redirect_base = redirect_base
+        self.proc: subprocess.Popen | None = None
+
+    def config(self) -> str:
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: warn",
+            "  accesslog:",
+            "    disabled: true",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.root}",
+            "  delete:",
+            "    enabled: true",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+            "  secret: puller-test-secret",
+        ]
+        if self.redirect_base:
+            lines += [
+                "middleware:",
+                "  storage:",
+                "    - name: redirect",
+                "      options:",
+                f"        baseurl: {self.redirect_base}",
+            ]
+        if self.htpasswd:
+            path = self.workdir / "htpasswd"
+            path.write_text("")
+            for user, pw in self.htpasswd.items():
+                subprocess.run(["htpasswd", "-Bb", str(path), user, pw], check=True, capture_output=True)
+            lines += ["auth:", "  htpasswd:", "    realm: puller-test", f"    path: {path}"]
+        if self.token:
+            lines += [
+                "auth:",
+                "  token:",
+                f"    realm: {self.token.url}/token",
+                f"    service: {self.token.service}",
+                f"    issuer: {self.token.issuer}",
+                f"    rootcertbundle: {self.token.cert_path}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def __enter__(self) -> Registry:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "registry.yml"
+        cfg.write_text(self.config())
+        self.log = open(self.workdir / "registry.log", "wb")
+        self.proc = subprocess.Popen(
+            ["docker-registry", "serve", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_http(f"http://{self.host}/v2/")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def blob_path(self, digest: str) -> Path:
+        hexd = digest.split(":", 1)[1]
+        return self.root / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+    def manifest(self, repo: str, ref: str, auth: str | None = None) -> tuple[str, dict]:
+        req = urllib.request.Request(f"http://{self.host}/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT_ALL})
+        if auth:
+            req.add_header("Authorization", auth)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = r.read()
+        return "sha256:" + hashlib.sha256(body).hexdigest(), json.loads(body)
+
+
+class Nginx:
+    """nginx serving ``root`` (the registry's storage) as a blob CDN, with a per-connection ``limit_rate``
+    (bytes/s, 0 = none) and optionally ignoring Range (``max_ranges 0``). Its access log records
+    status, bytes sent and the Range asked for."""
+
+    def __init__(self, workdir: Path, root: Path, *, limit_rate: int = 0, ranges: bool = True):
+        self.workdir = workdir
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.limit_rate = limit_rate
+        self.ranges = ranges
+        self.access_log = workdir / "nginx-access.log"
+
+    def __enter__(self) -> Nginx:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {self.workdir}/nginx.pid;
+error_log {self.workdir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  log_format transfer '$status $body_bytes_sent "$http_range" $request_uri';
+  access_log {self.access_log} transfer;
+  client_body_temp_path {self.workdir}/body; proxy_temp_path {self.workdir}/proxy;
+  fastcgi_temp_path {self.workdir}/fcgi; uwsgi_temp_path {self.workdir}/uwsgi; scgi_temp_path {self.workdir}/scgi;
+  sendfile on; tcp_nopush on; keepalive_requests 100000;
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {self.root};
+    limit_rate {self.limit_rate};
+    {"" if self.ranges else "max_ranges 0;"}
+  }}
+}}
+""")
+        self.proc = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", str(self.workdir)],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(self.url + "/", ok=(200, 403, 404))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def bytes_sent(self) -> int:
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.access_log.read_text().splitlines():
+                parts = line.split(" ", 2)
+                if len(parts) >= 2 and parts[1].isdigit():
+                    total += int(parts[1])
+        return total
+
+    def requests(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return self.access_log.read_text().splitlines()
+        return []
+
+
+class TokenIssuer:
+    """A token server for the registry's ``auth: token`` mode: checks basic auth against ``users`` and signs a
+    JWT (RS256, x5c chain of a self-signed cert the registry trusts) granting the requested scope."""
+
+    service = "puller-test-registry"
+    issuer = "puller-test-issuer"
+
+    def __init__(self, workdir: Path, users: dict[str, str], lifetime: int = 300):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.users = users
+        self.lifetime = lifetime
+        self.requests: list[dict] = []
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "puller-test-token")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_path = workdir / "token-cert.pem"
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self._der = self.cert.public_bytes(serialization.Encoding.DER)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def sign(self, subject: str, access: list[dict]) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        now = int(time.time())
+        header = {"alg": "RS256", "typ": "JWT", "x5c": [base64.b64encode(self._der).decode()]}
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + self.lifetime,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        sig = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{b64(sig)}"
+
+    def __enter__(self) -> TokenIssuer:
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                from urllib.parse import parse_qs, urlsplit
+
+                q = parse_qs(urlsplit(self.path).query)
+                user = None
+                auth = self.headers.get("Authorization", "")
+                if auth.startswith("Basic "):
+                    u, _, p = base64.b64decode(auth[6:]).decode().partition(":")
+                    if issuer.users.get(u) != p:
+                        self.send_response(401)
+                        self.end_headers()
+                        return
+                    user = u
+                issuer.requests.append({"user": user, "scope": q.get("scope", []), "service": q.get("service")})
+                access = []
+                for scope in q.get("scope", []):
+                    kind, name, actions = scope.split(":", 2) if scope.count(":") >= 2 else ("", "", "")
+                    if kind == "repository":
+                        # anonymous users get nothing: the registry then answers 401 again
+                        allowed = actions.split(",") if user else []
+                        access.append({"type": kind, "name": name, "actions": allowed})
+                body = json.dumps({"token": issuer.sign(user or "", access), "expires_in": issuer.lifetime}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def tempdir(prefix: str = "puller-") -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
