@@ -1,0 +1,126 @@
+"""Shared fixtures: real registries (CNCF distribution), nginx as blob CDN, images generated and pushed here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .rig import Image, LayoutWriter, Nginx, Registry, TokenIssuer, sha256_file, skopeo_push, tempdir
+
+REQUIRED = ("docker-registry", "skopeo", "nginx", "htpasswd")
+MIB = 1024 * 1024
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+    if missing:
+        # Real parts are the point of these tests: fail loudly rather than skip.
+        raise pytest.UsageError(f"missing test tools {missing}: run .ci/run or apt-get install them")
+
+
+@dataclass
+class Pushed:
+    """An image in a registry: reference and what the registry's manifest says."""
+
+    ref: str
+    digest: str  # manifest (or index) digest as the registry serves it
+    manifest: dict
+    blobs: dict[str, int]  # config + layers of the (platform) manifest: digest -> size
+
+
+def pushed(registry: Registry, repo: str, tag: str, auth: str | None = None) -> Pushed:
+    digest, manifest = registry.manifest(repo, tag, auth)
+    blobs = {}
+    if "layers" in manifest:
+        blobs = {d["digest"]: d["size"] for d in [manifest["config"], *manifest["layers"]]}
+    return Pushed(f"{registry.host}/{repo}:{tag}", digest, manifest, blobs)
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    with tempdir("puller-tests-") as d:
+        os.chmod(d, 0o755)
+        yield d
+
+
+@pytest.fixture(scope="session")
+def layout(workdir: Path) -> dict[str, object]:
+    """One OCI layout holding every test image, written once per session."""
+    lw = LayoutWriter(workdir / "layout")
+    return {
+        "path": workdir / "layout",
+        "app": lw.add_image("app", [2 * MIB, 9 * MIB + 12345, 100], seed=1),
+        "big": lw.add_image("big", [24 * MIB], seed=2),
+        "multi": lw.add_index("multi", [("linux", "amd64"), ("linux", "arm64")], [MIB, 3 * MIB], seed=3),
+        "small": lw.add_image("small", [300_000], seed=4),
+    }
+
+
+@pytest.fixture(scope="session")
+def cdn_rig(workdir: Path, layout):
+    """A registry that redirects blob GETs (307) to nginx serving its storage: the registry + CDN shape."""
+    root = workdir / "cdn-rig"
+    cdn = Nginx(root / "nginx", root / "registry" / "storage")
+    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
+        path = layout["path"]
+        skopeo_push(path, "app", f"{reg.host}/test/app:v1")
+        skopeo_push(path, "multi", f"{reg.host}/test/multi:v1", all_images=True)
+        skopeo_push(path, "app", f"{reg.host}/test/docker:v1", fmt="v2s2")
+        skopeo_push(path, "small", f"{reg.host}/test/small:v1")
+        yield reg, cdn
+
+
+@pytest.fixture(scope="session")
+def direct_registry(workdir: Path, layout):
+    """A registry serving blobs itself (no redirect)."""
+    with Registry(workdir / "direct") as reg:
+        skopeo_push(layout["path"], "app", f"{reg.host}/test/app:v1")
+        yield reg
+
+
+def run_puller(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "puller.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_store_holds(store: Path, p: Pushed, name: str | None = None) -> dict:
+    """Every blob of ``p`` is in the store with the right size and sha256; index.json names the image."""
+    for digest, size in p.blobs.items():
+        path = store / "blobs" / "sha256" / digest.split(":")[1]
+        assert path.stat().st_size == size, digest
+        assert "sha256:" + sha256_file(path) == digest
+    index = json.loads((store / "index.json").read_text())
+    names = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in index["manifests"]}
+    assert (name or p.ref) in names, names.keys()
+    return names[name or p.ref]
+
+
+def staged_files(store: Path) -> list[Path]:
+    staging = store / ".puller" / "staging"
+    return sorted(p for p in staging.iterdir()) if staging.exists() else []
+
+
+__all__ = [
+    "MIB",
+    "Image",
+    "Nginx",
+    "Pushed",
+    "Registry",
+    "TokenIssuer",
+    "assert_store_holds",
+    "pushed",
+    "run_puller",
+    "staged_files",
+]
