@@ -75,34 +75,40 @@ def emit_json(obj: dict) -> None:
 
 async def _json_lines(progress: PullProgress) -> None:
     reported: set[str] = set()
-    while True:
-        now = time.monotonic()
-        for digest, b in progress.blobs.items():
-            if digest not in reported and b.state in ("done", "present"):
-                reported.add(digest)
-                emit_json(
-                    {
-                        "event": "blob",
-                        "digest": digest,
-                        "size": b.size,
-                        "state": b.state,
-                        "fetched": b.fetched,
-                        "resumed": b.resumed,
-                        "retries": b.retries,
-                    }
-                )
-        emit_json(
-            {
-                "event": "progress",
-                "reference": progress.reference,
-                "state": progress.state,
-                "done": progress.done,
-                "total": progress.total,
-                "fetched": progress.fetched,
-                "elapsed": round(now - progress.started, 3),
-            }
-        )
-        await asyncio.sleep(JSON_INTERVAL_S)
+    try:
+        while True:
+            _json_tick(progress, reported)
+            await asyncio.sleep(JSON_INTERVAL_S)
+    finally:
+        _json_tick(progress, reported)  # blobs that finished since the last tick
+
+
+def _json_tick(progress: PullProgress, reported: set[str]) -> None:
+    for digest, b in progress.blobs.items():
+        if digest not in reported and b.state in ("done", "present"):
+            reported.add(digest)
+            emit_json(
+                {
+                    "event": "blob",
+                    "digest": digest,
+                    "size": b.size,
+                    "state": b.state,
+                    "fetched": b.fetched,
+                    "resumed": b.resumed,
+                    "retries": b.retries,
+                }
+            )
+    emit_json(
+        {
+            "event": "progress",
+            "reference": progress.reference,
+            "state": progress.state,
+            "done": progress.done,
+            "total": progress.total,
+            "fetched": progress.fetched,
+            "elapsed": round(time.monotonic() - progress.started, 3),
+        }
+    )
 
 
 async def _plain(progress: PullProgress) -> None:

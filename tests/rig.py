@@ -358,11 +358,12 @@ http {{
             self.proc.kill()
 
     def bytes_sent(self) -> int:
+        """Body bytes nginx sent for blob requests."""
         total = 0
         with contextlib.suppress(FileNotFoundError):
             for line in self.access_log.read_text().splitlines():
                 parts = line.split(" ", 2)
-                if len(parts) >= 2 and parts[1].isdigit():
+                if len(parts) >= 2 and parts[1].isdigit() and "/blobs/" in line:
                     total += int(parts[1])
         return total
 

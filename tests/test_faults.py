@@ -1,0 +1,127 @@
+"""Faults on real parts: a server that ignores Range, a killed and resumed pull, a corrupted blob."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import MIB, Registry, assert_store_holds, pushed, run_puller, staged_files
+from .rig import Nginx, skopeo_push
+
+
+def test_server_ignoring_range_falls_back_to_one_stream(workdir: Path, layout, tmp_path: Path):
+    root = workdir / "norange"
+    cdn = Nginx(root / "nginx", root / "registry" / "storage", ranges=False)
+    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
+        skopeo_push(layout["path"], "app", f"{reg.host}/test/app:v1")
+        p = pushed(reg, "test/app", "v1")
+        r = run_puller("pull", p.ref, "--store", str(tmp_path), "--chunk-size", "1MiB")
+        assert r.returncode == 0, r.stderr
+        assert_store_holds(tmp_path, p)
+        # Each blob was answered 200 (whole) once: no blob downloaded twice.
+        lines = [line for line in cdn.requests() if "/blobs/" in line]
+        assert lines and all(line.startswith("200 ") for line in lines)
+        assert cdn.bytes_sent() == sum(p.blobs.values())
+
+
+@pytest.fixture()
+def slow_rig(workdir: Path, layout, tmp_path: Path):
+    """A 24 MiB single-layer image behind a CDN that sends 1 MB/s per connection."""
+    root = tmp_path / "slow"
+    cdn = Nginx(root / "nginx", root / "registry" / "storage", limit_rate=1_000_000)
+    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
+        skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
+        yield reg, cdn
+
+
+def test_killed_pull_resumes_only_missing_ranges(slow_rig, tmp_path: Path):
+    reg, cdn = slow_rig
+    p = pushed(reg, "test/big", "v1")
+    store = tmp_path / "store"
+    layer = p.manifest["layers"][0]
+    ranges_file = store / ".puller" / "staging" / f"sha256-{layer['digest'].split(':')[1]}.ranges"
+    # 4 connections of 1 MB/s, 1 MiB chunks: about 6 s for the whole layer; kill it half-way.
+    args = [
+        sys.executable,
+        "-m",
+        "puller.cli",
+        "pull",
+        p.ref,
+        "--store",
+        str(store),
+        "--concurrency",
+        "4",
+        "--chunk-size",
+        "1MiB",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_before_kill = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            done_before_kill = sum(e - s for s, e in json.loads(ranges_file.read_text())["done"])
+        if done_before_kill >= layer["size"] // 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < done_before_kill < layer["size"]
+    assert not (store / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()  # nothing unverified visible
+    recorded = sum(e - s for s, e in json.loads(ranges_file.read_text())["done"])
+    sent_before = cdn.bytes_sent()
+    r = run_puller("pull", p.ref, "--store", str(store), "--json", "--chunk-size", "1MiB")
+    assert r.returncode == 0, r.stderr
+    assert_store_holds(store, p)
+    second = cdn.bytes_sent() - sent_before
+    # The second run fetched only what the first had not recorded (plus the small config blob at most).
+    assert second <= layer["size"] - recorded + p.manifest["config"]["size"], (second, recorded)
+    blob_events = [json.loads(line) for line in r.stdout.splitlines() if '"event":"blob"' in line]
+    assert any(e["resumed"] == recorded for e in blob_events)
+    assert staged_files(store) == []
+
+
+def test_corrupted_blob_is_never_visible(workdir: Path, layout, tmp_path: Path):
+    with Registry(tmp_path / "registry") as reg:
+        skopeo_push(layout["path"], "small", f"{reg.host}/test/small:v1")
+        p = pushed(reg, "test/small", "v1")
+        layer = p.manifest["layers"][0]["digest"]
+        data = reg.blob_path(layer)
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+        store = tmp_path / "store"
+        r = run_puller("pull", p.ref, "--store", str(store))
+        assert r.returncode == 8, r.stderr
+        assert "digest mismatch" in r.stderr and layer in r.stderr
+        assert not (store / "blobs" / "sha256" / layer.split(":")[1]).exists()
+        index = json.loads((store / "index.json").read_text())
+        assert index["manifests"] == []  # the image is not named
+        assert [f for f in staged_files(store) if f.suffix == ".partial"] == []
+        # Repair the registry: the same store then completes.
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+        r = run_puller("pull", p.ref, "--store", str(store))
+        assert r.returncode == 0, r.stderr
+        assert_store_holds(store, p)
+
+
+def test_truncated_blob_in_registry(workdir: Path, layout, tmp_path: Path):
+    """A registry whose stored blob is shorter than the manifest says: a size error, nothing visible."""
+    with Registry(tmp_path / "registry") as reg:
+        skopeo_push(layout["path"], "small", f"{reg.host}/test/small:v1")
+        p = pushed(reg, "test/small", "v1")
+        layer = p.manifest["layers"][0]["digest"]
+        data = reg.blob_path(layer)
+        data.write_bytes(data.read_bytes()[: MIB // 8])
+        store = tmp_path / "store"
+        r = run_puller("pull", p.ref, "--store", str(store))
+        assert r.returncode != 0
+        assert not (store / "blobs" / "sha256" / layer.split(":")[1]).exists()
