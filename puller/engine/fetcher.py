@@ -95,6 +95,18 @@ def _wait(retry_state) -> float:
     return wait_random_exponential(multiplier=0.25, max=8.0)(retry_state)
 
 
+@dataclass(slots=True)
+class _Shared:
+    future: asyncio.Future
+    waiters: int = 0
+
+
+def _retrieve(f: asyncio.Future) -> None:
+    """Mark a shared fetch's exception as seen: every waiter gets it re-raised through the shield."""
+    if not f.cancelled():
+        f.exception()
+
+
 class BlobFetcher:
     def __init__(self, client: RegistryClient, budget: ConnectionBudget, settings: FetchSettings | None = None):
         self.client = client
@@ -103,16 +115,25 @@ class BlobFetcher:
         self._inflight: dict[tuple[int, str], asyncio.Future] = {}
 
     async def fetch(self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress) -> None:
-        """Make ``desc`` present in ``store``. Concurrent calls for the same digest and store share one fetch."""
+        """Make ``desc`` present in ``store``. Concurrent calls for the same digest and store share one fetch,
+        which is cancelled when the last of them is."""
         key = (id(store), str(desc.digest))
         shared = self._inflight.get(key)
         if shared is None:
-            shared = asyncio.ensure_future(self._fetch_verified(ref, desc, store, progress))
+            shared = _Shared(asyncio.ensure_future(self._fetch_verified(ref, desc, store, progress)))
             self._inflight[key] = shared
-            shared.add_done_callback(lambda _f: self._inflight.pop(key, None))
+            shared.future.add_done_callback(lambda f: (self._inflight.pop(key, None), _retrieve(f)))
         else:
             progress.state = "fetching"
-        await asyncio.shield(shared)
+        shared.waiters += 1
+        try:
+            await asyncio.shield(shared.future)
+        except asyncio.CancelledError:
+            shared.waiters -= 1
+            if shared.waiters == 0:
+                shared.future.cancel()
+                await asyncio.wait({shared.future})  # let it record its ranges before the caller moves on
+            raise
         progress.state = "done"
         progress.done = desc.size
 

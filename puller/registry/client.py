@@ -220,8 +220,11 @@ class RegistryClient:
                 raise Unauthorized(f"{ref.api_host}: 401 Unauthorized for {ref.repository}", 401)
             break
         try:
+            if resp.status in (401, 403, 410) and not same_origin(final_url, url):
+                # A redirect target refusing a fresh URL: signed URL expired or skewed clock. Worth a new resolve.
+                raise ExpiredURL(f"blob URL on {urlsplit(final_url).netloc} answered {resp.status}", resp.status)
             if resp.status >= 300:
-                await _raise_for_status(resp, ref, final_url, registry=same_origin(final_url, url))
+                await _raise_for_status(resp, ref, final_url)
             yield resp, final_url
         finally:
             resp.release()
@@ -234,7 +237,7 @@ class RegistryClient:
             if resp.status in (401, 403, 410):
                 raise ExpiredURL(f"blob URL on {urlsplit(final_url).netloc} answered {resp.status}", resp.status)
             if resp.status >= 300:
-                await _raise_for_status(resp, None, final_url, registry=False)
+                await _raise_for_status(resp, None, final_url)
             yield resp
         finally:
             resp.release()
@@ -292,7 +295,7 @@ class RegistryClient:
         return mf.Descriptor(media_type, actual, len(body)), body
 
 
-async def _raise_for_status(resp: aiohttp.ClientResponse, ref: Reference | None, url: str, *, registry: bool) -> None:
+async def _raise_for_status(resp: aiohttp.ClientResponse, ref: Reference | None, url: str) -> None:
     status = resp.status
     try:
         body = await resp.content.read(MAX_ERROR_BODY)

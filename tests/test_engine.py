@@ -1,0 +1,217 @@
+"""The engine against small aiohttp servers on loopback that misbehave on purpose: a registry that redirects
+to a "CDN" on another origin, which can expire URLs, throttle with 429, fail with 500 or cut bodies short."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from puller.engine.budget import ConnectionBudget
+from puller.engine.fetcher import BlobFetcher, BlobProgress, FetchSettings
+from puller.engine.pull import pull_image
+from puller.errors import DigestMismatch
+from puller.reference import Reference
+from puller.registry.auth import Credentials, CredentialStore
+from puller.registry.client import ClientSettings, RegistryClient
+from puller.registry.manifest import Descriptor
+from puller.stores.oci_layout import OCILayoutStore
+
+AUTH = Credentials("bob", "pw")
+
+
+@dataclass
+class Behaviour:
+    """What the CDN does; each counter is consumed as requests arrive."""
+
+    expire_first: int = 0  # answer 403 to this many requests
+    throttle_first: int = 0  # answer 429 Retry-After: 0 to this many
+    fail_first: int = 0  # answer 500 to this many
+    cut_first: int = 0  # send half the range, then close
+    corrupt: bool = False
+    requests: list[dict] = field(default_factory=list)
+
+
+class Fake:
+    def __init__(self, blobs: dict[str, bytes], behaviour: Behaviour):
+        self.blobs = blobs
+        self.b = behaviour
+        self.registry_requests: list[dict] = []
+
+    async def start(self):
+        cdn = web.Application()
+        cdn.router.add_get("/cdn/{digest}", self.cdn_blob)
+        self.cdn_runner = web.AppRunner(cdn)
+        await self.cdn_runner.setup()
+        site = web.TCPSite(self.cdn_runner, "127.0.0.1", 0)
+        await site.start()
+        self.cdn_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        reg = web.Application()
+        reg.router.add_get("/v2/r/manifests/{ref}", self.manifest)
+        reg.router.add_get("/v2/r/blobs/{digest}", self.reg_blob)
+        self.reg_runner = web.AppRunner(reg)
+        await self.reg_runner.setup()
+        site = web.TCPSite(self.reg_runner, "127.0.0.1", 0)
+        await site.start()
+        self.host = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self):
+        await self.reg_runner.cleanup()
+        await self.cdn_runner.cleanup()
+
+    def _authorized(self, request) -> bool:
+        self.registry_requests.append(dict(request.headers))
+        return request.headers.get("Authorization") == AUTH.basic_header()
+
+    async def manifest(self, request):
+        if not self._authorized(request):
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="fake"'})
+        layers = [d for d in self.blobs if d != self.config]
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": self.config,
+                "size": len(self.blobs[self.config]),
+            },
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": len(self.blobs[d])}
+                for d in layers
+            ],
+        }
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/vnd.oci.image.manifest.v1+json")
+
+    async def reg_blob(self, request):
+        if not self._authorized(request):
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="fake"'})
+        raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/cdn/{request.match_info['digest']}?sig=1")
+
+    async def cdn_blob(self, request):
+        b = self.b
+        b.requests.append({"auth": request.headers.get("Authorization"), "range": request.headers.get("Range")})
+        if b.expire_first:
+            b.expire_first -= 1
+            return web.Response(status=403, text="expired")
+        if b.throttle_first:
+            b.throttle_first -= 1
+            return web.Response(status=429, headers={"Retry-After": "0"})
+        if b.fail_first:
+            b.fail_first -= 1
+            return web.Response(status=500)
+        data = self.blobs[request.match_info["digest"]]
+        if b.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        start, end = (int(x) for x in request.headers["Range"].removeprefix("bytes=").split("-"))
+        body = data[start : end + 1]
+        resp = web.StreamResponse(
+            status=206, headers={"Content-Range": f"bytes {start}-{end}/{len(data)}", "Content-Length": str(len(body))}
+        )
+        await resp.prepare(request)
+        if b.cut_first:
+            b.cut_first -= 1
+            await resp.write(body[: len(body) // 2])
+            request.transport.close()
+            return resp
+        await resp.write(body)
+        return resp
+
+
+def _blobs(n_layers: int, size: int, seed: int) -> tuple[dict[str, bytes], str]:
+    rnd = random.Random(seed)
+    blobs = {}
+    for _ in range(n_layers):
+        data = rnd.randbytes(size)
+        blobs["sha256:" + hashlib.sha256(data).hexdigest()] = data
+    config = json.dumps({"architecture": "amd64", "os": "linux", "n": seed}).encode()
+    cdigest = "sha256:" + hashlib.sha256(config).hexdigest()
+    blobs[cdigest] = config
+    return blobs, cdigest
+
+
+@pytest.fixture()
+async def fake(request):
+    behaviour = request.param if hasattr(request, "param") else Behaviour()
+    blobs, config = _blobs(3, 600_000, seed=7)
+    f = Fake(blobs, behaviour)
+    f.config = config
+    await f.start()
+    yield f
+    await f.stop()
+
+
+async def _pull(fake: Fake, tmp_path, attempts: int = 6):
+    ref = Reference.parse(f"{fake.host}/r:t")
+    creds = CredentialStore({fake.host: AUTH}, config_path=tmp_path / "none.json")
+    async with RegistryClient(ClientSettings(), creds) as client, OCILayoutStore(tmp_path / "store") as store:
+        fetcher = BlobFetcher(client, ConnectionBudget(8, 8), FetchSettings(chunk_size=128 * 1024, attempts=attempts))
+        return await pull_image(ref, client, fetcher, store), store
+
+
+def _assert_complete(fake: Fake, store: OCILayoutStore):
+    for digest, data in fake.blobs.items():
+        assert (store.root / "blobs" / "sha256" / digest[7:]).read_bytes() == data
+
+
+async def test_credentials_never_follow_redirect_to_other_host(fake, tmp_path):
+    result, store = await _pull(fake, tmp_path)
+    _assert_complete(fake, store)
+    assert fake.b.requests and all(r["auth"] is None for r in fake.b.requests)
+    assert all(r.get("Authorization") in (None, AUTH.basic_header()) for r in fake.registry_requests)
+    # the redirect was resolved once per blob, then the CDN URL reused for the other ranges
+    blob_hits = [r for r in fake.registry_requests if r.get("Authorization")]
+    assert len(blob_hits) <= 1 + len(fake.blobs) + 1
+    assert len(fake.b.requests) > len(fake.blobs)
+    assert result.fetched_bytes == sum(len(d) for d in fake.blobs.values())
+
+
+@pytest.mark.parametrize(
+    "fake",
+    [Behaviour(expire_first=3), Behaviour(throttle_first=4), Behaviour(fail_first=3), Behaviour(cut_first=3)],
+    indirect=True,
+    ids=["expired-url", "429-retry-after", "500", "truncated-body"],
+)
+async def test_transient_faults_recover(fake, tmp_path):
+    _, store = await _pull(fake, tmp_path)
+    _assert_complete(fake, store)
+    assert list((store.staging_dir).glob("*.partial")) == []
+
+
+@pytest.mark.parametrize("fake", [Behaviour(fail_first=100)], indirect=True)
+async def test_persistent_failure_is_bounded(fake, tmp_path):
+    from puller.registry.client import RetryableStatus
+
+    with pytest.raises(RetryableStatus):
+        await _pull(fake, tmp_path, attempts=2)
+    assert len(fake.b.requests) < 40
+
+
+@pytest.mark.parametrize("fake", [Behaviour(corrupt=True)], indirect=True)
+async def test_corrupt_cdn_fails_with_both_digests(fake, tmp_path):
+    with pytest.raises(DigestMismatch) as info:
+        await _pull(fake, tmp_path)
+    assert info.value.expected in fake.blobs and info.value.actual not in fake.blobs
+    store_blobs = list((tmp_path / "store" / "blobs" / "sha256").glob("*"))
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name for p in store_blobs)
+
+
+async def test_same_digest_twice_is_fetched_once(fake, tmp_path):
+    ref = Reference.parse(f"{fake.host}/r:t")
+    digest = next(d for d in fake.blobs if d != fake.config)
+    desc = Descriptor(
+        "application/octet-stream", __import__("puller.digest").digest.Digest.parse(digest), len(fake.blobs[digest])
+    )
+    creds = CredentialStore({fake.host: AUTH}, config_path=tmp_path / "none.json")
+    async with RegistryClient(ClientSettings(), creds) as client, OCILayoutStore(tmp_path / "s") as store:
+        fetcher = BlobFetcher(client, ConnectionBudget(4, 4), FetchSettings(chunk_size=128 * 1024))
+        p1, p2 = BlobProgress(digest, desc.size), BlobProgress(digest, desc.size)
+        await asyncio.gather(fetcher.fetch(ref, desc, store, p1), fetcher.fetch(ref, desc, store, p2))
+    assert p1.fetched + p2.fetched == desc.size
+    served = sum(1 for r in fake.b.requests if r["range"])
+    assert served == -(-desc.size // (128 * 1024))  # each chunk once

@@ -1,0 +1,221 @@
+"""Parsers and small pieces: references, digests, manifests, challenges, range bookkeeping, settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from puller import config
+from puller.digest import Digest
+from puller.engine.plan import Chunk, RangeSet, plan_chunks, split_for_tail
+from puller.errors import ConfigError, InvalidDigest, InvalidReference, ManifestError, PlatformNotFound
+from puller.reference import Reference
+from puller.registry import manifest as mf
+from puller.registry.auth import Credentials, CredentialStore, parse_www_authenticate
+from puller.registry.client import parse_retry_after, same_origin
+from puller.registry.hosts import HostSettings
+
+H = "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "api_host"),
+    [
+        ("busybox", "docker.io/library/busybox:latest", "registry-1.docker.io"),
+        ("library/busybox:1.36", "docker.io/library/busybox:1.36", "registry-1.docker.io"),
+        ("docker.io/busybox", "docker.io/library/busybox:latest", "registry-1.docker.io"),
+        ("index.docker.io/user/app", "docker.io/user/app:latest", "registry-1.docker.io"),
+        ("user/app:v1", "docker.io/user/app:v1", "registry-1.docker.io"),
+        ("localhost/app", "localhost/app:latest", "localhost"),
+        ("localhost:5000/a/b/c:t", "localhost:5000/a/b/c:t", "localhost:5000"),
+        ("ghcr.io/org/app:1.2.3", "ghcr.io/org/app:1.2.3", "ghcr.io"),
+        (f"quay.io/org/app@sha256:{H}", f"quay.io/org/app@sha256:{H}", "quay.io"),
+        (f"reg:5000/app:tag@sha256:{H}", f"reg:5000/app:tag@sha256:{H}", "reg:5000"),
+        ("[::1]:5000/app", "[::1]:5000/app:latest", "[::1]:5000"),
+        ("my-reg.example.com/a_b/c__d/e-f.g:T_1", "my-reg.example.com/a_b/c__d/e-f.g:T_1", "my-reg.example.com"),
+    ],
+)
+def test_reference_normalisation(text: str, expected: str, api_host: str):
+    ref = Reference.parse(text)
+    assert str(ref) == expected
+    assert ref.api_host == api_host
+
+
+def test_reference_digest_wins_for_fetching():
+    ref = Reference.parse(f"app:v1@sha256:{H}")
+    assert ref.object == f"sha256:{H}" and ref.tag == "v1"
+    assert Reference.parse("app:v1").object == "v1"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Busybox",
+        "docker.io/Library/x",
+        "app:",
+        "app:-bad",
+        "a" * 300,
+        "host:99999/app",
+        "app@sha256:short",
+        "app@md5:" + "a" * 32,
+        "app:" + "t" * 129,
+        " app",
+        "app//x",
+        "app/",
+        "-app",
+        "host:port/app",
+    ],
+)
+def test_reference_rejects(text: str):
+    with pytest.raises(InvalidReference):
+        Reference.parse(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sha256:" + "A" * 64,
+        "sha256:../../etc/passwd",
+        "sha256:" + "a" * 63,
+        "sha1:" + "a" * 40,
+        "sha256",
+        f"sha256:{H}/",
+        "sha512:" + "a" * 64,
+    ],
+)
+def test_digest_rejects(text: str):
+    with pytest.raises(InvalidDigest):
+        Digest.parse(text)
+
+
+def test_digest_roundtrip():
+    d = Digest.of(b"hello")
+    assert Digest.parse(str(d)) == d and d.algorithm == "sha256"
+    assert Digest.parse("sha512:" + "b" * 128).algorithm == "sha512"
+
+
+def _desc(digest: str = f"sha256:{H}", size: int = 10, **extra) -> dict:
+    return {"mediaType": mf.OCI_MANIFEST, "digest": digest, "size": size, **extra}
+
+
+def test_manifest_parse_and_limits():
+    m = {"schemaVersion": 2, "mediaType": mf.OCI_MANIFEST, "config": _desc(), "layers": [_desc(size=5)]}
+    parsed = mf.parse(json.dumps(m).encode(), None)
+    assert isinstance(parsed, mf.Manifest) and parsed.layers[0].size == 5
+    with pytest.raises(ManifestError, match="over the"):
+        mf.parse(b" " * (mf.MAX_MANIFEST_BYTES + 1), None)
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        mf.parse(b"{", None)
+    with pytest.raises(ManifestError, match="media type"):
+        mf.parse(json.dumps({**m, "mediaType": "text/html"}).encode(), None)
+    with pytest.raises(ManifestError, match="invalid size"):
+        mf.parse(json.dumps({**m, "layers": [_desc(size=-1)]}).encode(), None)
+    with pytest.raises(ManifestError, match="sha256"):
+        mf.parse(json.dumps({**m, "layers": [_desc(digest="sha256:../../x")]}).encode(), None)
+    with pytest.raises(ManifestError, match="over the limit"):
+        mf.parse(json.dumps({**m, "layers": [_desc()] * (mf.MAX_DESCRIPTORS + 1)}).encode(), None)
+
+
+def test_platform_selection():
+    idx = {
+        "schemaVersion": 2,
+        "mediaType": mf.OCI_INDEX,
+        "manifests": [
+            _desc(digest="sha256:" + "1" * 64, platform={"os": "linux", "architecture": "amd64"}),
+            _desc(digest="sha256:" + "2" * 64, platform={"os": "linux", "architecture": "arm", "variant": "v6"}),
+            _desc(digest="sha256:" + "3" * 64, platform={"os": "linux", "architecture": "arm", "variant": "v7"}),
+            _desc(digest="sha256:" + "4" * 64, platform={"os": "linux", "architecture": "arm64", "variant": "v8"}),
+        ],
+    }
+    index = mf.parse(json.dumps(idx).encode(), None)
+    assert isinstance(index, mf.Index)
+    assert mf.select_platform(index, mf.Platform.parse("linux/amd64")).digest.hex == "1" * 64
+    assert mf.select_platform(index, mf.Platform.parse("linux/arm/v7")).digest.hex == "3" * 64
+    assert mf.select_platform(index, mf.Platform.parse("linux/aarch64")).digest.hex == "4" * 64
+    with pytest.raises(PlatformNotFound, match="linux/arm/v6"):
+        mf.select_platform(index, mf.Platform.parse("windows/amd64"))
+
+
+def test_www_authenticate():
+    c = parse_www_authenticate('Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull"')
+    assert c and c.scheme == "bearer"
+    assert c.params == {"realm": "https://auth.example/token", "service": "reg", "scope": "repository:a/b:pull"}
+    assert parse_www_authenticate('Basic realm="x"').scheme == "basic"
+    assert parse_www_authenticate("Negotiate abc") is None
+    c = parse_www_authenticate('Bearer realm="a,b", error="invalid_token"')
+    assert c.params["realm"] == "a,b" and c.params["error"] == "invalid_token"
+
+
+def test_credentials_from_docker_config(tmp_path):
+    import base64
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hub:pw").decode()},
+                    "reg.example:5000": {"username": "u", "password": "p"},
+                }
+            }
+        )
+    )
+    store = CredentialStore(config_path=cfg)
+    assert store.lookup("docker.io") == Credentials("hub", "pw")
+    assert store.lookup("reg.example:5000") == Credentials("u", "p")
+    assert store.lookup("other.example") is None
+    assert "pw" not in repr(store.lookup("docker.io"))
+    cfg.write_text(json.dumps({"credsStore": "does-not-exist-puller"}))
+    with pytest.raises(ConfigError, match="not on PATH"):
+        CredentialStore(config_path=cfg).lookup("x.example")
+
+
+def test_rangeset_and_plan():
+    rs = RangeSet([(10, 20), (0, 5)])
+    rs.add(5, 10)
+    assert rs.as_list() == [[0, 20]] and rs.prefix_end() == 20
+    rs.add(30, 40)
+    assert list(rs.missing(50)) == [(20, 30), (40, 50)] and rs.total() == 30
+    chunks = plan_chunks(rs.missing(50), 4)
+    assert [(c.start, c.end) for c in chunks] == [(20, 24), (24, 28), (28, 30), (40, 44), (44, 48), (48, 50)]
+    assert RangeSet([(3, 9)]).prefix_end() == 0
+
+
+def test_tail_split_takes_second_half_of_slowest():
+    mib = 1 << 20
+    slow = Chunk(0, 16 * mib, pos=2 * mib, streaming=True)
+    fast = Chunk(16 * mib, 24 * mib, pos=23 * mib, streaming=True)
+    idle = Chunk(24 * mib, 40 * mib)  # not streaming yet: never split
+    tail = split_for_tail([slow, fast, idle], min_split=mib)
+    assert tail is not None and tail.end == 16 * mib and slow.end == tail.start == 9 * mib
+    assert split_for_tail([fast], min_split=mib) is None
+
+
+def test_settings_file_and_sizes(tmp_path):
+    f = tmp_path / "puller.yaml"
+    f.write_text("connections: 8\nchunk_size: 4MiB\nplain_http: [reg:5000]\n")
+    s = config.load(str(f))
+    assert s.connections == 8 and s.chunk_size == 4 << 20 and s.plain_http == ["reg:5000"]
+    f.write_text("conections: 8\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        config.load(str(f))
+    with pytest.raises(ConfigError):
+        config.apply(config.Settings(), {"chunk_size": "1k"})
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    s = config.load(str(Path(__file__).parent.parent / "config" / "puller.yaml"))
+    assert s == config.Settings()  # the example documents the defaults
+
+
+def test_hosts_and_helpers():
+    hs = HostSettings(plain_http=frozenset({"reg:5000"}))
+    assert hs.scheme("reg:5000") == "http" and hs.scheme("127.0.0.1:5000") == "http"
+    assert hs.scheme("[::1]:5000") == "http" and hs.scheme("ghcr.io") == "https"
+    assert hs.ssl_for("ghcr.io") is True
+    assert same_origin("http://a:1/x", "http://a:1/y") and not same_origin("http://a:1/x", "http://a:2/x")
+    assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None
