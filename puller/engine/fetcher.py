@@ -36,13 +36,14 @@ from ..registry.client import NET_ERRORS, ExpiredURL, RegistryClient, RetryableS
 from ..registry.manifest import Descriptor
 from ..stores import Store, store_error
 from .budget import ConnectionBudget
-from .plan import MIB, Chunk, RangeSet, plan_chunks, split_for_tail
+from .plan import MIB, SPLIT_ALIGN, Chunk, RangeSet, plan_chunks, split_for_tail
 from .verify import PrefixHasher
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 8 * MIB
 DEFAULT_MIN_SPLIT = 1 * MIB
+MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
 DEFAULT_ATTEMPTS = 6
 MAX_RETRY_AFTER_S = 60.0
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
@@ -152,6 +153,14 @@ class BlobFetcher:
                 raise
 
 
+def chunk_size_for(missing: int, fetcher: BlobFetcher) -> int:
+    """Chunks small enough that one blob can use the whole connection budget, but not below MIN_CHUNK nor above
+    the configured chunk size."""
+    per_connection = -(-missing // fetcher.budget.total)
+    per_connection += -per_connection % SPLIT_ALIGN
+    return max(min(MIN_CHUNK, fetcher.settings.chunk_size), min(fetcher.settings.chunk_size, per_connection))
+
+
 class _BlobDownload:
     """One blob's download into its staged file. Not reused."""
 
@@ -233,7 +242,8 @@ class _BlobDownload:
             raise store_error(e, f"preparing {self.desc.size} bytes for {self.desc.digest}") from None
         self.hasher = PrefixHasher(self.fd, self.desc.digest)
         self.progress.resumed = self.progress.done = self.done.total()
-        self.pending = plan_chunks(self.done.missing(size), self.f.settings.chunk_size)
+        missing = list(self.done.missing(size))
+        self.pending = plan_chunks(missing, chunk_size_for(sum(e - s for s, e in missing), self.f))
 
     def _load_ranges(self) -> RangeSet:
         try:
