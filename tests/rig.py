@@ -8,7 +8,6 @@ import base64
 import contextlib
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -73,24 +72,44 @@ def sha256_file(path: Path) -> str:
 # ---- images ------------------------------------------------------------------------------------------------
 
 
-def random_layer(size: int, seed: int) -> tuple[bytes, bytes]:
-    """A valid tar+gzip layer holding ``size`` random bytes in one file. gzip level 0 (stored blocks) keeps it
-    incompressible and fast to make, and skopeo pushes it as it is (it only compresses uncompressed layers)."""
-    rnd = _prng_bytes(size, seed)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(f"data-{seed}.bin")
-        info.size = size
-        info.mtime = 0
-        tar.addfile(info, io.BytesIO(rnd))
-    raw = buf.getvalue()
-    return raw, gzip.compress(raw, compresslevel=0, mtime=0)
+class _HashingWriter:
+    """File-like sink that hashes and counts what passes through to ``f``."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        self.n += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
-def _prng_bytes(size: int, seed: int) -> bytes:
+def write_random_layer(dest: Path, size: int, seed: int) -> tuple[str, str, int]:
+    """Write a valid tar+gzip layer holding ``size`` random bytes in one file, streaming (any size, little
+    memory). gzip level 0 (stored blocks) keeps it incompressible and fast, and skopeo pushes it as it is (it
+    only compresses uncompressed layers). Returns (diff_id, digest, compressed size)."""
     import random
 
-    return random.Random(seed).randbytes(size)
+    rnd = random.Random(seed)
+    with open(dest, "wb") as out:
+        gz_sink = _HashingWriter(out)
+        with gzip.GzipFile(fileobj=gz_sink, mode="wb", compresslevel=0, mtime=0) as gz:
+            tar_sink = _HashingWriter(gz)
+            header = tarfile.TarInfo(f"data-{seed}.bin")
+            header.size, header.mtime = size, 0
+            tar_sink.write(header.tobuf(format=tarfile.PAX_FORMAT))
+            left = size
+            while left:
+                n = min(left, 4 << 20)
+                tar_sink.write(rnd.randbytes(n))
+                left -= n
+            pad = (-size) % tarfile.BLOCKSIZE
+            tar_sink.write(b"\0" * (pad + 2 * tarfile.BLOCKSIZE))  # end of archive
+            tar_sink.write(b"\0" * ((-tar_sink.n) % tarfile.RECORDSIZE))
+    return "sha256:" + tar_sink.h.hexdigest(), "sha256:" + gz_sink.h.hexdigest(), gz_sink.n
 
 
 @dataclass
@@ -123,10 +142,11 @@ class LayoutWriter:
     ) -> tuple[dict, Image]:
         layers, diff_ids, blobs = [], [], {}
         for i, size in enumerate(layer_sizes):
-            raw, gz = random_layer(size, seed * 1000 + i)
-            digest, n = self.put(gz)
+            tmp = self.root / "blobs" / "sha256" / f"tmp-{os.getpid()}"
+            diff_id, digest, n = write_random_layer(tmp, size, seed * 1000 + i)
+            tmp.rename(self.root / "blobs" / "sha256" / digest.split(":")[1])
             layers.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": n})
-            diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+            diff_ids.append(diff_id)
             blobs[digest] = n
         config = {
             "architecture": arch,
