@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 8 * MIB
 DEFAULT_MIN_SPLIT = 1 * MIB
 MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
+CHUNKS_PER_CONNECTION = 4
 DEFAULT_ATTEMPTS = 6
 MAX_RETRY_AFTER_S = 60.0
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
@@ -154,11 +155,14 @@ class BlobFetcher:
 
 
 def chunk_size_for(missing: int, fetcher: BlobFetcher) -> int:
-    """Chunks small enough that one blob can use the whole connection budget, but not below MIN_CHUNK nor above
-    the configured chunk size."""
-    per_connection = -(-missing // fetcher.budget.total)
-    per_connection += -per_connection % SPLIT_ALIGN
-    return max(min(MIN_CHUNK, fetcher.settings.chunk_size), min(fetcher.settings.chunk_size, per_connection))
+    """About CHUNKS_PER_CONNECTION chunks per connection of the budget, within [MIN_CHUNK, chunk_size].
+
+    Enough chunks that one blob can use the whole budget; small enough that the chunks in flight (connections x
+    chunk size) are a fraction of the blob, so the contiguous prefix, and with it the hash, follows the download
+    closely instead of completing only when the last chunk lands."""
+    per_chunk = -(-missing // (fetcher.budget.total * CHUNKS_PER_CONNECTION))
+    per_chunk += -per_chunk % SPLIT_ALIGN
+    return max(min(MIN_CHUNK, fetcher.settings.chunk_size), min(fetcher.settings.chunk_size, per_chunk))
 
 
 class _BlobDownload:
