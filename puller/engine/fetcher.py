@@ -387,7 +387,7 @@ class _BlobDownload:
         buffered = 0
         try:
             while chunk.pos + buffered < chunk.end:
-                data = await content.read(WRITE_BLOCK)
+                data = await content.readany()
                 if not data:
                     break
                 if skip:

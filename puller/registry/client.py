@@ -40,6 +40,7 @@ USER_AGENT = "puller/0.1"
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 30.0  # between two reads of one response: a stalled connection fails after this
 MAX_ERROR_BODY = 64 * 1024
+READ_BUFSIZE = 256 * 1024  # per-connection receive buffer before aiohttp pauses the socket (default 64 KiB)
 NET_ERRORS = (aiohttp.ClientError, OSError)  # OSError covers TimeoutError
 
 
@@ -103,6 +104,7 @@ class RegistryClient:
             timeout=timeout,
             auto_decompress=False,
             headers={"User-Agent": USER_AGENT},
+            read_bufsize=READ_BUFSIZE,
         )
         return self
 
