@@ -1,0 +1,392 @@
+"""puller against its peers on one rig, in one run: a table, a JSON record and a PNG plot.
+
+    python3 benchmarks/bench.py [--runs 3] [--rate-mbps 8] [--link-mbit 1024] [--images fat256,layers20]
+                                [--rss] [--out benchmarks/results]
+
+The rig: the CNCF distribution registry redirects blob GETs (307) to nginx serving its storage, with
+``limit_rate`` per connection (the registry + blob CDN shape); an HTB class on loopback limits everything the
+CDN and registry send to one link (default 1024 Mbit/s = 128 MB/s, so one connection gets 1/16 of the link).
+
+Peers, measured alternately in each run (the order rotates), medians reported:
+  puller          puller pull REF --store oci:DIR                    (defaults: 32 connections)
+  skopeo          skopeo copy docker://REF oci:DIR:x
+  ctr             ctr content fetch --plain-http REF (a private containerd; its CPU is counted too)
+  oras-py         oras.client.OrasClient(...).pull(REF) (layers one after another, one stream each)
+  curl-1          curl, one stream per blob, one blob after another (what a single-stream puller can do)
+  curl-16         curl --parallel, each blob cut into 16 ranges, 16 at a time: the physical reference
+
+Needs root (tc), docker-registry, nginx, skopeo, curl; containerd and oras-py are used when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.rig_net import Containerd, LoopbackLink
+from tests.rig import LayoutWriter, Nginx, Registry, skopeo_push, tempdir
+
+MIB = 1 << 20
+IMAGES = {
+    "fat256": [256 * MIB],
+    # 20 layers of mixed sizes, 512 MiB in all: two big, a few medium, many small, as real images are.
+    "layers20": [
+        128 * MIB,
+        96 * MIB,
+        64 * MIB,
+        48 * MIB,
+        40 * MIB,
+        32 * MIB,
+        24 * MIB,
+        20 * MIB,
+        16 * MIB,
+        12 * MIB,
+        8 * MIB,
+        8 * MIB,
+        6 * MIB,
+        4 * MIB,
+        2 * MIB,
+        2 * MIB,
+        1 * MIB,
+        1 * MIB,
+        512 * 1024,
+        512 * 1024,
+    ],
+    "fat2g": [2048 * MIB],
+}
+CURL_RANGES = 16
+
+
+@dataclass
+class Sample:
+    seconds: float
+    cpu: float
+    rss_mb: float
+    inner_seconds: float | None = None  # puller's own figure (resolve to commit), without interpreter start
+
+
+@dataclass
+class Result:
+    tool: str
+    image: str
+    bytes: int
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples)
+
+
+def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
+    """Run ``cmd``; wall seconds, CPU seconds (user+sys, plus ``extra_cpu()`` delta) and its peak RSS.
+
+    Peak RSS is read from /proc/PID/status VmHWM while it runs: wait4's ru_maxrss would carry over the RSS of
+    this (forking) Python process into every child."""
+    cpu0 = extra_cpu() if extra_cpu else 0.0
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    outs: list[bytes] = []
+    out_reader = threading.Thread(target=lambda: outs.append(proc.stdout.read()), daemon=True)
+    out_reader.start()
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], _vm_hwm_kb(proc.pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - t0
+    stop.set()
+    watcher.join()
+    out_reader.join()
+    proc.stderr.close()
+    proc.stdout.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err[-500:]}")
+    cpu = usage.ru_utime + usage.ru_stime + ((extra_cpu() - cpu0) if extra_cpu else 0.0)
+    last = outs[0].strip().rsplit(b"\n", 1)[-1] if outs and outs[0].strip() else b""
+    inner = json.loads(last)["seconds"] if last.startswith(b'{"event":"done"') else None
+    return Sample(seconds, cpu, peak[0] / 1024, inner)
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Bench:
+    def __init__(self, args, work: Path):
+        self.args = args
+        self.work = work
+
+    def blob_urls(self, reg: Registry, cdn: Nginx, repo: str) -> list[tuple[str, int]]:
+        _, manifest = reg.manifest(repo, "v1")
+        blobs = [manifest["config"], *manifest["layers"]]
+        return [
+            (f"{cdn.url}/docker/registry/v2/blobs/sha256/{d['digest'][7:9]}/{d['digest'][7:]}/data", d["size"])
+            for d in blobs
+        ]
+
+    def commands(self, tool: str, ref: str, urls: list[tuple[str, int]], out: Path, ctrd: Containerd | None):
+        if tool == "puller":
+            return [sys.executable, "-m", "puller.cli", "pull", ref, "--store", f"oci:{out}", "--json"], None
+        if tool == "skopeo":
+            return ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{out}:x"], None
+        if tool == "ctr":
+            assert ctrd
+            return ctrd.ctr(
+                "-n", f"bench{time.monotonic_ns()}", "content", "fetch", "--plain-http", ref
+            ), ctrd.cpu_seconds
+        if tool == "oras-py":
+            host = ref.partition("/")[0]
+            code = (
+                "import oras.client,sys; oras.client.OrasClient(hostname=sys.argv[1], insecure=True)"
+                ".pull(target=sys.argv[2], outdir=sys.argv[3])"
+            )
+            return [sys.executable, "-c", code, host, ref, str(out)], None
+        if tool == "curl-1":
+            cmd = ["curl", "-sSf"]
+            for i, (url, _) in enumerate(urls):
+                cmd += ["-o", str(out / f"b{i}"), url]
+            return cmd, None
+        if tool == "curl-16":
+            cmd = [
+                "curl",
+                "-sSf",
+                "--no-progress-meter",
+                "-Z",
+                "--parallel-immediate",
+                "--parallel-max",
+                str(CURL_RANGES),
+            ]
+            first = True
+            for i, (url, size) in enumerate(urls):
+                per = max(MIB, -(-size // CURL_RANGES))
+                for j, start in enumerate(range(0, size, per)):
+                    if not first:
+                        cmd.append("-:")
+                    first = False
+                    cmd += ["-r", f"{start}-{min(size, start + per) - 1}", "-o", str(out / f"b{i}-{j}"), url]
+            return cmd, None
+        raise ValueError(tool)
+
+    def run(self) -> tuple[list[Result], dict]:
+        a = self.args
+        work = self.work
+        images = a.images.split(",")
+        tools = ["curl-16", "puller", "skopeo", "curl-1"]
+        if Containerd.available():
+            tools.insert(2, "ctr")
+        try:
+            import oras.client  # noqa: F401
+
+            tools.append("oras-py")
+        except ImportError:
+            pass
+        if a.tools:
+            tools = [t for t in tools if t in a.tools.split(",")]
+        generate = list(dict.fromkeys(images + (["fat256", "fat2g"] if a.rss else [])))
+        print(f"generating images {generate} ...", flush=True)
+        lw = LayoutWriter(work / "layout")
+        for name in generate:
+            lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
+        cdn = Nginx(work / "nginx", work / "registry" / "storage", limit_rate=int(a.rate_mbps * 1e6))
+        ctrd = Containerd(work / "containerd") if "ctr" in tools else None
+        with cdn, Registry(work / "registry", redirect_base=cdn.url + "/") as reg:
+            for name in generate:
+                skopeo_push(work / "layout", name, f"{reg.host}/bench/{name}:v1")
+            link = LoopbackLink(a.link_mbit, [cdn.port, reg.port]) if a.link_mbit else None
+            if link:
+                link.__enter__()
+                if not link.ok:
+                    print(f"warning: no link limit ({link.error})", file=sys.stderr)
+            try:
+                if ctrd:
+                    ctrd.__enter__()
+                results = self.matrix(reg, cdn, ctrd, images, tools)
+            finally:
+                if ctrd:
+                    ctrd.__exit__()
+                if link:
+                    link.__exit__()
+            rss = self.rss_series(reg, cdn) if a.rss else {}
+        rig = {
+            "rate_mbps_per_connection": a.rate_mbps,
+            "link_mbit": a.link_mbit if link and link.ok else None,
+            "runs": a.runs,
+            "rss": rss,
+        }
+        return results, rig
+
+    def matrix(self, reg, cdn, ctrd, images, tools) -> list[Result]:
+        results: dict[tuple[str, str], Result] = {}
+        for run in range(self.args.runs):
+            for name in images:
+                ref = f"{reg.host}/bench/{name}:v1"
+                urls = self.blob_urls(reg, cdn, f"bench/{name}")
+                total = sum(size for _, size in urls)
+                order = tools[run % len(tools) :] + tools[: run % len(tools)]
+                for tool in order:
+                    out = self.work / "out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    out.mkdir()
+                    cmd, extra = self.commands(tool, ref, urls, out, ctrd)
+                    sample = run_measured(cmd, extra)
+                    results.setdefault((tool, name), Result(tool, name, total)).samples.append(sample)
+                    print(
+                        f"run {run + 1} {name:9} {tool:8} {sample.seconds:7.2f} s "
+                        f"{total / 1e6 / sample.seconds:8.1f} MB/s  cpu {sample.cpu:6.2f} s  "
+                        f"rss {sample.rss_mb:6.1f} MB",
+                        flush=True,
+                    )
+                    shutil.rmtree(out, ignore_errors=True)
+        return list(results.values())
+
+    def rss_series(self, reg, cdn) -> dict[str, float]:
+        """puller's peak RSS for a 256 MiB and a 2 GiB one-layer image (loopback, link limit lifted)."""
+        out = {}
+        for name in ("fat256", "fat2g"):
+            store = self.work / "rss-store"
+            shutil.rmtree(store, ignore_errors=True)
+            s = run_measured(
+                [
+                    sys.executable,
+                    "-m",
+                    "puller.cli",
+                    "pull",
+                    f"{reg.host}/bench/{name}:v1",
+                    "--store",
+                    f"oci:{store}",
+                    "--json",
+                ]
+            )
+            shutil.rmtree(store, ignore_errors=True)
+            out[name] = round(s.rss_mb, 1)
+            print(f"rss {name}: {s.rss_mb:.1f} MB ({s.seconds:.1f} s)", flush=True)
+        return out
+
+
+def table(results: list[Result], rig: dict) -> str:
+    by_image: dict[str, list[Result]] = {}
+    for r in results:
+        by_image.setdefault(r.image, []).append(r)
+    lines = []
+    link_mb = rig["link_mbit"] / 8 if rig["link_mbit"] else None
+    for image, rs in by_image.items():
+        ref = next((r for r in rs if r.tool == "curl-16"), None)
+        pul = next((r for r in rs if r.tool == "puller"), None)
+        lines.append(f"\n{image}: {rs[0].bytes / 1e6:.0f} MB, {len(rs[0].samples)} runs, medians")
+        lines.append("| tool | seconds | MB/s | vs curl-16 | puller is x faster | of link | CPU s/GB | peak RSS MB |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(rs, key=lambda r: r.median("seconds")):
+            sec = r.median("seconds")
+            mbps = r.bytes / 1e6 / sec
+            vs_ref = f"{ref.median('seconds') / sec:.2f}" if ref else "-"
+            faster = f"{sec / pul.median('seconds'):.1f}" if pul else "-"
+            of_link = f"{mbps / link_mb:.2f}" if link_mb else "-"
+            lines.append(
+                f"| {r.tool} | {sec:.2f} | {mbps:.1f} | {vs_ref} | {faster} | {of_link} | "
+                f"{r.median('cpu') / (r.bytes / 1e9):.2f} | {r.median('rss_mb'):.0f} |"
+            )
+            if ref and r.samples[0].inner_seconds:
+                inner = statistics.median(s.inner_seconds or 0 for s in r.samples)
+                of_link_inner = f"{r.bytes / 1e6 / inner / link_mb:.2f}" if link_mb else "-"
+                lines.append(
+                    f"| {r.tool} (in-process) | {inner:.2f} | {r.bytes / 1e6 / inner:.1f} | "
+                    f"{ref.median('seconds') / inner:.2f} | | {of_link_inner} | | |"
+                )
+    if rig.get("rss"):
+        lines.append("\npuller peak RSS by image size: " + ", ".join(f"{k} {v} MB" for k, v in rig["rss"].items()))
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = list(dict.fromkeys(r.image for r in results))
+    tools = list(dict.fromkeys(r.tool for r in results))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(tools)
+    for i, tool in enumerate(tools):
+        vals = [
+            next((r.bytes / 1e6 / r.median("seconds") for r in results if r.tool == tool and r.image == im), 0)
+            for im in images
+        ]
+        ax.bar([x + i * width for x in range(len(images))], vals, width, label=tool)
+    ax.set_xticks([x + width * (len(tools) - 1) / 2 for x in range(len(images))], images)
+    ax.set_ylabel("MB/s (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="puller against its peers")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rate-mbps", type=float, default=8.0, help="per-connection CDN cap, MB/s")
+    ap.add_argument("--link-mbit", type=int, default=1024, help="link limit on loopback, Mbit/s (0 = none)")
+    ap.add_argument("--images", default="fat256,layers20")
+    ap.add_argument("--tools", default="", help="comma-separated subset")
+    ap.add_argument("--rss", action="store_true", help="also measure puller's peak RSS at 256 MiB and 2 GiB")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    if os.geteuid() != 0 and args.link_mbit:
+        print("warning: not root, no link limit", file=sys.stderr)
+    with tempdir("puller-bench-") as work:
+        work.chmod(0o755)
+        results, rig = Bench(args, work).run()
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, kernel {platform.release()}"
+    stamp = time.strftime("%Y-%m-%d")
+    title = f"{stamp}, {machine}; CDN {args.rate_mbps:g} MB/s per connection, link {rig['link_mbit'] or 'none'} Mbit/s"
+    text = f"# {title}\n{table(results, rig)}\n"
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stamp}-pullers.md").write_text(text)
+    (out / f"{stamp}-pullers.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "rig": rig,
+                "results": [
+                    {"tool": r.tool, "image": r.image, "bytes": r.bytes, "samples": [s.__dict__ for s in r.samples]}
+                    for r in results
+                ],
+            },
+            indent=1,
+        )
+    )
+    try:
+        plot(results, out / f"{stamp}-pullers.png", title)
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
