@@ -21,10 +21,12 @@ Needs root (tc), docker-registry, nginx, skopeo, curl; containerd and oras-py ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.rig_net import Containerd, LoopbackLink
-from tests.rig import LayoutWriter, Nginx, Registry, skopeo_push, tempdir
+from benchmarks.rig_net import LoopbackLink
+from tests.rig import Containerd, LayoutWriter, Nginx, Registry, skopeo_push, tempdir
 
 MIB = 1 << 20
 IMAGES = {
@@ -155,9 +157,7 @@ class Bench:
             return ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{out}:x"], None
         if tool == "ctr":
             assert ctrd
-            return ctrd.ctr(
-                "-n", f"bench{time.monotonic_ns()}", "content", "fetch", "--plain-http", ref
-            ), ctrd.cpu_seconds
+            return ctrd.ctr("-n", "bench", "content", "fetch", "--plain-http", ref), ctrd.cpu_seconds
         if tool == "oras-py":
             host = ref.partition("/")[0]
             code = (
@@ -212,7 +212,6 @@ class Bench:
         for name in generate:
             lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
         cdn = Nginx(work / "nginx", work / "registry" / "storage", limit_rate=int(a.rate_mbps * 1e6))
-        ctrd = Containerd(work / "containerd") if "ctr" in tools else None
         with cdn, Registry(work / "registry", redirect_base=cdn.url + "/") as reg:
             for name in generate:
                 skopeo_push(work / "layout", name, f"{reg.host}/bench/{name}:v1")
@@ -222,12 +221,8 @@ class Bench:
                 if not link.ok:
                     print(f"warning: no link limit ({link.error})", file=sys.stderr)
             try:
-                if ctrd:
-                    ctrd.__enter__()
-                results = self.matrix(reg, cdn, ctrd, images, tools)
+                results = self.matrix(reg, cdn, images, tools)
             finally:
-                if ctrd:
-                    ctrd.__exit__()
                 if link:
                     link.__exit__()
             rss = self.rss_series(reg, cdn) if a.rss else {}
@@ -239,7 +234,7 @@ class Bench:
         }
         return results, rig
 
-    def matrix(self, reg, cdn, ctrd, images, tools) -> list[Result]:
+    def matrix(self, reg, cdn, images, tools) -> list[Result]:
         results: dict[tuple[str, str], Result] = {}
         for run in range(self.args.runs):
             for name in images:
@@ -251,8 +246,12 @@ class Bench:
                     out = self.work / "out"
                     shutil.rmtree(out, ignore_errors=True)
                     out.mkdir()
-                    cmd, extra = self.commands(tool, ref, urls, out, ctrd)
-                    sample = run_measured(cmd, extra)
+                    with contextlib.ExitStack() as stack:
+                        # containerd shares content across namespaces: a fresh one per sample, started untimed.
+                        ctrd = stack.enter_context(Containerd(self.work / "ctrd")) if tool == "ctr" else None
+                        cmd, extra = self.commands(tool, ref, urls, out, ctrd)
+                        sample = run_measured(cmd, extra)
+                    shutil.rmtree(self.work / "ctrd", ignore_errors=True)
                     results.setdefault((tool, name), Result(tool, name, total)).samples.append(sample)
                     print(
                         f"run {run + 1} {name:9} {tool:8} {sample.seconds:7.2f} s "
@@ -346,6 +345,7 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM tears the rig down like Ctrl-C
     ap = argparse.ArgumentParser(description="puller against its peers")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate-mbps", type=float, default=8.0, help="per-connection CDN cap, MB/s")

@@ -1,11 +1,8 @@
-"""Benchmark-only parts of the rig: a link limit on loopback, and a private containerd for `ctr`."""
+"""Benchmark-only part of the rig: a link limit on loopback."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import time
-from pathlib import Path
 
 
 class LoopbackLink:
@@ -39,57 +36,3 @@ class LoopbackLink:
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
-
-
-class Containerd:
-    """containerd with its own root, state and socket under ``workdir`` (CRI plugin disabled)."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.socket = workdir / "containerd.sock"
-        self.proc: subprocess.Popen | None = None
-
-    @staticmethod
-    def available() -> bool:
-        return bool(shutil.which("containerd") and shutil.which("ctr"))
-
-    def __enter__(self) -> Containerd:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "config.toml"
-        cfg.write_text(
-            "version = 2\n"
-            f'root = "{self.workdir}/root"\nstate = "{self.workdir}/state"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{self.socket}"\n'
-            f'[ttrpc]\n  address = "{self.socket}.ttrpc"\n'
-        )
-        self.log = open(self.workdir / "containerd.log", "wb")
-        self.proc = subprocess.Popen(
-            ["containerd", "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 20
-        while subprocess.run(self.ctr("version"), capture_output=True).returncode != 0:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"containerd did not start; see {self.workdir / 'containerd.log'}")
-            time.sleep(0.1)
-        return self
-
-    def ctr(self, *args: str) -> list[str]:
-        return ["ctr", "--address", str(self.socket), *args]
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the daemon has used so far."""
-        assert self.proc
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        import os
-
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
