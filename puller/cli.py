@@ -20,19 +20,31 @@ from .registry.auth import Credentials, CredentialStore
 from .registry.client import ClientSettings, RegistryClient
 from .registry.hosts import HostSettings
 from .registry.manifest import Platform
+from .stores import Store
+from .stores.containerd import ContainerdStore
 from .stores.oci_layout import OCILayoutStore
 
 EXIT_INTERRUPTED = 130
 
 
-def open_store(spec: str) -> OCILayoutStore:
-    """``oci:DIR`` (or a bare directory) -> the OCI layout store."""
+def open_store(settings: config.Settings) -> Store:
+    """``oci:DIR`` (or a bare directory) -> the OCI layout store; ``containerd`` -> the containerd store."""
+    spec = settings.store
     kind, sep, arg = spec.partition(":")
+    if spec == "containerd":
+        return ContainerdStore(
+            settings.containerd_address,
+            settings.namespace,
+            settings.snapshotter,
+            settings.unpack,
+            settings.pin,
+            settings.staging_dir,
+        )
     if sep and kind == "oci":
         return OCILayoutStore(arg or config.DEFAULT_OCI_DIR)
     if not sep or "/" in kind or kind.startswith("."):
         return OCILayoutStore(spec)
-    raise ConfigError(f"unknown store {kind!r}: this version supports oci:DIR")
+    raise ConfigError(f"unknown store {spec!r}: use oci:DIR or containerd")
 
 
 async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials | None, output: str) -> PullResult:
@@ -43,7 +55,7 @@ async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials
     platform = Platform.parse(settings.platform) if settings.platform else None
     async with AsyncExitStack() as stack:
         client = await stack.enter_async_context(RegistryClient(client_settings, credentials))
-        store = await stack.enter_async_context(open_store(settings.store))
+        store = await stack.enter_async_context(open_store(settings))
         budget = ConnectionBudget(settings.connections, settings.connections_per_host)
         fetcher = BlobFetcher(client, budget, FetchSettings(settings.chunk_size, settings.min_split, settings.attempts))
         progress = PullProgress(str(ref))
@@ -59,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="pull an image into a store")
     p.add_argument("reference", help="image reference, e.g. busybox, ghcr.io/org/app:1.2, repo@sha256:...")
     p.add_argument("--config", help=f"YAML settings file (default: ${config.CONFIG_ENV} if set)")
-    p.add_argument("--store", help=f"where to put the image: oci:DIR (default oci:{config.DEFAULT_OCI_DIR})")
+    p.add_argument(
+        "--store", help=f"where to put the image: oci:DIR (default oci:{config.DEFAULT_OCI_DIR}) or containerd"
+    )
     p.add_argument("--platform", help="os/arch[/variant] to pick from a multi-arch index (default: this host)")
     p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to this image's registry")
     p.add_argument("--insecure-skip-verify", action="store_true", help="skip TLS verification for this registry")
@@ -67,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="connection budget shared by all chunks (default 32)")
     p.add_argument("--chunk-size", help="bytes per ranged request, e.g. 8MiB")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress display")
+    c = p.add_argument_group("containerd store")
+    c.add_argument("--containerd-address", help="containerd socket (default /run/containerd/containerd.sock)")
+    c.add_argument("--namespace", help="containerd namespace (default k8s.io, where kubelet looks)")
+    c.add_argument("--snapshotter", help="snapshotter to unpack into (default overlayfs)")
+    c.add_argument("--no-unpack", dest="unpack", action="store_false", default=None, help="store content only")
+    c.add_argument("--pin", action="store_true", default=None, help="label the image pinned: kubelet GC keeps it")
     return parser
 
 
@@ -81,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             "platform": args.platform,
             "connections": args.concurrency,
             "chunk_size": args.chunk_size,
+            "containerd_address": args.containerd_address,
+            "namespace": args.namespace,
+            "snapshotter": args.snapshotter,
+            "unpack": args.unpack,
+            "pin": args.pin,
         }
         if args.plain_http:
             flags["plain_http"] = [*settings.plain_http, ref.api_host]

@@ -18,6 +18,10 @@ from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
 from .engine.fetcher import DEFAULT_ATTEMPTS, DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
 from .errors import ConfigError
 from .registry.client import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+from .stores.containerd import DEFAULT_ADDRESS as CONTAINERD_ADDRESS
+from .stores.containerd import DEFAULT_NAMESPACE as CONTAINERD_NAMESPACE
+from .stores.containerd import DEFAULT_SNAPSHOTTER as CONTAINERD_SNAPSHOTTER
+from .stores.containerd import DEFAULT_STAGING as CONTAINERD_STAGING
 from .stores.oci_layout import DEFAULT_OCI_DIR
 
 CONFIG_ENV = "PULLER_CONFIG"
@@ -39,6 +43,13 @@ class Settings:
     insecure_skip_verify: list[str] = field(default_factory=list)
     ca_file: str | None = None
     docker_config: str | None = None
+    # containerd store
+    containerd_address: str = CONTAINERD_ADDRESS
+    namespace: str = CONTAINERD_NAMESPACE
+    snapshotter: str = CONTAINERD_SNAPSHOTTER
+    unpack: bool = True
+    pin: bool = False
+    staging_dir: str = CONTAINERD_STAGING
 
     def validate(self) -> Settings:
         if self.connections < 1 or self.connections_per_host < 1:
@@ -95,6 +106,9 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: {key} must be a list of hosts")
+        elif known[name].type == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
         elif known[name].type in ("int", "float"):
             try:
                 value = int(value) if known[name].type == "int" else float(value)

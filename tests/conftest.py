@@ -14,7 +14,7 @@ import pytest
 
 from .rig import Image, LayoutWriter, Nginx, Registry, TokenIssuer, sha256_file, skopeo_push, tempdir
 
-REQUIRED = ("docker-registry", "skopeo", "nginx", "htpasswd")
+REQUIRED = ("docker-registry", "skopeo", "nginx", "htpasswd", "containerd", "ctr")
 MIB = 1024 * 1024
 
 

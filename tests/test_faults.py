@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import MIB, Registry, assert_store_holds, pushed, run_puller, staged_files
-from .rig import Nginx, skopeo_push
+from .rig import Nginx, sha256_file, skopeo_push
 
 
 def test_server_ignoring_range_falls_back_to_one_stream(workdir: Path, layout, tmp_path: Path):
@@ -131,3 +131,53 @@ def test_truncated_blob_in_registry(workdir: Path, layout, tmp_path: Path):
         r = run_puller("pull", p.ref, "--store", str(store))
         assert r.returncode != 0
         assert not (store / "blobs" / "sha256" / layer.split(":")[1]).exists()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs: too small for the 11 MB test image."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_a_clear_error_and_a_later_pull_succeeds(cdn_rig, small_disk: Path):
+    reg, _ = cdn_rig
+    p = pushed(reg, "test/app", "v1")
+    store = small_disk / "store"
+    r = run_puller("pull", p.ref, "--store", str(store))
+    assert r.returncode == 10, r.stderr
+    assert r.stderr.startswith("puller: error: no space left on device")
+    assert len(r.stderr.strip().splitlines()) == 1
+    # Whatever is visible is complete and verified; the image is not named.
+    for blob in (store / "blobs" / "sha256").iterdir():
+        assert sha256_file(blob) == blob.name
+    assert json.loads((store / "index.json").read_text())["manifests"] == []
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    r = run_puller("pull", p.ref, "--store", str(store))
+    assert r.returncode == 0, r.stderr
+    assert_store_holds(store, p)
+    assert staged_files(store) == []
+
+
+def test_progress_on_a_tty(cdn_rig, tmp_path: Path):
+    """On a terminal puller draws per-layer bars (rich); `script` gives it a pseudo-terminal."""
+    reg, _ = cdn_rig
+    p = pushed(reg, "test/app", "v1")
+    cmd = f"{sys.executable} -m puller.cli pull {p.ref} --store {tmp_path}"
+    r = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "160", "TERM": "xterm"},
+    )
+    assert r.returncode == 0, r.stdout
+    out = r.stdout
+    for layer in p.manifest["layers"]:
+        assert layer["digest"][7:19] in out  # one bar per layer, named by digest
+    assert "MB" in out and f"pulled {p.ref} digest={p.digest}" in out

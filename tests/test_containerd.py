@@ -1,0 +1,171 @@
+"""The containerd store against a real containerd (own root, state and socket), checked with the real `ctr`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from puller.stores.containerd import chain_ids
+
+from .conftest import pushed, run_puller
+from .rig import Containerd
+
+NS = "k8s.io"
+
+
+@pytest.fixture(scope="module")
+def containerd(workdir: Path):
+    with Containerd(workdir / "containerd") as c:
+        yield c
+
+
+def ctr(c: Containerd, *args: str) -> str:
+    r = subprocess.run(c.ctr("-n", NS, *args), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def pull(c: Containerd, ref: str, tmp_path: Path, *extra: str):
+    return run_puller(
+        "pull",
+        ref,
+        "--store",
+        "containerd",
+        "--containerd-address",
+        str(c.socket),
+        "--json",
+        *extra,
+        env={"PULLER_CONFIG": str(_config(tmp_path))},
+    )
+
+
+def _config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "puller.yaml"
+    cfg.write_text(f"staging_dir: {tmp_path / 'staging'}\n")
+    return cfg
+
+
+def image_records(c: Containerd) -> dict[str, dict]:
+    """`ctr images ls` parsed: name -> {digest, labels}."""
+    out = {}
+    for line in ctr(c, "images", "ls").splitlines()[1:]:
+        cols = line.split()
+        out[cols[0]] = {"digest": cols[2], "labels": cols[-1]}
+    return out
+
+
+def content_labels(c: Containerd) -> dict[str, str]:
+    out = {}
+    for line in ctr(c, "content", "ls").splitlines()[1:]:
+        cols = line.split()
+        out[cols[0]] = cols[-1]
+    return out
+
+
+def test_pull_into_containerd_is_complete_and_unpacked(containerd, cdn_rig, tmp_path: Path):
+    reg, _ = cdn_rig
+    p = pushed(reg, "test/app", "v1")
+    r = pull(containerd, p.ref, tmp_path)
+    assert r.returncode == 0, r.stderr
+    images = image_records(containerd)
+    assert images[p.ref]["digest"] == p.digest
+    assert images[f"{reg.host}/test/app@{p.digest}"]["digest"] == p.digest
+    assert "io.cri-containerd.image=managed" in images[p.ref]["labels"]
+    assert "pinned" not in images[p.ref]["labels"]
+    labels = content_labels(containerd)
+    for digest in [p.digest, *p.blobs]:
+        assert digest in labels, digest
+    manifest_labels = labels[p.digest]
+    assert f"containerd.io/gc.ref.content.config={p.manifest['config']['digest']}" in manifest_labels
+    for i, layer in enumerate(p.manifest["layers"]):
+        assert f"containerd.io/gc.ref.content.l.{i}={layer['digest']}" in manifest_labels
+    assert f"containerd.io/distribution.source.{reg.host}=test/app" in manifest_labels
+    # unpacked: the config names the top snapshot, and the chain exists in the snapshotter
+    config = json.loads(ctr(containerd, "content", "get", p.manifest["config"]["digest"]))
+    chains = chain_ids(config["rootfs"]["diff_ids"])
+    assert f"containerd.io/gc.ref.snapshot.overlayfs={chains[-1]}" in labels[p.manifest["config"]["digest"]]
+    snapshots = ctr(containerd, "snapshots", "--snapshotter", "overlayfs", "ls")
+    for chain in chains:
+        assert chain in snapshots
+    check = ctr(containerd, "images", "check")
+    line = next(line for line in check.splitlines() if line.startswith(p.ref + " "))
+    n = len(p.blobs)  # ctr counts the manifest's config and layers
+    assert f"complete ({n}/{n})" in line and line.split()[-1] == "true"  # every blob present; unpacked
+    staging = tmp_path / "staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
+    # Leases are dropped: nothing holds content except the image records.
+    assert "puller-" not in ctr(containerd, "leases", "ls")
+
+
+def test_multi_arch_pin_and_repull(containerd, cdn_rig, tmp_path: Path):
+    reg, _ = cdn_rig
+    index_digest, _ = reg.manifest("test/multi", "v1")
+    ref = f"{reg.host}/test/multi:v1"
+    r = pull(containerd, ref, tmp_path, "--pin", "--platform", "linux/arm64")
+    assert r.returncode == 0, r.stderr
+    images = image_records(containerd)
+    assert images[ref]["digest"] == index_digest  # the record targets the index, as containerd's pull does
+    assert "io.cri-containerd.pinned=pinned" in images[ref]["labels"]
+    labels = content_labels(containerd)
+    assert "containerd.io/gc.ref.content.m.0=" in labels[index_digest]
+    r = pull(containerd, ref, tmp_path, "--pin", "--platform", "linux/arm64")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["fetched"] == 0
+
+
+def test_gc_keeps_what_the_image_references_and_no_more(containerd, cdn_rig, tmp_path: Path):
+    reg, _ = cdn_rig
+    p = pushed(reg, "test/docker", "v1")
+    ns = "gc-test"
+    r = run_puller(
+        "pull",
+        p.ref,
+        "--store",
+        "containerd",
+        "--containerd-address",
+        str(containerd.socket),
+        "--namespace",
+        ns,
+        "--no-unpack",
+        env={"PULLER_CONFIG": str(_config(tmp_path))},
+    )
+    assert r.returncode == 0, r.stderr
+
+    def content() -> str:
+        return subprocess.run(containerd.ctr("-n", ns, "content", "ls"), capture_output=True, text=True).stdout
+
+    def sync_gc() -> None:  # deleting a lease with --sync runs containerd's garbage collector before returning
+        lease = subprocess.run(containerd.ctr("-n", ns, "leases", "create"), capture_output=True, text=True)
+        subprocess.run(containerd.ctr("-n", ns, "leases", "delete", "--sync", lease.stdout.strip()), check=True)
+
+    sync_gc()
+    assert all(d in content() for d in [p.digest, *p.blobs])  # the image's gc labels keep everything
+    assert "snapshot" not in content()  # --no-unpack: no snapshot references
+    for name in (p.ref, f"{reg.host}/test/docker@{p.digest}"):
+        subprocess.run(containerd.ctr("-n", ns, "images", "rm", name), check=True, capture_output=True)
+    sync_gc()
+    assert not any(d in content() for d in [p.digest, *p.blobs])  # nothing of ours was left unreferenced
+
+
+def test_missing_socket_is_a_clear_error(tmp_path: Path, cdn_rig):
+    reg, _ = cdn_rig
+    r = run_puller(
+        "pull",
+        f"{reg.host}/test/small:v1",
+        "--store",
+        "containerd",
+        "--containerd-address",
+        str(tmp_path / "nope.sock"),
+    )
+    assert r.returncode == 9
+    assert "containerd socket" in r.stderr and "not found" in r.stderr
+
+
+def test_unknown_snapshotter_is_a_clear_error(containerd, cdn_rig, tmp_path: Path):
+    reg, _ = cdn_rig
+    r = pull(containerd, f"{reg.host}/test/small:v1", tmp_path, "--snapshotter", "nosuch")
+    assert r.returncode == 9, r.stderr
+    assert "snapshotter" in r.stderr and "nosuch" in r.stderr
