@@ -53,19 +53,20 @@ async def _rich(progress: PullProgress) -> None:
     with Progress(*columns, transient=False, refresh_per_second=10) as bars:
         total_id = bars.add_task(f"[bold]{progress.reference}", total=None, state=progress.state)
         ids: dict[str, int] = {}
+
+        def sync() -> None:
+            for digest, b in progress.blobs.items():
+                if digest not in ids:
+                    ids[digest] = bars.add_task(f"  {digest[7:19]}", total=b.size, state=b.state)
+                bars.update(ids[digest], completed=b.done, state=b.state)
+            bars.update(total_id, total=progress.total or None, completed=progress.done, state=progress.state)
+
         try:
             while True:
-                for digest, b in progress.blobs.items():
-                    if digest not in ids:
-                        ids[digest] = bars.add_task(f"  {digest[7:19]}", total=b.size, state=b.state)
-                    bars.update(ids[digest], completed=b.done, state=b.state)
-                bars.update(total_id, total=progress.total or None, completed=progress.done, state=progress.state)
+                sync()
                 await asyncio.sleep(REFRESH_S)
         finally:
-            for digest, b in progress.blobs.items():
-                if digest in ids:
-                    bars.update(ids[digest], completed=b.done, state=b.state)
-            bars.update(total_id, total=progress.total or None, completed=progress.done, state=progress.state)
+            sync()
 
 
 def emit_json(obj: dict) -> None:
