@@ -23,6 +23,7 @@ from .registry.manifest import Platform
 from .stores import Store
 from .stores.containerd import ContainerdStore
 from .stores.oci_layout import OCILayoutStore
+from .stores.overlaybd import OverlaybdStore
 
 EXIT_INTERRUPTED = 130
 
@@ -40,11 +41,13 @@ def open_store(settings: config.Settings) -> Store:
             settings.pin,
             settings.staging_dir,
         )
+    if spec == "overlaybd":
+        return OverlaybdStore(settings.overlaybd_config, settings.cache_dir)
     if sep and kind == "oci":
         return OCILayoutStore(arg or config.DEFAULT_OCI_DIR)
     if not sep or "/" in kind or kind.startswith("."):
         return OCILayoutStore(spec)
-    raise ConfigError(f"unknown store {spec!r}: use oci:DIR or containerd")
+    raise ConfigError(f"unknown store {spec!r}: use oci:DIR, containerd or overlaybd")
 
 
 async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials | None, output: str) -> PullResult:
@@ -72,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="image reference, e.g. busybox, ghcr.io/org/app:1.2, repo@sha256:...")
     p.add_argument("--config", help=f"YAML settings file (default: ${config.CONFIG_ENV} if set)")
     p.add_argument(
-        "--store", help=f"where to put the image: oci:DIR (default oci:{config.DEFAULT_OCI_DIR}) or containerd"
+        "--store",
+        help=f"where to put the image: oci:DIR (default oci:{config.DEFAULT_OCI_DIR}), containerd or overlaybd",
     )
     p.add_argument("--platform", help="os/arch[/variant] to pick from a multi-arch index (default: this host)")
     p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to this image's registry")
@@ -86,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--namespace", help="containerd namespace (default k8s.io, where kubelet looks)")
     c.add_argument("--snapshotter", help="snapshotter to unpack into (default overlayfs)")
     c.add_argument("--no-unpack", dest="unpack", action="store_false", default=None, help="store content only")
+    o = p.add_argument_group("overlaybd store")
+    o.add_argument(
+        "--overlaybd-config", help="overlaybd.json that names the cache (default /etc/overlaybd/overlaybd.json)"
+    )
+    o.add_argument("--cache-dir", help="registry_cache directory, overriding the one overlaybd.json names")
     c.add_argument("--pin", action="store_true", default=None, help="label the image pinned: kubelet GC keeps it")
     return parser
 
@@ -106,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "snapshotter": args.snapshotter,
             "unpack": args.unpack,
             "pin": args.pin,
+            "overlaybd_config": args.overlaybd_config,
+            "cache_dir": args.cache_dir,
         }
         if args.plain_http:
             flags["plain_http"] = [*settings.plain_http, ref.api_host]

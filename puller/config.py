@@ -23,6 +23,7 @@ from .stores.containerd import DEFAULT_NAMESPACE as CONTAINERD_NAMESPACE
 from .stores.containerd import DEFAULT_SNAPSHOTTER as CONTAINERD_SNAPSHOTTER
 from .stores.containerd import DEFAULT_STAGING as CONTAINERD_STAGING
 from .stores.oci_layout import DEFAULT_OCI_DIR
+from .stores.overlaybd import DEFAULT_CONFIG as OVERLAYBD_CONFIG
 
 CONFIG_ENV = "PULLER_CONFIG"
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -50,6 +51,9 @@ class Settings:
     unpack: bool = True
     pin: bool = False
     staging_dir: str = CONTAINERD_STAGING
+    # overlaybd store
+    overlaybd_config: str = OVERLAYBD_CONFIG
+    cache_dir: str | None = None
 
     def validate(self) -> Settings:
         if self.connections < 1 or self.connections_per_host < 1:

@@ -88,14 +88,15 @@ async def pull_image(
         top, target, manifest, documents = await resolve(client, ref, platform or mf.Platform.host())
         progress.digest = str(top.digest)
         progress.state = "fetching"
-        jobs = []
-        for desc in dict.fromkeys(manifest.blobs):  # a blob listed twice is fetched once
+        missing = []
+        for desc in dict.fromkeys(store.select_blobs(manifest)):  # a blob listed twice is fetched once
             bp = progress.blobs.setdefault(str(desc.digest), BlobProgress(str(desc.digest), desc.size))
             if await store.has_blob(desc):
                 bp.state, bp.done = "present", desc.size
-                continue
-            jobs.append(fetcher.fetch(ref, desc, store, bp))
-        await _gather_or_cancel(jobs)
+            else:
+                missing.append(desc)
+        await store.reserve(missing)
+        await _gather_or_cancel([fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)]) for d in missing])
         progress.state = "committing"
         # The index (if any) is stored as a blob too; the name points at the platform manifest.
         await store.commit_image(ref, target, documents)

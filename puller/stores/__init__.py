@@ -13,11 +13,17 @@ from typing import Protocol
 
 from ..errors import DiskFull, StoreError
 from ..reference import Reference
-from ..registry.manifest import Descriptor
+from ..registry.manifest import Descriptor, Manifest
 
 
 class Store(Protocol):
     staging_dir: Path
+
+    def select_blobs(self, manifest: Manifest) -> tuple[Descriptor, ...]:
+        """The blobs of ``manifest`` this store keeps (all of them, unless a store reads only some)."""
+
+    async def reserve(self, blobs: list[Descriptor]) -> None:
+        """Refuse, before any byte is fetched, blobs that cannot fit (raise DiskFull)."""
 
     async def has_blob(self, desc: Descriptor) -> bool:
         """True when the blob is present, complete and committed."""
@@ -27,6 +33,16 @@ class Store(Protocol):
 
     async def commit_image(self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]]) -> None:
         """Record the image: write the manifest/index ``documents`` and name ``target`` by ``ref``."""
+
+
+class StoreBase:
+    """Defaults for the optional parts of :class:`Store`."""
+
+    def select_blobs(self, manifest: Manifest) -> tuple[Descriptor, ...]:
+        return manifest.blobs
+
+    async def reserve(self, blobs: list[Descriptor]) -> None:
+        return None
 
 
 def store_error(e: OSError, what: str) -> StoreError:

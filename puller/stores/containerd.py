@@ -39,6 +39,7 @@ from ..errors import StoreError
 from ..reference import Reference
 from ..registry import manifest as mf
 from ..registry.manifest import Descriptor
+from . import StoreBase
 from .containerd_api import (
     content_pb2,
     content_pb2_grpc,
@@ -101,7 +102,7 @@ def _translate(e: grpc.aio.AioRpcError, what: str, address: str) -> StoreError:
     return StoreError(f"containerd: {what}: {detail or code.name}")
 
 
-class ContainerdStore:
+class ContainerdStore(StoreBase):
     """Use as ``async with ContainerdStore(...) as store``."""
 
     def __init__(

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor
-from . import fsync_dir, store_error, write_file_atomic
+from . import StoreBase, fsync_dir, store_error, write_file_atomic
 
 DEFAULT_OCI_DIR = "./oci-store"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -32,7 +32,7 @@ CONTAINERD_NAME = "io.containerd.image.name"
 LAYOUT = {"imageLayoutVersion": "1.0.0"}
 
 
-class OCILayoutStore:
+class OCILayoutStore(StoreBase):
     def __init__(self, root: str | os.PathLike[str] = DEFAULT_OCI_DIR):
         self.root = Path(root).absolute()
         self.staging_dir = self.root / ".puller" / "staging"
