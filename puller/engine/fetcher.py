@@ -34,7 +34,7 @@ from ..errors import DigestMismatch, SizeMismatch, StoreError, TransportError
 from ..reference import Reference
 from ..registry.client import NET_ERRORS, ExpiredURL, RegistryClient, RetryableStatus
 from ..registry.manifest import Descriptor
-from ..stores import Store, store_error
+from ..stores import BlobSink, Store, store_error
 from .budget import ConnectionBudget
 from .plan import MIB, SPLIT_ALIGN, Chunk, RangeSet, plan_chunks, split_for_tail
 from .verify import PrefixHasher
@@ -186,6 +186,7 @@ class _BlobDownload:
         self.range_known = asyncio.Event()
         self.fd = -1
         self.hasher: PrefixHasher | None = None
+        self.sink: BlobSink | None = None
 
     async def run(self) -> None:
         lock_fd = await self._lock()
@@ -194,9 +195,21 @@ class _BlobDownload:
                 self.progress.state = "present"
                 return
             await asyncio.to_thread(self._open)
+            self.sink = self.store.blob_sink(self.desc, self.data_path)
+            self.hasher = PrefixHasher(
+                self.fd, self.desc.digest, self.sink.advance if self.sink else None, drop_cache=self.sink is None
+            )
             try:
                 await self._download()
                 await self._verify()
+            except DigestMismatch:
+                if self.sink:
+                    await self.sink.abort()
+                raise
+            except BaseException:
+                if self.sink:
+                    await self.sink.close()
+                raise
             finally:
                 if self.hasher:
                     await self.hasher.close()
@@ -244,7 +257,6 @@ class _BlobDownload:
                 os.close(self.fd)
             self.data_path.unlink(missing_ok=True)
             raise store_error(e, f"preparing {self.desc.size} bytes for {self.desc.digest}") from None
-        self.hasher = PrefixHasher(self.fd, self.desc.digest)
         self.progress.resumed = self.progress.done = self.done.total()
         missing = list(self.done.missing(size))
         self.pending = plan_chunks(missing, chunk_size_for(sum(e - s for s, e in missing), self.f))

@@ -1,7 +1,10 @@
 """Where verified bytes go. Every store commits atomically and can answer "have I got X?".
 
 A store never talks to a registry. The engine stages a blob in :attr:`Store.staging_dir` (a directory on the
-store's filesystem, so that committing is a rename), verifies it, then calls :meth:`Store.commit_blob`.
+store's filesystem, so that committing is a rename), verifies it, then calls :meth:`Store.commit_blob`. A store
+that takes data as a stream (containerd) may also return a :class:`BlobSink` from :meth:`Store.blob_sink`: the
+engine then tells it, as the download goes, how far the staged file is written and hashed, so the copy into the
+store overlaps the download instead of following it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,22 @@ from ..reference import Reference
 from ..registry.manifest import Descriptor, Manifest
 
 
+class BlobSink(Protocol):
+    def advance(self, hashed_end: int) -> None:
+        """Bytes ``[0, hashed_end)`` of the staged file are written and hashed: they may be sent on."""
+
+    async def abort(self) -> None:
+        """The staged bytes were wrong (digest mismatch): forget what was sent."""
+
+    async def close(self) -> None:
+        """Stop sending (the pull failed or was cancelled); what was sent is kept for a resume."""
+
+
 class Store(Protocol):
     staging_dir: Path
+
+    def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
+        """A sink to stream ``staged`` into while it downloads, or None to take it whole at commit."""
 
     def select_blobs(self, manifest: Manifest) -> tuple[Descriptor, ...]:
         """The blobs of ``manifest`` this store keeps (all of them, unless a store reads only some)."""
@@ -42,6 +59,9 @@ class StoreBase:
         return manifest.blobs
 
     async def reserve(self, blobs: list[Descriptor]) -> None:
+        return None
+
+    def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
         return None
 
 

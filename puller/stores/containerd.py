@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -55,11 +56,13 @@ from .containerd_api import (
     version_pb2_grpc,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "k8s.io"
 DEFAULT_SNAPSHOTTER = "overlayfs"
 DEFAULT_STAGING = "/var/lib/puller/staging"
-WRITE_MESSAGE = 1 << 20  # bytes per Write message (gRPC's default limit is 4 MiB)
+WRITE_MESSAGE = 2 << 20  # bytes per Write message (under gRPC's default 4 MiB message limit)
 LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 
 GC_CONTENT = "containerd.io/gc.ref.content"
@@ -71,6 +74,54 @@ CRI_PINNED = ("io.cri-containerd.pinned", "pinned")
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 SNAPSHOT_DIFF_ID = "containerd.io/snapshot/diff-id"
 SNAPSHOT_PARENT = "containerd.io/snapshot/parent-chain-id"
+
+
+class _ContainerdSink:
+    """One blob's Write stream, fed with the staged file's hashed prefix while the download goes on. containerd
+    takes data in order only; it hashes what it receives and commits only if the expected digest matches."""
+
+    def __init__(self, store: ContainerdStore, desc: Descriptor, staged: Path):
+        self.desc = desc
+        self.staged = staged
+        self.hashed = 0
+        self._wake = asyncio.Event()
+        self._ref = f"puller-{desc.digest}"
+        self._store = store
+        self._task = asyncio.ensure_future(store._write(desc, self._chunks, {}))
+
+    def advance(self, hashed_end: int) -> None:
+        self.hashed = max(self.hashed, hashed_end)
+        self._wake.set()
+
+    async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
+        fd = os.open(self.staged, os.O_RDONLY)
+        try:
+            while offset < self.desc.size:
+                if offset >= self.hashed:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                n = min(WRITE_MESSAGE, self.hashed - offset)
+                data = await asyncio.to_thread(os.pread, fd, n, offset)
+                os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)  # sent: the page cache may go
+                yield data
+                offset += len(data)
+        finally:
+            os.close(fd)
+
+    async def finish(self) -> None:
+        """Wait for the last bytes and containerd's commit (the engine has verified the whole file)."""
+        self.advance(self.desc.size)
+        await self._task
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._store._sinks.pop(str(self.desc.digest), None)
+
+    async def abort(self) -> None:
+        await self.close()
+        await self._store._abort(self._ref)
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -123,6 +174,7 @@ class ContainerdStore(StoreBase):
         self.lease_id = f"puller-{secrets.token_hex(8)}"
         self._channel: grpc.aio.Channel | None = None
         self._configs: dict[str, bytes] = {}
+        self._sinks: dict[str, _ContainerdSink] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
@@ -191,19 +243,39 @@ class ContainerdStore(StoreBase):
         info = await self._info(str(desc.digest))
         return info is not None and info.size == desc.size
 
-    async def commit_blob(self, desc: Descriptor, staged: Path, labels: dict[str, str] | None = None) -> None:
-        """Stream the verified staged file into containerd (resuming at the offset it already has)."""
+    def blob_sink(self, desc: Descriptor, staged: Path) -> _ContainerdSink:
+        """Stream the staged blob into containerd as it is hashed, so the copy overlaps the download."""
+        sink = _ContainerdSink(self, desc, staged)
+        self._sinks[str(desc.digest)] = sink
+        return sink
+
+    async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
+        """Finish streaming the verified staged file into containerd (or send it whole), then drop it."""
         if desc.media_type in (mf.OCI_CONFIG, mf.DOCKER_CONFIG) and desc.size <= mf.MAX_MANIFEST_BYTES:
             self._configs[str(desc.digest)] = await asyncio.to_thread(staged.read_bytes)
 
-        async def chunks(offset: int) -> AsyncIterator[bytes]:
+        async def whole_file(offset: int) -> AsyncIterator[bytes]:
             with open(staged, "rb") as f:
-                f.seek(offset)
-                while data := await asyncio.to_thread(f.read, WRITE_MESSAGE):
+                while data := await asyncio.to_thread(os.pread, f.fileno(), WRITE_MESSAGE, offset):
                     yield data
+                    offset += len(data)
 
-        await self._write(desc, chunks, labels or {})
+        sink = self._sinks.pop(str(desc.digest), None)
+        if sink is None:
+            await self._write(desc, whole_file, {})
+        else:
+            try:
+                await sink.finish()
+            except StoreError as e:
+                # e.g. containerd kept an ingest of another run whose bytes do not hash right: start it over.
+                log.warning("re-sending %s to containerd: %s", desc.digest, e)
+                await self._abort(f"puller-{desc.digest}")
+                await self._write(desc, whole_file, {})
         staged.unlink(missing_ok=True)
+
+    async def _abort(self, ref: str) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # nothing to abort is fine
+            await self.content.Abort(content_pb2.AbortRequest(ref=ref), metadata=self._md())
 
     async def _put_bytes(self, desc: Descriptor, data: bytes, labels: dict[str, str]) -> None:
         async def chunks(offset: int) -> AsyncIterator[bytes]:
@@ -226,19 +298,30 @@ class ContainerdStore(StoreBase):
             )
             status = await call.read()
             offset = status.offset if 0 <= status.offset <= desc.size else 0
-            async for data in chunks(offset):
+            # containerd answers every message; read the answers in a task so the writes stream back to back
+            # (gRPC flow control bounds what is in flight) instead of one round trip per message.
+            sent = 0
+            answers = asyncio.ensure_future(self._drain(call))
+            try:
+                async for data in chunks(offset):
+                    await call.write(
+                        content_pb2.WriteContentRequest(action=content_pb2.WRITE, ref=ref, offset=offset, data=data)
+                    )
+                    sent += 1
+                    offset += len(data)
                 await call.write(
-                    content_pb2.WriteContentRequest(action=content_pb2.WRITE, ref=ref, offset=offset, data=data)
+                    content_pb2.WriteContentRequest(
+                        action=content_pb2.COMMIT,
+                        ref=ref,
+                        offset=offset,
+                        total=desc.size,
+                        expected=digest,
+                        labels=labels,
+                    )
                 )
-                await call.read()
-                offset += len(data)
-            await call.write(
-                content_pb2.WriteContentRequest(
-                    action=content_pb2.COMMIT, ref=ref, offset=offset, total=desc.size, expected=digest, labels=labels
-                )
-            )
-            await call.read()
-            await call.done_writing()
+                await call.done_writing()
+            finally:
+                await answers  # raises the stream's error, if any
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.ALREADY_EXISTS:
                 if labels:
@@ -247,6 +330,12 @@ class ContainerdStore(StoreBase):
             raise _translate(e, f"writing {digest}", self.address) from None
         finally:
             call.cancel()
+
+    @staticmethod
+    async def _drain(call) -> None:
+        """Read answers until the stream ends; a failed answer ends it with an AioRpcError."""
+        while await call.read() is not grpc.aio.EOF:
+            pass
 
     async def _update_labels(self, digest: str, labels: dict[str, str]) -> None:
         mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
