@@ -96,6 +96,7 @@ async def pull_image(
             else:
                 missing.append(desc)
         await store.reserve(missing)
+        store.begin_image(manifest)
         await _gather_or_cancel([fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)]) for d in missing])
         progress.state = "committing"
         # The index (if any) is stored as a blob too; the name points at the platform manifest.

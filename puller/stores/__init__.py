@@ -36,6 +36,9 @@ class Store(Protocol):
     def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
         """A sink to stream ``staged`` into while it downloads, or None to take it whole at commit."""
 
+    def begin_image(self, manifest: Manifest) -> None:
+        """Called once the manifest is known, before its blobs are fetched (e.g. to unpack layers as they land)."""
+
     def select_blobs(self, manifest: Manifest) -> tuple[Descriptor, ...]:
         """The blobs of ``manifest`` this store keeps (all of them, unless a store reads only some)."""
 
@@ -62,6 +65,9 @@ class StoreBase:
         return None
 
     def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
+        return None
+
+    def begin_image(self, manifest: Manifest) -> None:
         return None
 
 

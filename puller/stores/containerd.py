@@ -175,6 +175,8 @@ class ContainerdStore(StoreBase):
         self._channel: grpc.aio.Channel | None = None
         self._configs: dict[str, bytes] = {}
         self._sinks: dict[str, _ContainerdSink] = {}
+        self._ready: dict[str, asyncio.Event] = {}  # set when a blob is committed
+        self._unpacker: asyncio.Future | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
@@ -217,6 +219,9 @@ class ContainerdStore(StoreBase):
     async def __aexit__(self, *exc: object) -> None:
         if self._channel is None:
             return
+        if self._unpacker is not None and not self._unpacker.done():  # the pull failed before its layers came
+            self._unpacker.cancel()
+            await asyncio.gather(self._unpacker, return_exceptions=True)
         # Drop the lease: what the image record references stays (gc labels); the rest is collected. If this
         # fails the lease expires on its own.
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -272,6 +277,15 @@ class ContainerdStore(StoreBase):
                 await self._abort(f"puller-{desc.digest}")
                 await self._write(desc, whole_file, {})
         staged.unlink(missing_ok=True)
+        self._ready_event(str(desc.digest)).set()
+
+    def _ready_event(self, digest: str) -> asyncio.Event:
+        return self._ready.setdefault(digest, asyncio.Event())
+
+    async def _wait_present(self, desc: Descriptor) -> None:
+        event = self._ready_event(str(desc.digest))  # made before the check: a commit in between still wakes us
+        if not event.is_set() and not await self.has_blob(desc):
+            await event.wait()
 
     async def _abort(self, ref: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):  # nothing to abort is fine
@@ -371,7 +385,9 @@ class ContainerdStore(StoreBase):
                 manifest = doc
         for blob in manifest.blobs:
             await self._update_labels(str(blob.digest), source)
-        if self.unpack:
+        if self._unpacker is not None:
+            await self._unpacker
+        elif self.unpack:
             await self._unpack(manifest)
         labels = dict([CRI_MANAGED, CRI_PINNED] if self.pin else [CRI_MANAGED])
         names = [f"{ref.name}@{top.digest}"]
@@ -401,13 +417,20 @@ class ContainerdStore(StoreBase):
 
     # ---- unpack -------------------------------------------------------------------------------------------
 
+    def begin_image(self, manifest: mf.Manifest) -> None:
+        """Unpack each layer as soon as it and the ones below it are committed, while later layers download."""
+        if self.unpack:
+            self._unpacker = asyncio.ensure_future(self._unpack(manifest))
+
     async def _unpack(self, manifest: mf.Manifest) -> None:
+        await self._wait_present(manifest.config)
         config = json.loads(await self._read_all(str(manifest.config.digest)))
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
         if len(diff_ids) != len(manifest.layers):
             raise StoreError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
         chains = chain_ids(diff_ids)
         for i, layer in enumerate(manifest.layers):
+            await self._wait_present(layer)
             if await self._snapshot_exists(chains[i]):
                 continue
             await self._apply_layer(layer, diff_ids[i], chains[i], chains[i - 1] if i else "")
