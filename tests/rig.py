@@ -8,6 +8,7 @@ import base64
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -171,6 +172,47 @@ class LayoutWriter:
             "platform": {"os": os_, "architecture": arch},
         }
         return desc, Image("", mdigest, OCI_MANIFEST, blobs, sum(blobs.values()))
+
+    def add_files_image(self, tag: str, files: dict[str, tuple[bytes, int]]) -> Image:
+        """A one-layer image holding ``files`` (path -> (content, mode)), e.g. a static binary to run."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path, (data, mode) in sorted(files.items()):
+                parts = path.strip("/").split("/")
+                for i in range(1, len(parts)):
+                    d = tarfile.TarInfo("/".join(parts[:i]))
+                    if d.name not in tar.getnames():
+                        d.type, d.mode = tarfile.DIRTYPE, 0o755
+                        tar.addfile(d)
+                info = tarfile.TarInfo("/".join(parts))
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+        raw = buf.getvalue()
+        digest, size = self.put(gzip.compress(raw, mtime=0))
+        config = {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/busybox", "true"]},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]},
+        }
+        cdigest, csize = self.put(json.dumps(config).encode())
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": csize},
+            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size}],
+        }
+        mdigest, msize = self.put(json.dumps(manifest).encode())
+        self._name(
+            tag,
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": mdigest,
+                "size": msize,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            },
+        )
+        return Image(tag, mdigest, OCI_MANIFEST, {digest: size, cdigest: csize}, size + csize)
 
     def add_image(self, tag: str, layer_sizes: list[int], seed: int) -> Image:
         desc, image = self.manifest(layer_sizes, seed)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,7 @@ import pytest
 from puller.stores.containerd import chain_ids
 
 from .conftest import pushed, run_puller
-from .rig import Containerd
+from .rig import Containerd, LayoutWriter, Nginx, Registry, skopeo_push
 
 NS = "k8s.io"
 
@@ -169,3 +174,102 @@ def test_unknown_snapshotter_is_a_clear_error(containerd, cdn_rig, tmp_path: Pat
     r = pull(containerd, f"{reg.host}/test/small:v1", tmp_path, "--snapshotter", "nosuch")
     assert r.returncode == 9, r.stderr
     assert "snapshotter" in r.stderr and "nosuch" in r.stderr
+
+
+def test_container_starts_from_the_pulled_image_without_the_registry(containerd, workdir: Path, tmp_path: Path):
+    """A static busybox in the image; the registry is stopped before `ctr run`: nothing is fetched lazily."""
+    busybox = Path("/bin/busybox")
+    lw = LayoutWriter(tmp_path / "layout")
+    lw.add_files_image("run", {"/bin/busybox": (busybox.read_bytes(), 0o755)})
+    with Registry(tmp_path / "registry") as reg:
+        skopeo_push(tmp_path / "layout", "run", f"{reg.host}/test/run:v1")
+        ref = f"{reg.host}/test/run:v1"
+        r = pull(containerd, ref, tmp_path)
+        assert r.returncode == 0, r.stderr
+    # the registry is gone now
+    out = subprocess.run(
+        containerd.ctr(
+            "-n",
+            NS,
+            "run",
+            "--rm",
+            ref,
+            f"puller-test-{os.getpid()}",
+            "/bin/busybox",
+            "echo",
+            "hello from a puller image",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "hello from a puller image" in out.stdout
+
+
+def test_killed_pull_resumes_from_containerd_ingest(containerd, layout, tmp_path: Path):
+    root = tmp_path / "slow"
+    cdn = Nginx(root / "nginx", root / "registry" / "storage", limit_rate=1_000_000)
+    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
+        skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
+        p = pushed(reg, "test/big", "v1")
+        layer = p.manifest["layers"][0]["digest"]
+        ns = "resume-test"
+        args = [
+            sys.executable,
+            "-m",
+            "puller.cli",
+            "pull",
+            p.ref,
+            "--store",
+            "containerd",
+            "--containerd-address",
+            str(containerd.socket),
+            "--namespace",
+            ns,
+            "--no-unpack",
+            "--chunk-size",
+            "1MiB",
+            "--concurrency",
+            "4",
+        ]
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PULLER_CONFIG": str(_config(tmp_path))},
+        )
+
+        def ingest_offset() -> int:
+            active = subprocess.run(containerd.ctr("-n", ns, "content", "active"), capture_output=True, text=True)
+            for line in active.stdout.splitlines():
+                if f"puller-{layer}" in line:
+                    return _parse_size(line.split()[1])
+            return 0
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and ingest_offset() < 4 << 20:
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        offset = ingest_offset()
+        assert offset >= 4 << 20  # containerd kept what it was sent
+        assert layer not in ctr_ns(containerd, ns, "content", "ls")  # and nothing is committed
+        r = run_puller(*args[3:], "--json", env={"PULLER_CONFIG": str(_config(tmp_path))})
+        assert r.returncode == 0, r.stderr
+        stored = subprocess.run(containerd.ctr("-n", ns, "content", "get", layer), capture_output=True).stdout
+        assert "sha256:" + hashlib.sha256(stored).hexdigest() == layer
+        assert ingest_offset() == 0  # the ingest was committed, not left behind
+
+
+def ctr_ns(c: Containerd, ns: str, *args: str) -> str:
+    return subprocess.run(c.ctr("-n", ns, *args), capture_output=True, text=True).stdout
+
+
+def _parse_size(text: str) -> int:
+    """ctr prints sizes like 5.243MB or 1.5MiB or 300B."""
+    units = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024, "MiB": 1 << 20, "GiB": 1 << 30}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
