@@ -11,6 +11,8 @@ Peers, measured alternately in each run (the order rotates), medians reported:
   puller          puller pull REF --store oci:DIR                    (defaults: 32 connections)
   skopeo          skopeo copy docker://REF oci:DIR:x
   ctr             ctr content fetch --plain-http REF (a private containerd; its CPU is counted too)
+  ctr-pull        ctr images pull --plain-http REF: fetch and unpack (opt-in: --tools)
+  puller-ctrd     puller pull --store containerd: fetch, stream into containerd and unpack (opt-in: --tools)
   oras-py         oras.client.OrasClient(...).pull(REF) (layers one after another, one stream each)
   curl-1          curl, one stream per blob, one blob after another (what a single-stream puller can do)
   curl-16         curl --parallel, each blob cut into 16 ranges, 16 at a time: the physical reference
@@ -69,6 +71,7 @@ IMAGES = {
     "fat2g": [2048 * MIB],
 }
 CURL_RANGES = 16
+KNOWN_TOOLS = ("curl-16", "puller", "ctr", "skopeo", "curl-1", "oras-py", "ctr-pull", "puller-ctrd")
 
 
 @dataclass
@@ -158,6 +161,27 @@ class Bench:
         if tool == "ctr":
             assert ctrd
             return ctrd.ctr("-n", "bench", "content", "fetch", "--plain-http", ref), ctrd.cpu_seconds
+        if tool == "puller-ctrd":
+            assert ctrd
+            return [
+                sys.executable,
+                "-m",
+                "puller.cli",
+                "pull",
+                ref,
+                "--store",
+                "containerd",
+                "--json",
+                "--containerd-address",
+                str(ctrd.socket),
+                "--namespace",
+                "bench",
+                "--staging-dir",
+                str(out / "staging"),
+            ], ctrd.cpu_seconds
+        if tool == "ctr-pull":
+            assert ctrd
+            return ctrd.ctr("-n", "bench", "images", "pull", "--plain-http", ref), ctrd.cpu_seconds
         if tool == "oras-py":
             host = ref.partition("/")[0]
             code = (
@@ -205,7 +229,10 @@ class Bench:
         except ImportError:
             pass
         if a.tools:
-            tools = [t for t in tools if t in a.tools.split(",")]
+            tools = a.tools.split(",")
+            unknown = set(tools) - set(KNOWN_TOOLS)
+            if unknown:
+                raise SystemExit(f"unknown tools {sorted(unknown)}; known: {', '.join(KNOWN_TOOLS)}")
         generate = list(dict.fromkeys(images + (["fat256", "fat2g"] if a.rss else [])))
         print(f"generating images {generate} ...", flush=True)
         lw = LayoutWriter(work / "layout")
@@ -248,7 +275,8 @@ class Bench:
                     out.mkdir()
                     with contextlib.ExitStack() as stack:
                         # containerd shares content across namespaces: a fresh one per sample, started untimed.
-                        ctrd = stack.enter_context(Containerd(self.work / "ctrd")) if tool == "ctr" else None
+                        needs_ctrd = tool in ("ctr", "ctr-pull", "puller-ctrd")
+                        ctrd = stack.enter_context(Containerd(self.work / "ctrd")) if needs_ctrd else None
                         cmd, extra = self.commands(tool, ref, urls, out, ctrd)
                         sample = run_measured(cmd, extra)
                     shutil.rmtree(self.work / "ctrd", ignore_errors=True)

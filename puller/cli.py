@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlaybd-config", help="overlaybd.json that names the cache (default /etc/overlaybd/overlaybd.json)"
     )
     o.add_argument("--cache-dir", help="registry_cache directory, overriding the one overlaybd.json names")
+    c.add_argument(
+        "--staging-dir", help="where blobs are staged before containerd takes them (default /var/lib/puller/staging)"
+    )
     c.add_argument("--pin", action="store_true", default=None, help="label the image pinned: kubelet GC keeps it")
     return parser
 
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "snapshotter": args.snapshotter,
             "unpack": args.unpack,
             "pin": args.pin,
+            "staging_dir": args.staging_dir,
             "overlaybd_config": args.overlaybd_config,
             "cache_dir": args.cache_dir,
         }
