@@ -21,9 +21,7 @@ from .registry.client import ClientSettings, RegistryClient
 from .registry.hosts import HostSettings
 from .registry.manifest import Platform
 from .stores import Store
-from .stores.containerd import ContainerdStore
 from .stores.oci_layout import OCILayoutStore
-from .stores.overlaybd import OverlaybdStore
 
 EXIT_INTERRUPTED = 130
 
@@ -33,6 +31,8 @@ def open_store(settings: config.Settings) -> Store:
     spec = settings.store
     kind, sep, arg = spec.partition(":")
     if spec == "containerd":
+        from .stores.containerd import ContainerdStore  # grpc is loaded only for this store
+
         return ContainerdStore(
             settings.containerd_address,
             settings.namespace,
@@ -42,6 +42,8 @@ def open_store(settings: config.Settings) -> Store:
             settings.staging_dir,
         )
     if spec == "overlaybd":
+        from .stores.overlaybd import OverlaybdStore
+
         return OverlaybdStore(settings.overlaybd_config, settings.cache_dir)
     if sep and kind == "oci":
         return OCILayoutStore(arg or config.DEFAULT_OCI_DIR)

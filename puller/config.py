@@ -18,12 +18,14 @@ from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
 from .engine.fetcher import DEFAULT_ATTEMPTS, DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
 from .errors import ConfigError
 from .registry.client import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
-from .stores.containerd import DEFAULT_ADDRESS as CONTAINERD_ADDRESS
-from .stores.containerd import DEFAULT_NAMESPACE as CONTAINERD_NAMESPACE
-from .stores.containerd import DEFAULT_SNAPSHOTTER as CONTAINERD_SNAPSHOTTER
-from .stores.containerd import DEFAULT_STAGING as CONTAINERD_STAGING
-from .stores.oci_layout import DEFAULT_OCI_DIR
-from .stores.overlaybd import DEFAULT_CONFIG as OVERLAYBD_CONFIG
+from .stores.defaults import (
+    CONTAINERD_ADDRESS,
+    CONTAINERD_NAMESPACE,
+    CONTAINERD_SNAPSHOTTER,
+    CONTAINERD_STAGING,
+    OVERLAYBD_CONFIG,
+)
+from .stores.defaults import OCI_DIR as DEFAULT_OCI_DIR
 
 CONFIG_ENV = "PULLER_CONFIG"
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

@@ -85,6 +85,16 @@ def direct_registry(workdir: Path, layout):
         yield reg
 
 
+@pytest.fixture()
+def slow_rig(workdir: Path, layout, tmp_path: Path):
+    """A 24 MiB single-layer image behind a CDN that sends 1 MB/s per connection."""
+    root = tmp_path / "slow"
+    cdn = Nginx(root / "nginx", root / "registry" / "storage", limit_rate=1_000_000)
+    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
+        skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
+        yield reg, cdn
+
+
 def run_puller(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "puller.cli", *args],

@@ -16,7 +16,7 @@ import pytest
 from puller.stores.containerd import chain_ids
 
 from .conftest import pushed, run_puller
-from .rig import Containerd, LayoutWriter, Nginx, Registry, skopeo_push
+from .rig import Containerd, LayoutWriter, Registry, skopeo_push
 
 NS = "k8s.io"
 
@@ -207,59 +207,56 @@ def test_container_starts_from_the_pulled_image_without_the_registry(containerd,
     assert "hello from a puller image" in out.stdout
 
 
-def test_killed_pull_resumes_from_containerd_ingest(containerd, layout, tmp_path: Path):
-    root = tmp_path / "slow"
-    cdn = Nginx(root / "nginx", root / "registry" / "storage", limit_rate=1_000_000)
-    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
-        skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
-        p = pushed(reg, "test/big", "v1")
-        layer = p.manifest["layers"][0]["digest"]
-        ns = "resume-test"
-        args = [
-            sys.executable,
-            "-m",
-            "puller.cli",
-            "pull",
-            p.ref,
-            "--store",
-            "containerd",
-            "--containerd-address",
-            str(containerd.socket),
-            "--namespace",
-            ns,
-            "--no-unpack",
-            "--chunk-size",
-            "1MiB",
-            "--concurrency",
-            "4",
-        ]
-        proc = subprocess.Popen(
-            args,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PULLER_CONFIG": str(_config(tmp_path))},
-        )
+def test_killed_pull_resumes_from_containerd_ingest(containerd, slow_rig, tmp_path: Path):
+    reg, _ = slow_rig
+    p = pushed(reg, "test/big", "v1")
+    layer = p.manifest["layers"][0]["digest"]
+    ns = "resume-test"
+    args = [
+        sys.executable,
+        "-m",
+        "puller.cli",
+        "pull",
+        p.ref,
+        "--store",
+        "containerd",
+        "--containerd-address",
+        str(containerd.socket),
+        "--namespace",
+        ns,
+        "--no-unpack",
+        "--chunk-size",
+        "1MiB",
+        "--concurrency",
+        "4",
+    ]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PULLER_CONFIG": str(_config(tmp_path))},
+    )
 
-        def ingest_offset() -> int:
-            active = subprocess.run(containerd.ctr("-n", ns, "content", "active"), capture_output=True, text=True)
-            for line in active.stdout.splitlines():
-                if f"puller-{layer}" in line:
-                    return _parse_size(line.split()[1])
-            return 0
+    def ingest_offset() -> int:
+        active = subprocess.run(containerd.ctr("-n", ns, "content", "active"), capture_output=True, text=True)
+        for line in active.stdout.splitlines():
+            if f"puller-{layer}" in line:
+                return _parse_size(line.split()[1])
+        return 0
 
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and ingest_offset() < 4 << 20:
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        offset = ingest_offset()
-        assert offset >= 4 << 20  # containerd kept what it was sent
-        assert layer not in ctr_ns(containerd, ns, "content", "ls")  # and nothing is committed
-        r = run_puller(*args[3:], "--json", env={"PULLER_CONFIG": str(_config(tmp_path))})
-        assert r.returncode == 0, r.stderr
-        stored = subprocess.run(containerd.ctr("-n", ns, "content", "get", layer), capture_output=True).stdout
-        assert "sha256:" + hashlib.sha256(stored).hexdigest() == layer
-        assert ingest_offset() == 0  # the ingest was committed, not left behind
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and ingest_offset() < 4 << 20:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    offset = ingest_offset()
+    assert offset >= 4 << 20  # containerd kept what it was sent
+    assert layer not in ctr_ns(containerd, ns, "content", "ls")  # and nothing is committed
+    r = run_puller(*args[3:], "--json", env={"PULLER_CONFIG": str(_config(tmp_path))})
+    assert r.returncode == 0, r.stderr
+    stored = subprocess.run(containerd.ctr("-n", ns, "content", "get", layer), capture_output=True).stdout
+    assert "sha256:" + hashlib.sha256(stored).hexdigest() == layer
+    assert ingest_offset() == 0  # the ingest was committed, not left behind
 
 
 def ctr_ns(c: Containerd, ns: str, *args: str) -> str:

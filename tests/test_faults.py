@@ -32,16 +32,6 @@ def test_server_ignoring_range_falls_back_to_one_stream(workdir: Path, layout, t
         assert cdn.bytes_sent() == sum(p.blobs.values())
 
 
-@pytest.fixture()
-def slow_rig(workdir: Path, layout, tmp_path: Path):
-    """A 24 MiB single-layer image behind a CDN that sends 1 MB/s per connection."""
-    root = tmp_path / "slow"
-    cdn = Nginx(root / "nginx", root / "registry" / "storage", limit_rate=1_000_000)
-    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
-        skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
-        yield reg, cdn
-
-
 def test_killed_pull_resumes_only_missing_ranges(slow_rig, tmp_path: Path):
     reg, cdn = slow_rig
     p = pushed(reg, "test/big", "v1")

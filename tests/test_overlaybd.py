@@ -23,7 +23,7 @@ from puller.stores.overlaybd import (
 )
 
 from .conftest import pushed, run_puller
-from .rig import Nginx, Registry, sha256_file, skopeo_push
+from .rig import sha256_file
 
 
 def test_config_cache_config_shape(tmp_path: Path):
@@ -159,36 +159,33 @@ def test_cache_limit_refused_before_writing(cdn_rig, tmp_path: Path):
     assert sorted(x.name for x in cache.iterdir()) == [filler.name]
 
 
-def test_killed_pull_leaves_nothing_in_cache(workdir: Path, layout, tmp_path: Path):
-    root = tmp_path / "slow"
-    cdn = Nginx(root / "nginx", root / "registry" / "storage", limit_rate=1_000_000)
-    with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
-        skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
-        p = pushed(reg, "test/big", "v1")
-        cache = tmp_path / "registry_cache"
-        args = [
-            sys.executable,
-            "-m",
-            "puller.cli",
-            "pull",
-            p.ref,
-            "--store",
-            "overlaybd",
-            "--cache-dir",
-            str(cache),
-            "--overlaybd-config",
-            str(tmp_path / "none.json"),
-        ]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        staging = tmp_path / ".puller-staging"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(staging.glob("*.ranges")):
-            time.sleep(0.05)
-        time.sleep(0.5)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert list(cache.iterdir()) == []  # partial data lives outside the cache directory
-        assert any(staging.glob("*.partial"))
-        r = _pull(p.ref, cache)
-        assert r.returncode == 0, r.stderr
-        _assert_cache(cache, p.manifest)
+def test_killed_pull_leaves_nothing_in_cache(slow_rig, tmp_path: Path):
+    reg, _ = slow_rig
+    p = pushed(reg, "test/big", "v1")
+    cache = tmp_path / "registry_cache"
+    args = [
+        sys.executable,
+        "-m",
+        "puller.cli",
+        "pull",
+        p.ref,
+        "--store",
+        "overlaybd",
+        "--cache-dir",
+        str(cache),
+        "--overlaybd-config",
+        str(tmp_path / "none.json"),
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / ".puller-staging"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(staging.glob("*.ranges")):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(cache.iterdir()) == []  # partial data lives outside the cache directory
+    assert any(staging.glob("*.partial"))
+    r = _pull(p.ref, cache)
+    assert r.returncode == 0, r.stderr
+    _assert_cache(cache, p.manifest)

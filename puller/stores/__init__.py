@@ -86,6 +86,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def rename_into_place(staged: Path, final: Path) -> None:
+    """Make a verified staged file visible as ``final``: fsync it (which also turns preallocated, unwritten
+    extents into written ones), make it world-readable, rename it over ``final``, fsync the directory."""
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(staged, 0o644)
+    os.replace(staged, final)
+    fsync_dir(final.parent)
+
+
 def write_file_atomic(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o644) -> None:
     """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), fsync, rename over ``path``,
     fsync the directory."""

@@ -55,13 +55,13 @@ from .containerd_api import (
     types_pb2,
     version_pb2_grpc,
 )
+from .defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
+from .defaults import CONTAINERD_NAMESPACE as DEFAULT_NAMESPACE
+from .defaults import CONTAINERD_SNAPSHOTTER as DEFAULT_SNAPSHOTTER
+from .defaults import CONTAINERD_STAGING as DEFAULT_STAGING
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-DEFAULT_NAMESPACE = "k8s.io"
-DEFAULT_SNAPSHOTTER = "overlayfs"
-DEFAULT_STAGING = "/var/lib/puller/staging"
 WRITE_MESSAGE = 2 << 20  # bytes per Write message (under gRPC's default 4 MiB message limit)
 LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from ..errors import StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor
-from . import StoreBase, fsync_dir, store_error, write_file_atomic
+from . import StoreBase, rename_into_place, store_error, write_file_atomic
+from .defaults import OCI_DIR as DEFAULT_OCI_DIR
 
-DEFAULT_OCI_DIR = "./oci-store"
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 LAYOUT = {"imageLayoutVersion": "1.0.0"}
@@ -75,14 +75,7 @@ class OCILayoutStore(StoreBase):
         final = self.blob_path(desc)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(staged, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(staged, 0o644)
-            os.replace(staged, final)
-            fsync_dir(final.parent)
+            rename_into_place(staged, final)
         except OSError as e:
             raise store_error(e, f"committing {desc.digest}") from None
 

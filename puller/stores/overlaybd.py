@@ -43,13 +43,13 @@ from pathlib import Path
 from ..errors import ConfigError, DiskFull
 from ..reference import Reference
 from ..registry.manifest import Descriptor, Manifest
-from . import StoreBase, fsync_dir, store_error
+from . import StoreBase, rename_into_place, store_error
+from .defaults import OVERLAYBD_CACHE_DIR as DEFAULT_CACHE_DIR
+from .defaults import OVERLAYBD_CACHE_SIZE_GB as DEFAULT_CACHE_SIZE_GB
+from .defaults import OVERLAYBD_CONFIG as DEFAULT_CONFIG
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = "/etc/overlaybd/overlaybd.json"
-DEFAULT_CACHE_DIR = "/opt/overlaybd/registry_cache"
-DEFAULT_CACHE_SIZE_GB = 4
 GIB = 1 << 30
 
 FS_IOC_FIEMAP = 0xC020660B
@@ -241,14 +241,7 @@ class OverlaybdStore(StoreBase):
             if is_complete(final, desc.size):
                 staged.unlink(missing_ok=True)  # never rewrite a complete file (overlaybd may have it open)
                 return
-            fd = os.open(staged, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # also converts fallocated (unwritten) extents to written ones
-            finally:
-                os.close(fd)
-            os.chmod(staged, 0o644)
-            os.replace(staged, final)
-            fsync_dir(self.cache_dir)
+            rename_into_place(staged, final)
         except OSError as e:
             raise store_error(e, f"committing {desc.digest} to {self.cache_dir}") from None
 
