@@ -382,6 +382,7 @@ def main() -> int:
     ap.add_argument("--tools", default="", help="comma-separated subset")
     ap.add_argument("--rss", action="store_true", help="also measure puller's peak RSS at 256 MiB and 2 GiB")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--name", default="pullers", help="file name stem of the results")
     args = ap.parse_args()
     if os.geteuid() != 0 and args.link_mbit:
         print("warning: not root, no link limit", file=sys.stderr)
@@ -395,8 +396,8 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stamp}-pullers.md").write_text(text)
-    (out / f"{stamp}-pullers.json").write_text(
+    (out / f"{stamp}-{args.name}.md").write_text(text)
+    (out / f"{stamp}-{args.name}.json").write_text(
         json.dumps(
             {
                 "machine": machine,
@@ -410,7 +411,7 @@ def main() -> int:
         )
     )
     try:
-        plot(results, out / f"{stamp}-pullers.png", title)
+        plot(results, out / f"{stamp}-{args.name}.png", title)
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
     return 0
