@@ -270,3 +270,22 @@ def _parse_size(text: str) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * units[unit])
     return int(text)
+
+
+def test_moved_tag_updates_the_image_record(containerd, cdn_rig, layout, tmp_path: Path):
+    reg, _ = cdn_rig
+    ref = f"{reg.host}/test/moving:v1"
+    skopeo_push(layout["path"], "small", ref)
+    first, _ = reg.manifest("test/moving", "v1")
+    assert pull(containerd, ref, tmp_path).returncode == 0
+    assert image_records(containerd)[ref]["digest"] == first
+    skopeo_push(layout["path"], "app", ref)  # the tag moves to another image
+    second, _ = reg.manifest("test/moving", "v1")
+    assert second != first
+    r = pull(containerd, ref, tmp_path, "--pin")
+    assert r.returncode == 0, r.stderr
+    record = image_records(containerd)[ref]
+    assert record["digest"] == second
+    assert (
+        "io.cri-containerd.pinned=pinned" in record["labels"] and "io.cri-containerd.image=managed" in record["labels"]
+    )
