@@ -172,3 +172,18 @@ def test_progress_on_a_tty(cdn_rig, tmp_path: Path):
     for layer in p.manifest["layers"]:
         assert layer["digest"][7:19] in out  # one bar per layer, named by digest
     assert "MB" in out and f"pulled {p.ref} digest={p.digest}" in out
+
+
+def test_two_processes_pull_the_same_image_into_one_store(slow_rig, tmp_path: Path):
+    """Both succeed; each blob is fetched once (the second process waits on the blob's lock, then finds it)."""
+    reg, cdn = slow_rig
+    p = pushed(reg, "test/big", "v1")
+    store = tmp_path / "store"
+    sent_before = cdn.bytes_sent()
+    args = [sys.executable, "-m", "puller.cli", "pull", p.ref, "--store", str(store)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], results
+    assert_store_holds(store, p)
+    assert cdn.bytes_sent() - sent_before == sum(p.blobs.values())
+    assert staged_files(store) == []

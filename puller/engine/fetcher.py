@@ -48,6 +48,7 @@ CHUNKS_PER_CONNECTION = 4
 DEFAULT_ATTEMPTS = 6
 MAX_RETRY_AFTER_S = 60.0
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
+LOCK_POLL_S = 0.2  # while another process fetches the same blob
 VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -114,7 +115,7 @@ class BlobFetcher:
         self.client = client
         self.budget = budget
         self.settings = settings or FetchSettings()
-        self._inflight: dict[tuple[int, str], asyncio.Future] = {}
+        self._inflight: dict[tuple[int, str], _Shared] = {}
 
     async def fetch(self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress) -> None:
         """Make ``desc`` present in ``store``. Concurrent calls for the same digest and store share one fetch,
@@ -225,14 +226,19 @@ class _BlobDownload:
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.progress.state = "waiting"
-                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            try:
+                while True:  # polled, not a blocking flock in a thread: cancelling the wait leaves nothing behind
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        self.progress.state = "waiting"
+                        await asyncio.sleep(LOCK_POLL_S)
                 same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
             except FileNotFoundError:
                 same = False
+            except BaseException:
+                os.close(fd)
+                raise
             if same:
                 return fd
             os.close(fd)
