@@ -41,11 +41,13 @@ def main() -> int:
             skopeo_push(d / "layout", "demo", ref)
             print(f"registry {reg.host}, blob CDN {cdn.url} capped at {args.rate_mbps:g} MB/s per connection")
             print(f"$ puller pull {ref} --store oci:{args.store}", flush=True)
+            t = time.monotonic()
             r = subprocess.run(
                 [sys.executable, "-m", "puller.cli", "pull", ref, "--store", f"oci:{args.store}", "--json"],
                 capture_output=True,
                 text=True,
             )
+            wall = time.monotonic() - t
             if r.returncode != 0:
                 print(r.stderr, file=sys.stderr)
                 return r.returncode
@@ -58,12 +60,12 @@ def main() -> int:
             subprocess.run(["curl", "-sSf", "-o", str(d / "one-stream"), url], check=True)
             single = time.monotonic() - t
     size = done["bytes"]
-    print(f"\npuller:     {done['seconds']:7.2f} s  {size / 1e6 / done['seconds']:8.1f} MB/s  digest {done['digest']}")
-    print(f"one stream: {single:7.2f} s  {size / 1e6 / single:8.1f} MB/s")
     print(
-        f"puller was {single / done['seconds']:.1f}x faster; image is in {args.store} "
-        f"(skopeo inspect oci:{args.store}:{ref})"
+        f"\npuller:     {wall:7.2f} s  {size / 1e6 / wall:8.1f} MB/s  (whole command; {done['seconds']:.2f} s "
+        f"from resolve to commit)  digest {done['digest']}"
     )
+    print(f"one stream: {single:7.2f} s  {size / 1e6 / single:8.1f} MB/s")
+    print(f"puller was {single / wall:.1f}x faster; image is in {args.store} (skopeo inspect oci:{args.store}:{ref})")
     return 0
 
 
