@@ -453,6 +453,7 @@ class TokenIssuer:
         self.users = users
         self.lifetime = lifetime
         self.requests: list[dict] = []
+        self.issued: list[str] = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "puller-test-token")])
         now = datetime.datetime.now(datetime.UTC)
@@ -494,7 +495,9 @@ class TokenIssuer:
         }
         signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
         sig = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-        return f"{signing_input}.{b64(sig)}"
+        token = f"{signing_input}.{b64(sig)}"
+        self.issued.append(token)
+        return token
 
     def __enter__(self) -> TokenIssuer:
         issuer = self

@@ -96,9 +96,13 @@ def test_token_auth_and_no_token_to_cdn(token_rig, tmp_path: Path):
     reg, issuer, cdn = token_rig
     token = issuer.sign(USER, [{"type": "repository", "name": "test/app", "actions": ["pull"]}])
     p = pushed(reg, "test/app", "v1", auth=f"Bearer {token}")
-    n_before = len(issuer.requests)
-    r = run_puller("pull", p.ref, "--store", str(tmp_path), "--creds", f"{USER}:{PASSWORD}")
+    n_before, tokens_before = len(issuer.requests), len(issuer.issued)
+    r = run_puller("-v", "pull", p.ref, "--store", str(tmp_path), "--creds", f"{USER}:{PASSWORD}", "--json")
     assert r.returncode == 0, r.stderr
+    output = r.stdout + r.stderr
+    assert PASSWORD not in output  # not in debug logs, progress or summary
+    tokens = issuer.issued[tokens_before:]
+    assert tokens and not any(t.split(".")[2] in output for t in tokens)  # nor any token puller was given
     assert_store_holds(tmp_path, p)
     requests = issuer.requests[n_before:]
     assert requests and all(q["scope"] == ["repository:test/app:pull"] and q["user"] == USER for q in requests)

@@ -4,6 +4,7 @@ to a "CDN" on another origin, which can expire URLs, throttle with 429, fail wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -23,6 +24,8 @@ from puller.registry.manifest import Descriptor
 from puller.stores.oci_layout import OCILayoutStore
 
 AUTH = Credentials("bob", "pw")
+STALL_S = 120.0  # longer than the test's own timeout: the pull must not wait it out
+READ_TIMEOUT_S = 0.5
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Behaviour:
     throttle_first: int = 0  # answer 429 Retry-After: 0 to this many
     fail_first: int = 0  # answer 500 to this many
     cut_first: int = 0  # send half the range, then close
+    stall_first: int = 0  # send half the range, then go silent (connection left open) for STALL_S
     corrupt: bool = False
     requests: list[dict] = field(default_factory=list)
 
@@ -44,6 +48,7 @@ class Fake:
         self.registry_requests: list[dict] = []
 
     async def start(self):
+        self.released = asyncio.Event()
         cdn = web.Application()
         cdn.router.add_get("/cdn/{digest}", self.cdn_blob)
         self.cdn_runner = web.AppRunner(cdn)
@@ -62,6 +67,7 @@ class Fake:
         return self
 
     async def stop(self):
+        self.released.set()
         await self.reg_runner.cleanup()
         await self.cdn_runner.cleanup()
 
@@ -119,6 +125,12 @@ class Fake:
             await resp.write(body[: len(body) // 2])
             request.transport.close()
             return resp
+        if b.stall_first:
+            b.stall_first -= 1
+            await resp.write(body[: len(body) // 2])
+            with contextlib.suppress(TimeoutError):  # silent until the test ends: only a read timeout helps
+                await asyncio.wait_for(self.released.wait(), STALL_S)
+            return resp
         await resp.write(body)
         return resp
 
@@ -146,10 +158,11 @@ async def fake(request):
     await f.stop()
 
 
-async def _pull(fake: Fake, tmp_path, attempts: int = 6):
-    ref = Reference.parse(f"{fake.host}/r:t")
+async def _pull(fake: Fake, tmp_path, attempts: int = 6, ref_text: str = "r:t"):
+    ref = Reference.parse(f"{fake.host}/{ref_text}")
     creds = CredentialStore({fake.host: AUTH}, config_path=tmp_path / "none.json")
-    async with RegistryClient(ClientSettings(), creds) as client, OCILayoutStore(tmp_path / "store") as store:
+    settings = ClientSettings(read_timeout_s=READ_TIMEOUT_S)
+    async with RegistryClient(settings, creds) as client, OCILayoutStore(tmp_path / "store") as store:
         fetcher = BlobFetcher(client, ConnectionBudget(8, 8), FetchSettings(chunk_size=128 * 1024, attempts=attempts))
         return await pull_image(ref, client, fetcher, store), store
 
@@ -173,10 +186,17 @@ async def test_credentials_never_follow_redirect_to_other_host(fake, tmp_path):
 
 @pytest.mark.parametrize(
     "fake",
-    [Behaviour(expire_first=3), Behaviour(throttle_first=4), Behaviour(fail_first=3), Behaviour(cut_first=3)],
+    [
+        Behaviour(expire_first=3),
+        Behaviour(throttle_first=4),
+        Behaviour(fail_first=3),
+        Behaviour(cut_first=3),
+        Behaviour(stall_first=2),
+    ],
     indirect=True,
-    ids=["expired-url", "429-retry-after", "500", "truncated-body"],
+    ids=["expired-url", "429-retry-after", "500", "truncated-body", "stalled-body"],
 )
+@pytest.mark.timeout(60)
 async def test_transient_faults_recover(fake, tmp_path):
     _, store = await _pull(fake, tmp_path)
     _assert_complete(fake, store)
@@ -215,3 +235,13 @@ async def test_same_digest_twice_is_fetched_once(fake, tmp_path):
     assert p1.fetched + p2.fetched == desc.size
     served = sum(1 for r in fake.b.requests if r["range"])
     assert served == -(-desc.size // (128 * 1024))  # each chunk once
+
+
+async def test_manifest_by_digest_must_match(fake, tmp_path):
+    from puller.errors import DigestMismatch as Mismatch
+
+    wanted = "sha256:" + "0" * 64
+    with pytest.raises(Mismatch) as info:
+        await _pull(fake, tmp_path, ref_text=f"r@{wanted}")
+    assert info.value.expected == wanted and info.value.actual != wanted
+    assert not (tmp_path / "store" / "blobs" / "sha256" / ("0" * 64)).exists()
