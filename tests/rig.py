@@ -603,3 +603,106 @@ class Containerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` (the blob CDN) that misbehaves on purpose.
+
+    ``mode`` applies to the next ``times`` blob requests (then it passes through; ``times=-1``: always):
+    reset (half the body, then a TCP reset), status:<code> (e.g. status:503; 429 carries Retry-After: 1),
+    truncate (full Content-Length, half the body, close), short-length (a Content-Length smaller than the body),
+    flip (one byte inverted), stall (half the body, then silence), ignore-range (200 with the whole blob),
+    expire (403, as an expired signed URL), other-blob (the bytes of ``other`` instead).
+    ``bytes_sent`` counts body bytes passed to the client."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.rstrip("/")
+        self.mode = "pass"
+        self.times = 0
+        self.other: bytes = b""
+        self.bytes_sent = 0
+        self.requests: list[str] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def set(self, mode: str, times: int = 2, other: bytes = b"") -> None:
+        self.mode, self.times, self.other = mode, times, other
+
+    def _take(self) -> str:
+        if self.times == 0:
+            return "pass"
+        if self.times > 0:
+            self.times -= 1
+        return self.mode
+
+    def __enter__(self) -> FaultProxy:
+        import asyncio
+
+        from aiohttp import ClientSession, web
+
+        proxy = self
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            mode = proxy._take() if "/blobs/" in request.path else "pass"
+            proxy.requests.append(f"{mode} {request.headers.get('Range')}")
+            if mode.startswith("status:"):
+                code = int(mode.split(":")[1])
+                return web.Response(status=code, headers={"Retry-After": "1"} if code == 429 else {})
+            if mode == "expire":
+                return web.Response(status=403, text="Request has expired")
+            headers = {} if mode == "ignore-range" else {k: v for k, v in request.headers.items() if k == "Range"}
+            async with (
+                ClientSession(auto_decompress=False) as s,
+                s.get(proxy.upstream + request.path_qs, headers=headers) as up,
+            ):
+                body = await up.read()
+                status, out_headers = (
+                    up.status,
+                    {k: v for k, v in up.headers.items() if k in ("Content-Range", "Content-Type")},
+                )
+            if mode == "flip" and body:
+                body = body[:-1] + bytes([body[-1] ^ 0xFF])
+            if mode == "other-blob" and proxy.other:
+                start = int(headers.get("Range", "bytes=0-").split("=")[1].split("-")[0]) if headers else 0
+                body = proxy.other[start : start + len(body)]
+            length = len(body) - 1 if mode == "short-length" and len(body) > 1 else len(body)
+            resp = web.StreamResponse(status=status, headers={**out_headers, "Content-Length": str(length)})
+            await resp.prepare(request)
+            if mode in ("reset", "truncate", "stall"):
+                await resp.write(body[: len(body) // 2])
+                proxy.bytes_sent += len(body) // 2
+                if mode == "stall":
+                    await asyncio.sleep(30)
+                elif mode == "reset":
+                    request.transport.abort()
+                else:
+                    request.transport.close()
+                return resp
+            await resp.write(body[:length])
+            proxy.bytes_sent += length
+            if mode == "short-length":
+                request.transport.close()
+            return resp
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_get("/{tail:.*}", handle)
+            self._runner = web.AppRunner(app, shutdown_timeout=1)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            self._ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
