@@ -62,6 +62,58 @@ def wait_http(url: str, timeout: float = 20.0, ok=(200, 401)) -> None:
         time.sleep(0.1)
 
 
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"port {port} did not open")
+        time.sleep(0.1)
+
+
+def make_tls_cert(workdir: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, issuer_name, key, signer, ca: bool, san=None):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "puller test CA")])
+    ca = build("puller test CA", ca_name, ca_key, ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    cert = build("127.0.0.1", ca.subject, key, ca_key, False, san)
+    paths = (workdir / "ca.pem", workdir / "cert.pem", workdir / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -280,6 +332,7 @@ class Registry:
         htpasswd: dict[str, str] | None = None,
         token: TokenIssuer | None = None,
         redirect_base: str | None = None,
+        tls: tuple[Path, Path] | None = None,
     ):
         self.workdir = workdir
         self.root = workdir / "storage"
@@ -288,6 +341,7 @@ class Registry:
         self.htpasswd = htpasswd
         self.token = token
         self.redirect_base = redirect_base
+        self.tls = tls  # (certificate, key): serve HTTPS
         self.proc: subprocess.Popen | None = None
 
     def config(self) -> str:
@@ -306,6 +360,8 @@ class Registry:
             f"  addr: 127.0.0.1:{self.port}",
             "  secret: puller-test-secret",
         ]
+        if self.tls:
+            lines += ["  tls:", f"    certificate: {self.tls[0]}", f"    key: {self.tls[1]}"]
         if self.redirect_base:
             lines += [
                 "middleware:",
@@ -339,7 +395,10 @@ class Registry:
         self.proc = subprocess.Popen(
             ["docker-registry", "serve", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        wait_http(f"http://{self.host}/v2/")
+        if self.tls:
+            wait_port(self.port)
+        else:
+            wait_http(f"http://{self.host}/v2/")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -214,8 +214,10 @@ def test_example_config_is_valid():
 
 def test_hosts_and_helpers():
     hs = HostSettings(plain_http=frozenset({"reg:5000"}))
-    assert hs.scheme("reg:5000") == "http" and hs.scheme("127.0.0.1:5000") == "http"
-    assert hs.scheme("[::1]:5000") == "http" and hs.scheme("ghcr.io") == "https"
+    assert hs.scheme("reg:5000") == "http" and hs.scheme("ghcr.io") == "https"
+    assert hs.scheme("127.0.0.1:5000") == "https" and hs.may_fall_back_to_http("127.0.0.1:5000")
+    assert hs.may_fall_back_to_http("[::1]:5000") and hs.may_fall_back_to_http("localhost:5000")
+    assert not hs.may_fall_back_to_http("ghcr.io") and not hs.may_fall_back_to_http("reg:5000")
     assert hs.ssl_for("ghcr.io") is True
     assert same_origin("http://a:1/x", "http://a:1/y") and not same_origin("http://a:1/x", "http://a:2/x")
     assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None

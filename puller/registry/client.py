@@ -52,6 +52,10 @@ class RetryableStatus(RegistryError):
         self.retry_after = retry_after
 
 
+class _NoTLS(Exception):
+    """A loopback registry answered a TLS handshake with something else: it speaks plain HTTP."""
+
+
 class ExpiredURL(RegistryError):
     """A redirect target (blob CDN URL) answered 401/403/410: resolve the blob through the registry again."""
 
@@ -93,6 +97,7 @@ class RegistryClient:
         self._challenges: dict[tuple[str, str], Challenge] = {}
         self._session: aiohttp.ClientSession | None = None
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._schemes: dict[str, str] = {}  # loopback hosts found to speak plain HTTP
 
     async def __aenter__(self) -> RegistryClient:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -126,7 +131,9 @@ class RegistryClient:
         return self._ssl[host]
 
     def registry_url(self, ref: Reference, path: str) -> str:
-        return f"{self.settings.hosts.base_url(ref.api_host)}/v2/{ref.repository}/{path}"
+        host = ref.api_host
+        scheme = self._schemes.get(host) or self.settings.hosts.scheme(host)
+        return f"{scheme}://{host}/v2/{ref.repository}/{path}"
 
     # ---- auth ---------------------------------------------------------------------------------------------
 
@@ -210,10 +217,15 @@ class RegistryClient:
     ) -> AsyncIterator[tuple[aiohttp.ClientResponse, str]]:
         """GET ``/v2/<repo>/<path>`` with auth, following redirects by hand. Yields the final successful
         (2xx) response and its URL. Credentials go only to the registry's own origin."""
-        url = self.registry_url(ref, path)
         for attempt in range(2):
+            url = self.registry_url(ref, path)
             auth = await self._auth_header(ref)
-            resp, final_url = await self._get_following(url, headers or {}, auth)
+            try:
+                resp, final_url = await self._get_following(url, headers or {}, auth, tls_fallback=True)
+            except _NoTLS:
+                self._schemes[ref.api_host] = "http"  # a loopback registry without TLS
+                url = self.registry_url(ref, path)
+                resp, final_url = await self._get_following(url, headers or {}, auth)
             if resp.status == 401 and attempt == 0 and same_origin(final_url, url):
                 retry = self._remember_challenge(ref, resp)
                 resp.release()
@@ -245,7 +257,7 @@ class RegistryClient:
             resp.release()
 
     async def _get_following(
-        self, url: str, headers: dict[str, str], auth: str | None
+        self, url: str, headers: dict[str, str], auth: str | None, tls_fallback: bool = False
     ) -> tuple[aiohttp.ClientResponse, str]:
         origin = url
         for _ in range(MAX_REDIRECTS + 1):
@@ -254,6 +266,16 @@ class RegistryClient:
                 h["Authorization"] = auth
             try:
                 resp = await self.session.get(url, headers=h, allow_redirects=False, ssl=self._ssl_for(url))
+            except aiohttp.ClientConnectorCertificateError as e:
+                raise TransportError(
+                    f"{urlsplit(url).netloc}: TLS certificate not trusted ({_describe(e.certificate_error)}); "
+                    "add its CA with ca_file, or list the host in insecure_skip_verify"
+                ) from None
+            except (aiohttp.ClientConnectorSSLError, aiohttp.ServerDisconnectedError) as e:
+                netloc = urlsplit(url).netloc
+                if tls_fallback and url == origin and self.settings.hosts.may_fall_back_to_http(netloc):
+                    raise _NoTLS from None
+                raise TransportError(f"{netloc}: {_describe(e)}") from None
             except NET_ERRORS as e:
                 raise TransportError(f"{urlsplit(url).netloc}: {_describe(e)}") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:

@@ -1,7 +1,9 @@
 """Per-host settings: which registry hosts speak plain HTTP, which skip TLS verification.
 
-Loopback registries (``localhost``, ``127.0.0.0/8``, ``[::1]``) are plain HTTP by default, as docker treats
-127.0.0.0/8 as an insecure registry; every other host is HTTPS with verified TLS unless listed.
+Every host is HTTPS with verified TLS unless listed in ``plain_http`` or ``insecure_skip_verify``. Loopback
+registries (``localhost``, ``127.0.0.0/8``, ``[::1]``) are tried over HTTPS first and fall back to plain HTTP
+when the server does not speak TLS at all (as docker does for 127.0.0.0/8 and containerd for localhost); a TLS
+server on loopback whose certificate does not verify is an error, not a reason to fall back.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ class HostSettings:
     ca_file: str | None = None
 
     def scheme(self, host: str) -> str:
-        return "http" if host in self.plain_http or "*" in self.plain_http or is_loopback(host) else "https"
+        return "http" if host in self.plain_http or "*" in self.plain_http else "https"
+
+    def may_fall_back_to_http(self, host: str) -> bool:
+        return is_loopback(host) and self.scheme(host) == "https"
 
     def ssl_for(self, host: str) -> ssl.SSLContext | bool:
         if host in self.insecure_skip_verify:
@@ -42,6 +47,3 @@ class HostSettings:
         if self.ca_file:
             return ssl.create_default_context(cafile=self.ca_file)
         return True
-
-    def base_url(self, host: str) -> str:
-        return f"{self.scheme(host)}://{host}"
