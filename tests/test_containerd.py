@@ -289,3 +289,43 @@ def test_moved_tag_updates_the_image_record(containerd, cdn_rig, layout, tmp_pat
     assert (
         "io.cri-containerd.pinned=pinned" in record["labels"] and "io.cri-containerd.image=managed" in record["labels"]
     )
+
+
+def test_containerd_restarted_mid_pull(slow_rig, tmp_path: Path):
+    """The pull fails clearly (or completes); a second pull then completes and the image is whole."""
+    reg, _ = slow_rig
+    p = pushed(reg, "test/big", "v1")
+    env = {"PULLER_CONFIG": str(_config(tmp_path))}
+    with Containerd(tmp_path / "ctrd") as c:
+        args = [
+            sys.executable,
+            "-m",
+            "puller.cli",
+            "pull",
+            p.ref,
+            "--store",
+            "containerd",
+            "--containerd-address",
+            str(c.socket),
+            "--no-unpack",
+            "--concurrency",
+            "4",
+            "--chunk-size",
+            "1MiB",
+        ]
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+        )
+        time.sleep(2.0)
+        c.__exit__()  # containerd goes away mid-pull ...
+        c.__enter__()  # ... and comes back with the same root
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 9), err
+        if proc.returncode == 9:
+            assert err.startswith("puller: error: containerd") and len(err.strip().splitlines()) == 1
+        r = run_puller(*args[3:], env=env)
+        assert r.returncode == 0, r.stderr
+        layer = p.manifest["layers"][0]["digest"]
+        stored = subprocess.run(c.ctr("-n", NS, "content", "get", layer), capture_output=True).stdout
+        assert "sha256:" + hashlib.sha256(stored).hexdigest() == layer
+        assert image_records(c)[p.ref]["digest"] == p.digest

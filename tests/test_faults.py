@@ -187,3 +187,15 @@ def test_two_processes_pull_the_same_image_into_one_store(slow_rig, tmp_path: Pa
     assert_store_holds(store, p)
     assert cdn.bytes_sent() - sent_before == sum(p.blobs.values())
     assert staged_files(store) == []
+
+
+def test_files_have_safe_permissions(cdn_rig, tmp_path: Path):
+    """Committed blobs and index.json are world-readable, not writable; staging is private to its owner."""
+    reg, _ = cdn_rig
+    p = pushed(reg, "test/small", "v1")
+    store = tmp_path / "store"
+    assert run_puller("pull", p.ref, "--store", str(store)).returncode == 0
+    for digest in p.blobs:
+        assert (store / "blobs" / "sha256" / digest[7:]).stat().st_mode & 0o777 == 0o644
+    assert (store / "index.json").stat().st_mode & 0o777 == 0o644
+    assert (store / ".puller" / "staging").stat().st_mode & 0o077 == 0

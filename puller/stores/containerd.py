@@ -333,6 +333,14 @@ class ContainerdStore(StoreBase):
                     await self._update_labels(digest, labels)
                 return
             raise _translate(e, f"writing {digest}", self.address) from None
+        except asyncio.InvalidStateError:
+            # The stream ended under us (containerd restarted, say) while we were writing: report why.
+            code, details = await call.code(), await call.details()
+            if code == grpc.StatusCode.ALREADY_EXISTS:
+                return
+            raise StoreError(
+                f"containerd at {self.address} ended the write of {digest}: {code.name} {details}".rstrip()
+            ) from None
         finally:
             call.cancel()
 

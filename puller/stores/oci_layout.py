@@ -46,7 +46,7 @@ class OCILayoutStore(StoreBase):
 
     def _init(self) -> None:
         try:
-            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            self.staging_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # partial data is nobody else's
             (self.root / "blobs").mkdir(exist_ok=True)
             layout = self.root / "oci-layout"
             if not layout.exists():
