@@ -138,6 +138,24 @@ def test_platform_selection():
         mf.select_platform(index, mf.Platform.parse("windows/amd64"))
 
 
+def test_nested_index_is_a_clear_error():
+    idx = {
+        "schemaVersion": 2,
+        "mediaType": mf.OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": mf.OCI_INDEX,
+                "digest": f"sha256:{H}",
+                "size": 10,
+                "platform": {"os": "linux", "architecture": "amd64"},
+            }
+        ],
+    }
+    index = mf.parse(json.dumps(idx).encode(), None)
+    with pytest.raises(ManifestError, match="nested indexes are not supported"):
+        mf.select_platform(index, mf.Platform.parse("linux/amd64"))
+
+
 def test_www_authenticate():
     c = parse_www_authenticate('Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull"')
     assert c and c.scheme == "bearer"

@@ -150,11 +150,14 @@ def parse(body: bytes, content_type: str | None) -> Index | Manifest:
 
 def select_platform(index: Index, wanted: Platform) -> Descriptor:
     """The first manifest for ``wanted`` (variant-exact match preferred), else PlatformNotFound listing all."""
-    candidates = [
-        d for d in index.manifests if d.media_type in MANIFEST_TYPES and d.platform and wanted.matches(d.platform)
-    ]
+    matching = [d for d in index.manifests if d.platform and wanted.matches(d.platform)]
+    candidates = [d for d in matching if d.media_type in MANIFEST_TYPES]
     exact = [d for d in candidates if d.platform and d.platform.variant == wanted.variant]
     if exact or candidates:
         return (exact or candidates)[0]
+    if any(d.media_type in INDEX_TYPES for d in matching):
+        raise ManifestError(
+            f"the index points to another index for platform {wanted}: nested indexes are not supported"
+        )
     offered = sorted({str(d.platform) for d in index.manifests if d.platform}) or ["no platforms"]
     raise PlatformNotFound(f"no manifest for platform {wanted} in the index; it offers: {', '.join(offered)}")
