@@ -50,6 +50,33 @@ def median_point(work, ref, runs, size, *flags) -> dict:
     }
 
 
+def plot(out: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    budget, chunk, rss = out["budget"], out["chunk"], out["rss"]
+    xs = [int(n) for n in budget]
+    axes[0].plot(xs, [p["mb_s"] for p in budget.values()], "o-", label="whole command")
+    axes[0].plot(xs, [p["mb_s_in_process"] for p in budget.values()], "s--", label="in-process")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set(xlabel="connection budget", ylabel="MB/s", title="throughput vs connections", ylim=(0, None))
+    axes[0].legend()
+    axes[1].plot(list(chunk), [p["mb_s"] for p in chunk.values()], "o-", label="whole command")
+    axes[1].plot(list(chunk), [p["mb_s_in_process"] for p in chunk.values()], "s--", label="in-process")
+    axes[1].set(xlabel="chunk size (max)", ylabel="MB/s", title="throughput vs chunk size", ylim=(0, None))
+    axes[1].legend()
+    axes[2].plot([int(m) for m in rss], [p["rss_mb"] for p in rss.values()], "o-")
+    axes[2].set(xlabel="image size (MiB)", ylabel="peak RSS (MB)", title="memory vs image size", ylim=(0, None))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     ap = argparse.ArgumentParser(description="puller scaling sweeps")
@@ -58,7 +85,11 @@ def main() -> int:
     ap.add_argument("--link-mbit", type=int, default=1024)
     ap.add_argument("--sizes", default="256,1024,2048", help="image sizes (MiB) for the RSS sweep")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--replot", help="only redraw the plot from a sweep's JSON")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     out: dict = {"budget": {}, "chunk": {}, "rss": {}}
     with tempdir("puller-sweep-") as work:
@@ -105,28 +136,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     (dest / f"{stamp}-sweep.md").write_text(text)
     print(text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        axes[0].plot(list(out["budget"]), [p["mb_s"] for p in out["budget"].values()], "o-", label="whole command")
-        axes[0].plot(
-            list(out["budget"]), [p["mb_s_in_process"] for p in out["budget"].values()], "s--", label="in-process"
-        )
-        axes[0].set_xscale("log", base=2)
-        axes[0].set(xlabel="connection budget", ylabel="MB/s", title="throughput vs connections")
-        axes[0].legend()
-        axes[1].plot(list(out["chunk"]), [p["mb_s"] for p in out["chunk"].values()], "o-")
-        axes[1].set(xlabel="chunk size (max)", ylabel="MB/s", title="throughput vs chunk size")
-        axes[2].plot(list(out["rss"]), [p["rss_mb"] for p in out["rss"].values()], "o-")
-        axes[2].set(xlabel="image size (MiB)", ylabel="peak RSS (MB)", title="memory vs image size", ylim=(0, None))
-        fig.tight_layout()
-        fig.savefig(dest / f"{stamp}-sweep.png", dpi=100)
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plot(out, dest / f"{stamp}-sweep.png")
     return 0
 
 
