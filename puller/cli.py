@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -23,7 +24,8 @@ from .registry.manifest import Platform
 from .stores import Store
 from .stores.oci_layout import OCILayoutStore
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT
+EXIT_TERMINATED = 143  # SIGTERM
 
 
 def open_store(settings: config.Settings) -> Store:
@@ -53,6 +55,8 @@ def open_store(settings: config.Settings) -> Store:
 
 
 async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials | None, output: str) -> PullResult:
+    # SIGTERM (what Kubernetes sends) stops the pull like Ctrl-C: cancelled at a clean point, progress kept.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     hosts = HostSettings(frozenset(settings.plain_http), frozenset(settings.insecure_skip_verify), settings.ca_file)
     explicit = {ref.domain: creds, ref.api_host: creds} if creds else {}
     credentials = CredentialStore(explicit, Path(settings.docker_config) if settings.docker_config else None)
@@ -140,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("puller: interrupted; progress is kept and the next pull resumes", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except asyncio.CancelledError:
+        print("puller: terminated; progress is kept and the next pull resumes", file=sys.stderr)
+        return EXIT_TERMINATED
     if args.json:
         emit_json(summary_json(result))
     else:

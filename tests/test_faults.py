@@ -199,3 +199,29 @@ def test_files_have_safe_permissions(cdn_rig, tmp_path: Path):
         assert (store / "blobs" / "sha256" / digest[7:]).stat().st_mode & 0o777 == 0o644
     assert (store / "index.json").stat().st_mode & 0o777 == 0o644
     assert (store / ".puller" / "staging").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_pull_stops_cleanly_and_resumes(slow_rig, tmp_path: Path, sig, code):
+    reg, _ = slow_rig
+    p = pushed(reg, "test/big", "v1")
+    store = tmp_path / "store"
+    layer = p.manifest["layers"][0]
+    ranges_file = store / ".puller" / "staging" / f"sha256-{layer['digest'][7:]}.ranges"
+    args = [sys.executable, "-m", "puller.cli", "pull", p.ref, "--store", str(store), "--concurrency", "4"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not ranges_file.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert "progress is kept" in err
+    assert sorted(f.suffix for f in staged_files(store)) == [".partial", ".ranges"]  # no lock left behind
+    recorded = sum(e - s for s, e in json.loads(ranges_file.read_text())["done"])
+    r = run_puller("pull", p.ref, "--store", str(store), "--json")
+    assert r.returncode == 0, r.stderr
+    assert_store_holds(store, p)
+    events = [json.loads(line) for line in r.stdout.splitlines() if '"event":"blob"' in line]
+    assert any(e["digest"] == layer["digest"] and e["resumed"] == recorded > 0 for e in events)
