@@ -20,14 +20,9 @@ class ConnectionBudget:
         self.per_host = per_host
         self._global = asyncio.Semaphore(total)
         self._hosts: dict[str, asyncio.Semaphore] = {}
-        self.in_flight = 0
 
     @asynccontextmanager
     async def slot(self, host: str) -> AsyncIterator[None]:
         host_sem = self._hosts.setdefault(host, asyncio.Semaphore(self.per_host))
         async with host_sem, self._global:
-            self.in_flight += 1
-            try:
-                yield
-            finally:
-                self.in_flight -= 1
+            yield

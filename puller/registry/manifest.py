@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import platform as _platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..digest import Digest
@@ -71,8 +71,6 @@ class Descriptor:
     digest: Digest
     size: int
     platform: Platform | None = None
-    annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
-    raw: dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> Descriptor:
@@ -92,8 +90,7 @@ class Descriptor:
         p = obj.get("platform")
         if isinstance(p, dict) and isinstance(p.get("os"), str) and isinstance(p.get("architecture"), str):
             plat = Platform(*_normalize_arch(p["os"], p["architecture"], p.get("variant") or None))
-        ann = obj.get("annotations") if isinstance(obj.get("annotations"), dict) else {}
-        return cls(media_type, digest, size, plat, ann, obj)
+        return cls(media_type, digest, size, plat)
 
 
 @dataclass(frozen=True, slots=True)
