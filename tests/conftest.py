@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .rig import Image, LayoutWriter, Nginx, Registry, TokenIssuer, sha256_file, skopeo_push, tempdir
+from .rig import Containerd, Image, LayoutWriter, Nginx, Registry, TokenIssuer, sha256_file, skopeo_push, tempdir
 
 REQUIRED = ("docker-registry", "skopeo", "nginx", "htpasswd", "containerd", "ctr")
 MIB = 1024 * 1024
@@ -93,6 +93,13 @@ def slow_rig(workdir: Path, layout, tmp_path: Path):
     with cdn, Registry(root / "registry", redirect_base=cdn.url + "/") as reg:
         skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
         yield reg, cdn
+
+
+@pytest.fixture(scope="session")
+def containerd(workdir: Path):
+    """One containerd for the session, with its own root, state and socket (CRI plugin disabled)."""
+    with Containerd(workdir / "containerd") as c:
+        yield c
 
 
 def run_puller(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -11,20 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from puller.stores.containerd import chain_ids
 
 from .conftest import pushed, run_puller
 from .rig import Containerd, LayoutWriter, Registry, skopeo_push
 
 NS = "k8s.io"
-
-
-@pytest.fixture(scope="module")
-def containerd(workdir: Path):
-    with Containerd(workdir / "containerd") as c:
-        yield c
 
 
 def ctr(c: Containerd, *args: str) -> str:

@@ -5,13 +5,15 @@ when all of it is there."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from .conftest import pushed, run_puller, staged_files
-from .rig import FaultProxy, Nginx, Registry, sha256_file, skopeo_push
+from .rig import Containerd, FaultProxy, Nginx, Registry, sha256_file, skopeo_push
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,76 @@ def test_persistent_corruption_fails_clearly(proxied, tmp_path: Path, mode: str)
     layers = [d["digest"] for d in p.manifest["layers"] if d["size"] > 0]
     assert not any((store / "blobs" / "sha256" / d[7:]).exists() for d in layers)
     assert json.loads((store / "index.json").read_text())["manifests"] == []
+
+
+def _store_args(store: str, tmp_path: Path, containerd) -> list[str]:
+    if store == "containerd":
+        ns = f"faults-{tmp_path.name}"[:60]
+        return [
+            "--store",
+            "containerd",
+            "--containerd-address",
+            str(containerd.socket),
+            "--namespace",
+            ns,
+            "--staging-dir",
+            str(tmp_path / "staging"),
+            "--no-unpack",
+        ]
+    return [
+        "--store",
+        "overlaybd",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--overlaybd-config",
+        str(tmp_path / "none.json"),
+    ]
+
+
+def _layers_in(store: str, tmp_path: Path, containerd, args: list[str]) -> dict[str, bytes]:
+    """What the store shows of each layer: digest -> bytes."""
+    out = {}
+    if store == "containerd":
+        ns = args[args.index("--namespace") + 1]
+        listing = subprocess.run(containerd.ctr("-n", ns, "content", "ls"), capture_output=True, text=True).stdout
+        for line in listing.splitlines()[1:]:
+            digest = line.split()[0]
+            out[digest] = subprocess.run(containerd.ctr("-n", ns, "content", "get", digest), capture_output=True).stdout
+    else:
+        cache = tmp_path / "cache"
+        out = {f.name: f.read_bytes() for f in cache.iterdir()} if cache.exists() else {}
+    return out
+
+
+@pytest.mark.parametrize("store", ["containerd", "overlaybd"])
+@pytest.mark.parametrize("mode", ["reset", "status:503", "truncate", "flip"])
+def test_transient_fault_recovers_in_every_store(proxied, containerd, tmp_path: Path, store: str, mode: str):
+    reg, proxy = proxied
+    p = pushed(reg, "test/app", "v1")
+    args = _store_args(store, tmp_path, containerd)
+    proxy.set(mode, times=2)
+    r = run_puller("pull", p.ref, *args, "--chunk-size", "1MiB")
+    proxy.set("pass", 0)
+    assert r.returncode == 0, (mode, r.stderr)
+    shown = _layers_in(store, tmp_path, containerd, args)
+    for layer in p.manifest["layers"]:
+        assert "sha256:" + hashlib.sha256(shown[layer["digest"]]).hexdigest() == layer["digest"]
+
+
+@pytest.mark.parametrize("store", ["containerd", "overlaybd"])
+def test_persistent_corruption_is_never_visible_in_any_store(proxied, tmp_path: Path, store: str):
+    reg, proxy = proxied
+    p = pushed(reg, "test/app", "v1")
+    # A containerd of its own: one that already holds the blob (in any namespace) would rightly answer
+    # "already exists" and serve its own verified copy, and nothing of the corrupt download would be needed.
+    with Containerd(tmp_path / "ctrd") as containerd:
+        args = _store_args(store, tmp_path, containerd)
+        proxy.set("flip", times=-1)
+        r = run_puller("pull", p.ref, *args)
+        proxy.set("pass", 0)
+        assert r.returncode == 8, r.stderr
+        shown = _layers_in(store, tmp_path, containerd, args)
+        for digest, data in shown.items():  # whatever is visible is what its name says
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+        big = max(p.manifest["layers"], key=lambda d: d["size"])["digest"]
+        assert big not in shown
