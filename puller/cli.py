@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-skip-verify", action="store_true", help="skip TLS verification for this registry")
     p.add_argument("--creds", help="user:password for this image's registry (else docker config.json)")
     p.add_argument("--concurrency", type=int, help="connection budget shared by all chunks (default 32)")
-    p.add_argument("--chunk-size", help="bytes per ranged request, e.g. 8MiB")
+    p.add_argument(
+        "--chunk-size", help="largest ranged request, e.g. 8MiB (blobs get smaller chunks so all connections work)"
+    )
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress display")
     c = p.add_argument_group("containerd store")
     c.add_argument("--containerd-address", help="containerd socket (default /run/containerd/containerd.sock)")
