@@ -100,6 +100,24 @@ def test_docker_schema2_image(cdn_rig, tmp_path: Path):
     assert entry["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
 
 
+def test_ctr_imports_the_store(cdn_rig, containerd, tmp_path: Path):
+    """containerd's `ctr images import` reads the layout (tarred), Docker schema2 included, and names the image
+    from io.containerd.image.name."""
+    reg, _ = cdn_rig
+    p = pushed(reg, "test/docker", "v1")
+    store = tmp_path / "store"
+    assert run_puller("pull", p.ref, "--store", str(store)).returncode == 0
+    archive = tmp_path / "store.tar"
+    subprocess.run(["tar", "-C", str(store), "--exclude", "./.puller", "-cf", str(archive), "."], check=True)
+    r = subprocess.run(
+        containerd.ctr("-n", "import-test", "images", "import", str(archive)), capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    listing = subprocess.run(containerd.ctr("-n", "import-test", "images", "ls"), capture_output=True, text=True)
+    line = next(line for line in listing.stdout.splitlines() if line.startswith(p.ref + " "))
+    assert p.digest in line
+
+
 def test_registry_serving_blobs_itself(direct_registry, tmp_path: Path):
     p = pushed(direct_registry, "test/app", "v1")
     r = run_puller("pull", p.ref, "--store", str(tmp_path), "--chunk-size", "1MiB")
