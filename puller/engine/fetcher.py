@@ -104,6 +104,19 @@ class _Shared:
     waiters: int = 0
 
 
+async def gather_or_cancel(coros) -> None:
+    """Run all; on the first failure cancel the rest, wait for them to wind down (so they record their progress),
+    and re-raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _retrieve(f: asyncio.Future) -> None:
     """Mark a shared fetch's exception as seen: every waiter gets it re-raised through the shield."""
     if not f.cancelled():
@@ -296,15 +309,9 @@ class _BlobDownload:
         self.progress.state = "fetching"
         probe = self.pending.pop(0)
         n_workers = min(self.f.budget.total, max(1, len(self.pending) + 1))
-        workers = [asyncio.ensure_future(self._worker(probe))]
-        workers += [asyncio.ensure_future(self._worker(None)) for _ in range(n_workers - 1)]
+        workers = [self._worker(probe), *(self._worker(None) for _ in range(n_workers - 1))]
         try:
-            await asyncio.gather(*workers)
-        except BaseException:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            raise
+            await gather_or_cancel(workers)
         finally:
             self._save_ranges()
 

@@ -7,7 +7,6 @@ only after every blob is committed. Progress is kept in a :class:`PullProgress` 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +14,7 @@ from ..reference import Reference
 from ..registry import manifest as mf
 from ..registry.client import RegistryClient
 from ..stores import Store
-from .fetcher import BlobFetcher, BlobProgress
+from .fetcher import BlobFetcher, BlobProgress, gather_or_cancel
 
 
 @dataclass(slots=True)
@@ -97,7 +96,7 @@ async def pull_image(
                 missing.append(desc)
         await store.reserve(missing)
         store.begin_image(manifest)
-        await _gather_or_cancel([fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)]) for d in missing])
+        await gather_or_cancel([fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)]) for d in missing])
         progress.state = "committing"
         # The index (if any) is stored as a blob too; the name points at the platform manifest.
         await store.commit_image(ref, target, documents)
@@ -115,15 +114,3 @@ async def pull_image(
         fetched_bytes=progress.fetched,
         seconds=progress.finished - started,
     )
-
-
-async def _gather_or_cancel(coros: list) -> None:
-    """Run all; on the first failure cancel the rest (their progress is kept for resume) and re-raise."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
