@@ -102,9 +102,17 @@ def containerd(workdir: Path):
         yield c
 
 
+PULLER = (sys.executable, "-m", "puller.cli")  # the installed package, whatever PATH says
+
+
+def start_puller(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """puller as a background process (to be killed or signalled mid-pull)."""
+    return subprocess.Popen([*PULLER, *args], env={**os.environ, **(env or {})}, **popen)
+
+
 def run_puller(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "puller.cli", *args],
+        [*PULLER, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from puller.stores.containerd import chain_ids
 
-from .conftest import pushed, run_puller
+from .conftest import pushed, run_puller, start_puller
 from .rig import Containerd, LayoutWriter, Registry, skopeo_push
 
 NS = "k8s.io"
@@ -117,18 +116,7 @@ def test_gc_keeps_what_the_image_references_and_no_more(containerd, cdn_rig, tmp
     reg, _ = cdn_rig
     p = pushed(reg, "test/docker", "v1")
     ns = "gc-test"
-    r = run_puller(
-        "pull",
-        p.ref,
-        "--store",
-        "containerd",
-        "--containerd-address",
-        str(containerd.socket),
-        "--namespace",
-        ns,
-        "--no-unpack",
-        env={"PULLER_CONFIG": str(_config(tmp_path))},
-    )
+    r = pull(containerd, p.ref, tmp_path, "--namespace", ns, "--no-unpack")
     assert r.returncode == 0, r.stderr
 
     def content() -> str:
@@ -205,9 +193,6 @@ def test_killed_pull_resumes_from_containerd_ingest(containerd, slow_rig, tmp_pa
     layer = p.manifest["layers"][0]["digest"]
     ns = "resume-test"
     args = [
-        sys.executable,
-        "-m",
-        "puller.cli",
         "pull",
         p.ref,
         "--store",
@@ -222,11 +207,11 @@ def test_killed_pull_resumes_from_containerd_ingest(containerd, slow_rig, tmp_pa
         "--concurrency",
         "4",
     ]
-    proc = subprocess.Popen(
-        args,
+    proc = start_puller(
+        *args,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PULLER_CONFIG": str(_config(tmp_path))},
+        env={"PULLER_CONFIG": str(_config(tmp_path))},
     )
 
     def ingest_offset() -> int:
@@ -244,7 +229,7 @@ def test_killed_pull_resumes_from_containerd_ingest(containerd, slow_rig, tmp_pa
     offset = ingest_offset()
     assert offset >= 4 << 20  # containerd kept what it was sent
     assert layer not in ctr_ns(containerd, ns, "content", "ls")  # and nothing is committed
-    r = run_puller(*args[3:], "--json", env={"PULLER_CONFIG": str(_config(tmp_path))})
+    r = run_puller(*args, "--json", env={"PULLER_CONFIG": str(_config(tmp_path))})
     assert r.returncode == 0, r.stderr
     stored = subprocess.run(containerd.ctr("-n", ns, "content", "get", layer), capture_output=True).stdout
     assert "sha256:" + hashlib.sha256(stored).hexdigest() == layer
@@ -290,9 +275,6 @@ def test_containerd_restarted_mid_pull(slow_rig, tmp_path: Path):
     env = {"PULLER_CONFIG": str(_config(tmp_path))}
     with Containerd(tmp_path / "ctrd") as c:
         args = [
-            sys.executable,
-            "-m",
-            "puller.cli",
             "pull",
             p.ref,
             "--store",
@@ -305,9 +287,7 @@ def test_containerd_restarted_mid_pull(slow_rig, tmp_path: Path):
             "--chunk-size",
             "1MiB",
         ]
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
-        )
+        proc = start_puller(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         time.sleep(2.0)
         c.__exit__()  # containerd goes away mid-pull ...
         c.__enter__()  # ... and comes back with the same root
@@ -315,7 +295,7 @@ def test_containerd_restarted_mid_pull(slow_rig, tmp_path: Path):
         assert proc.returncode in (0, 9), err
         if proc.returncode == 9:
             assert err.startswith("puller: error: containerd") and len(err.strip().splitlines()) == 1
-        r = run_puller(*args[3:], env=env)
+        r = run_puller(*args, env=env)
         assert r.returncode == 0, r.stderr
         layer = p.manifest["layers"][0]["digest"]
         stored = subprocess.run(c.ctr("-n", NS, "content", "get", layer), capture_output=True).stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIB, Registry, assert_store_holds, pushed, run_puller, staged_files
+from .conftest import MIB, Registry, assert_store_holds, pushed, run_puller, staged_files, start_puller
 from .rig import Nginx, sha256_file, skopeo_push
 
 
@@ -40,9 +40,6 @@ def test_killed_pull_resumes_only_missing_ranges(slow_rig, tmp_path: Path):
     ranges_file = store / ".puller" / "staging" / f"sha256-{layer['digest'].split(':')[1]}.ranges"
     # 4 connections of 1 MB/s, 1 MiB chunks: about 6 s for the whole layer; kill it half-way.
     args = [
-        sys.executable,
-        "-m",
-        "puller.cli",
         "pull",
         p.ref,
         "--store",
@@ -52,7 +49,7 @@ def test_killed_pull_resumes_only_missing_ranges(slow_rig, tmp_path: Path):
         "--chunk-size",
         "1MiB",
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_puller(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_before_kill = 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -180,8 +177,8 @@ def test_two_processes_pull_the_same_image_into_one_store(slow_rig, tmp_path: Pa
     p = pushed(reg, "test/big", "v1")
     store = tmp_path / "store"
     sent_before = cdn.bytes_sent()
-    args = [sys.executable, "-m", "puller.cli", "pull", p.ref, "--store", str(store)]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    args = ["pull", p.ref, "--store", str(store)]
+    procs = [start_puller(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], results
     assert_store_holds(store, p)
@@ -208,8 +205,8 @@ def test_interrupted_pull_stops_cleanly_and_resumes(slow_rig, tmp_path: Path, si
     store = tmp_path / "store"
     layer = p.manifest["layers"][0]
     ranges_file = store / ".puller" / "staging" / f"sha256-{layer['digest'][7:]}.ranges"
-    args = [sys.executable, "-m", "puller.cli", "pull", p.ref, "--store", str(store), "--concurrency", "4"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["pull", p.ref, "--store", str(store), "--concurrency", "4"]
+    proc = start_puller(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not ranges_file.exists():
         time.sleep(0.05)

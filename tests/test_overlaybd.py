@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from puller.stores.overlaybd import (
     is_complete,
 )
 
-from .conftest import pushed, run_puller
+from .conftest import pushed, run_puller, start_puller
 from .rig import sha256_file
 
 
@@ -164,9 +163,6 @@ def test_killed_pull_leaves_nothing_in_cache(slow_rig, tmp_path: Path):
     p = pushed(reg, "test/big", "v1")
     cache = tmp_path / "registry_cache"
     args = [
-        sys.executable,
-        "-m",
-        "puller.cli",
         "pull",
         p.ref,
         "--store",
@@ -176,7 +172,7 @@ def test_killed_pull_leaves_nothing_in_cache(slow_rig, tmp_path: Path):
         "--overlaybd-config",
         str(tmp_path / "none.json"),
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_puller(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = tmp_path / ".puller-staging"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(staging.glob("*.ranges")):
