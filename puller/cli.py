@@ -7,69 +7,27 @@ import asyncio
 import logging
 import signal
 import sys
-from contextlib import AsyncExitStack
-from pathlib import Path
 
 from . import __version__, config
-from .engine.budget import ConnectionBudget
-from .engine.fetcher import BlobFetcher, FetchSettings
-from .engine.pull import PullProgress, PullResult, pull_image
-from .errors import ConfigError, PullerError
+from .engine.pull import PullProgress, PullResult
+from .engine.runtime import Engine
+from .errors import PullerError
 from .progress import emit_json, show, summary_json, summary_line
 from .reference import Reference
-from .registry.auth import Credentials, CredentialStore
-from .registry.client import ClientSettings, RegistryClient
-from .registry.hosts import HostSettings
-from .registry.manifest import Platform
-from .stores import Store
-from .stores.oci_layout import OCILayoutStore
+from .registry.auth import Credentials
 
 EXIT_INTERRUPTED = 130  # SIGINT
 EXIT_TERMINATED = 143  # SIGTERM
 
 
-def open_store(settings: config.Settings) -> Store:
-    """``oci:DIR`` (or a bare directory) -> the OCI layout store; ``containerd`` -> the containerd store."""
-    spec = settings.store
-    kind, sep, arg = spec.partition(":")
-    if spec == "containerd":
-        from .stores.containerd import ContainerdStore  # grpc is loaded only for this store
-
-        return ContainerdStore(
-            settings.containerd_address,
-            settings.namespace,
-            settings.snapshotter,
-            settings.unpack,
-            settings.pin,
-            settings.staging_dir,
-        )
-    if spec == "overlaybd":
-        from .stores.overlaybd import OverlaybdStore
-
-        return OverlaybdStore(settings.overlaybd_config, settings.cache_dir)
-    if sep and kind == "oci":
-        return OCILayoutStore(arg or config.DEFAULT_OCI_DIR)
-    if not sep or "/" in kind or kind.startswith("."):
-        return OCILayoutStore(spec)
-    raise ConfigError(f"unknown store {spec!r}: use oci:DIR, containerd or overlaybd")
-
-
 async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials | None, output: str) -> PullResult:
     # SIGTERM (what Kubernetes sends) stops the pull like Ctrl-C: cancelled at a clean point, progress kept.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-    hosts = HostSettings(frozenset(settings.plain_http), frozenset(settings.insecure_skip_verify), settings.ca_file)
     explicit = {ref.domain: creds, ref.api_host: creds} if creds else {}
-    credentials = CredentialStore(explicit, Path(settings.docker_config) if settings.docker_config else None)
-    client_settings = ClientSettings(hosts, settings.connect_timeout, settings.read_timeout)
-    platform = Platform.parse(settings.platform) if settings.platform else None
-    async with AsyncExitStack() as stack:
-        client = await stack.enter_async_context(RegistryClient(client_settings, credentials))
-        store = await stack.enter_async_context(open_store(settings))
-        budget = ConnectionBudget(settings.connections, settings.connections_per_host)
-        fetcher = BlobFetcher(client, budget, FetchSettings(settings.chunk_size, settings.min_split, settings.attempts))
+    async with Engine(settings, explicit) as engine:
         progress = PullProgress(str(ref))
         async with show(progress, output):
-            return await pull_image(ref, client, fetcher, store, platform, progress)
+            return await engine.pull(ref, progress=progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

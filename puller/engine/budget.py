@@ -20,9 +20,14 @@ class ConnectionBudget:
         self.per_host = per_host
         self._global = asyncio.Semaphore(total)
         self._hosts: dict[str, asyncio.Semaphore] = {}
+        self.in_use = 0  # connections held now (for metrics)
 
     @asynccontextmanager
     async def slot(self, host: str) -> AsyncIterator[None]:
         host_sem = self._hosts.setdefault(host, asyncio.Semaphore(self.per_host))
         async with host_sem, self._global:
-            yield
+            self.in_use += 1
+            try:
+                yield
+            finally:
+                self.in_use -= 1

@@ -80,7 +80,9 @@ async def pull_image(
     store: Store,
     platform: mf.Platform | None = None,
     progress: PullProgress | None = None,
+    pin: bool = False,
 ) -> PullResult:
+    """Pull ``ref`` into ``store``; ``pin`` asks the store to keep the image from garbage collection."""
     progress = progress or PullProgress(str(ref))
     started = time.monotonic()
     try:
@@ -99,7 +101,7 @@ async def pull_image(
         await gather_or_cancel([fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)]) for d in missing])
         progress.state = "committing"
         # The index (if any) is stored as a blob too; the name points at the platform manifest.
-        await store.commit_image(ref, target, documents)
+        await store.commit_image(ref, target, documents, pin=pin)
     except BaseException:
         progress.state = "failed"
         progress.finished = time.monotonic()

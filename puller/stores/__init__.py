@@ -51,8 +51,11 @@ class Store(Protocol):
     async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
         """Take ownership of ``staged``, a verified file of ``desc``; visible atomically."""
 
-    async def commit_image(self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]]) -> None:
-        """Record the image: write the manifest/index ``documents`` and name ``target`` by ``ref``."""
+    async def commit_image(
+        self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
+    ) -> None:
+        """Record the image: write the manifest/index ``documents`` and name ``target`` by ``ref``; ``pin`` asks
+        a store with garbage collection (containerd) to keep it."""
 
 
 class StoreBase:

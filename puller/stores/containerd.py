@@ -367,7 +367,9 @@ class ContainerdStore(StoreBase):
 
     # ---- image --------------------------------------------------------------------------------------------
 
-    async def commit_image(self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]]) -> None:
+    async def commit_image(
+        self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
+    ) -> None:
         source = {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.repository}
         top = documents[0][0]
         # Children first, so that a parent's gc references never point at missing content.
@@ -382,7 +384,7 @@ class ContainerdStore(StoreBase):
             await self._unpacker
         elif self.unpack:
             await self._unpack(manifest)
-        labels = dict([CRI_MANAGED, CRI_PINNED] if self.pin else [CRI_MANAGED])
+        labels = dict([CRI_MANAGED, CRI_PINNED] if self.pin or pin else [CRI_MANAGED])
         names = [f"{ref.name}@{top.digest}"]
         if ref.tag:
             names.insert(0, f"{ref.name}:{ref.tag}")

@@ -91,7 +91,9 @@ class OCILayoutStore(StoreBase):
         except OSError as e:
             raise store_error(e, f"writing {desc.digest}") from None
 
-    async def commit_image(self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]]) -> None:
+    async def commit_image(
+        self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
+    ) -> None:
         for desc, data in documents:
             await self.put_blob_bytes(desc, data)
         await asyncio.to_thread(self._name_image, ref, target)

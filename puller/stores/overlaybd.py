@@ -245,6 +245,8 @@ class OverlaybdStore(StoreBase):
         except OSError as e:
             raise store_error(e, f"committing {desc.digest} to {self.cache_dir}") from None
 
-    async def commit_image(self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]]) -> None:
+    async def commit_image(
+        self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
+    ) -> None:
         """overlaybd keeps no image records: once the layer files are in place the image is present."""
         log.info("%s: layers of %s are in %s", ref, target.digest, self.cache_dir)

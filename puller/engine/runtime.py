@@ -1,0 +1,96 @@
+"""The long-lived parts of pulling, built from :class:`~puller.config.Settings`: one registry client, one store,
+one connection budget and one blob fetcher, shared by every pull of a process (``puller pull`` makes one pull;
+the daemon makes many, concurrently, under the same budget)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from .. import config
+from ..errors import ConfigError
+from ..reference import Reference
+from ..registry.auth import Credentials, CredentialStore
+from ..registry.client import ClientSettings, RegistryClient
+from ..registry.hosts import HostSettings
+from ..registry.manifest import Platform
+from ..stores import Store
+from ..stores.oci_layout import OCILayoutStore
+from .budget import ConnectionBudget
+from .fetcher import BlobFetcher, FetchSettings
+from .pull import PullProgress, PullResult, pull_image
+
+
+def open_store(settings: config.Settings) -> Store:
+    """``oci:DIR`` (or a bare directory) -> the OCI layout store; ``containerd``; ``overlaybd``."""
+    spec = settings.store
+    kind, sep, arg = spec.partition(":")
+    if spec == "containerd":
+        from ..stores.containerd import ContainerdStore  # grpc is loaded only for this store
+
+        return ContainerdStore(
+            settings.containerd_address,
+            settings.namespace,
+            settings.snapshotter,
+            settings.unpack,
+            settings.pin,
+            settings.staging_dir,
+        )
+    if spec == "overlaybd":
+        from ..stores.overlaybd import OverlaybdStore
+
+        return OverlaybdStore(settings.overlaybd_config, settings.cache_dir)
+    if sep and kind == "oci":
+        return OCILayoutStore(arg or config.DEFAULT_OCI_DIR)
+    if not sep or "/" in kind or kind.startswith("."):
+        return OCILayoutStore(spec)
+    raise ConfigError(f"unknown store {spec!r}: use oci:DIR, containerd or overlaybd")
+
+
+class Engine:
+    """Use as ``async with Engine(settings) as engine: await engine.pull(ref)``."""
+
+    def __init__(self, settings: config.Settings, explicit_credentials: dict[str, Credentials] | None = None):
+        self.settings = settings
+        hosts = HostSettings(frozenset(settings.plain_http), frozenset(settings.insecure_skip_verify), settings.ca_file)
+        docker_config = Path(settings.docker_config) if settings.docker_config else None
+        credentials = CredentialStore(explicit_credentials or {}, docker_config)
+        client_settings = ClientSettings(hosts, settings.connect_timeout, settings.read_timeout)
+        self.client = RegistryClient(client_settings, credentials)
+        self.store = open_store(settings)
+        self.budget = ConnectionBudget(settings.connections, settings.connections_per_host)
+        fetch_settings = FetchSettings(settings.chunk_size, settings.min_split, settings.attempts)
+        self.fetcher = BlobFetcher(self.client, self.budget, fetch_settings)
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Engine:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.client)
+            await stack.enter_async_context(self.store)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    def platform_for(self, platform: str | None) -> Platform | None:
+        """An entry's own platform, else the configured one, else None (this host)."""
+        chosen = platform or self.settings.platform
+        return Platform.parse(chosen) if chosen else None
+
+    async def pull(
+        self,
+        ref: Reference,
+        platform: str | None = None,
+        progress: PullProgress | None = None,
+        pin: bool | None = None,
+    ) -> PullResult:
+        pinned = self.settings.pin if pin is None else pin
+        return await pull_image(
+            ref, self.client, self.fetcher, self.store, self.platform_for(platform), progress, pin=pinned
+        )
+
+    async def resolve_digest(self, ref: Reference) -> str:
+        """What ``ref`` names in its registry now (one manifest request): to see whether a tag moved."""
+        top, _ = await self.client.get_manifest(ref)
+        return str(top.digest)
