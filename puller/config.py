@@ -28,6 +28,9 @@ from .stores.defaults import (
 from .stores.defaults import OCI_DIR as DEFAULT_OCI_DIR
 
 CONFIG_ENV = "PULLER_CONFIG"
+DAEMON_IMAGES_FILE = "/etc/puller/images.yaml"
+DAEMON_LISTEN = "0.0.0.0:8470"
+STARTUP_TAINT = "puller.io/prefetch"
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -56,6 +59,17 @@ class Settings:
     # overlaybd store
     overlaybd_config: str = OVERLAYBD_CONFIG
     cache_dir: str | None = None
+    # daemon (puller daemon)
+    images_file: str = DAEMON_IMAGES_FILE
+    listen: str = DAEMON_LISTEN
+    api_token_file: str | None = None
+    node_name: str | None = None
+    watch_interval: float = 2.0
+    resolve_interval: float = 300.0
+    parallel_pulls: int = 4
+    retry_backoff_max: float = 300.0
+    startup_taint: str | None = STARTUP_TAINT
+    startup_deadline: float = 900.0
 
     def validate(self) -> Settings:
         if self.connections < 1 or self.connections_per_host < 1:
@@ -64,7 +78,20 @@ class Settings:
             raise ConfigError("chunk_size must be at least 64KiB")
         if self.attempts < 1:
             raise ConfigError("attempts must be at least 1")
+        if self.parallel_pulls < 1:
+            raise ConfigError("parallel_pulls must be at least 1")
+        for name in ("watch_interval", "resolve_interval", "retry_backoff_max", "startup_deadline"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ConfigError(f"listen must be HOST:PORT, not {self.listen!r}")
         return self
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 def parse_size(value: Any) -> int:
@@ -98,12 +125,20 @@ def load(path: str | None = None) -> Settings:
 
 
 def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> Settings:
+    """Override ``settings`` with ``values``. From flags, None means "not given"; in a file, ``null`` sets an
+    optional setting to None (e.g. ``startup_taint: null`` turns the start-up gate off)."""
     known = {f.name: f for f in dataclasses.fields(Settings)}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"{where}: unknown setting {key!r}")
+        optional = "None" in str(known[name].type)
         if value is None:
+            if where == "flags":
+                continue
+            if not optional:
+                raise ConfigError(f"{where}: {key} cannot be null")
+            setattr(settings, name, None)
             continue
         if name in ("chunk_size", "min_split"):
             value = parse_size(value)
@@ -120,5 +155,7 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
                 value = int(value) if known[name].type == "int" else float(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: {key} must be a number") from None
+        elif str(known[name].type).startswith("str") and not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string")
         setattr(settings, name, value)
     return settings.validate()

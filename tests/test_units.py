@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from puller import config
 from puller.digest import Digest
@@ -224,10 +227,28 @@ def test_settings_file_and_sizes(tmp_path):
 
 
 def test_example_config_is_valid():
-    from pathlib import Path
-
     s = config.load(str(Path(__file__).parent.parent / "config" / "puller.yaml"))
     assert s == config.Settings()  # the example documents the defaults
+    documented = yaml.safe_load((Path(__file__).parent.parent / "config" / "puller.yaml").read_text())
+    assert set(documented) == {f.name for f in dataclasses.fields(config.Settings)}  # ... every one of them
+
+
+def test_settings_null_and_types(tmp_path):
+    f = tmp_path / "puller.yaml"
+    f.write_text("startup_taint: null\nlisten: 127.0.0.1:9000\n")
+    s = config.load(str(f))
+    assert s.startup_taint is None and s.listen_address == ("127.0.0.1", 9000)
+    for bad, message in [
+        ("connections: null", "cannot be null"),
+        ("listen: ':9000'", "HOST:PORT"),
+        ("listen: 9000", "must be a string"),
+        ("images_file: [a]", "must be a string"),
+        ("resolve_interval: 0", "positive"),
+    ]:
+        f.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=message):
+            config.load(str(f))
+    assert config.apply(config.Settings(), {"startup_taint": None}).startup_taint == config.STARTUP_TAINT
 
 
 def test_hosts_and_helpers():
