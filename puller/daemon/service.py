@@ -1,0 +1,231 @@
+"""The reconcile loop: keep the listed images present, pull what the API asks for, re-resolve tags.
+
+Every image the daemon knows has one :class:`ImageState`, keyed by reference (and platform). An image is
+listed (from the image list file), requested (through the API), or both; a pull of it is one task, whoever
+asked. All pulls share the engine's one connection budget; ``parallel_pulls`` bounds how many run at once.
+A failing image backs off exponentially and never blocks the others. Cancelling :meth:`Daemon.run` stops the
+pulls at a clean point (the engine keeps verified ranges), so the next start resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from ..config import Settings
+from ..engine.pull import PullProgress
+from ..engine.runtime import Engine
+from ..errors import PullerError
+from ..metrics import DaemonMetrics
+from .imagelist import ImageListWatcher, ImageSpec
+
+log = logging.getLogger(__name__)
+
+LISTED, REQUESTED = "list", "api"
+ABSENT, PULLING, PRESENT, FAILED = "absent", "pulling", "present", "failed"
+BACKOFF_BASE_S = 2.0
+TICK_S = 1.0
+
+
+@dataclass
+class ImageState:
+    spec: ImageSpec
+    sources: set[str] = field(default_factory=set)
+    state: str = ABSENT
+    digest: str | None = None
+    error: str | None = None
+    progress: PullProgress | None = None
+    failures: int = 0
+    next_attempt: float = 0.0  # monotonic time before which a failed image is not retried
+    checked: float | None = None  # monotonic time the digest was last confirmed with the registry
+    task: asyncio.Task | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set while no pull or check runs
+
+    def view(self) -> dict:
+        """What the API reports for this image."""
+        out: dict = {
+            "reference": str(self.spec.reference),
+            "platform": self.spec.platform,
+            "state": self.state,
+            "digest": self.digest,
+            "sources": sorted(self.sources),
+        }
+        if self.progress is not None and self.state == PULLING:
+            out["done"], out["total"] = self.progress.done, self.progress.total
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class Daemon:
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        self.watcher = ImageListWatcher(settings.images_file)
+        self.images: dict[str, ImageState] = {}
+        self.listed: set[str] = set()
+        self.list_loaded = False
+        self._slots = asyncio.Semaphore(settings.parallel_pulls)
+        self.metrics = DaemonMetrics(
+            lambda: engine.budget.in_use, lambda: ((k, s.state) for k, s in self.images.items())
+        )
+
+    # ---- what the API and the gate read ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """The image list was read and every listed image is present."""
+        return self.list_loaded and all(self.images[k].state == PRESENT for k in self.listed)
+
+    def missing(self) -> list[str]:
+        return sorted(k for k in self.listed if self.images[k].state != PRESENT)
+
+    # ---- what changes the set of images ---------------------------------------------------------------------
+
+    def apply_list(self, specs: list[ImageSpec]) -> None:
+        wanted = {s.key: s for s in specs}
+        for key in self.listed - wanted.keys():
+            self._drop_source(key, LISTED)
+        for key, spec in wanted.items():
+            st = self.images.setdefault(key, ImageState(spec))
+            if st.spec.pin != spec.pin:
+                st.checked = None  # pin changed: record the image again
+            st.spec = spec
+            st.sources.add(LISTED)
+        self.listed = set(wanted)
+        self.list_loaded = True
+        self.metrics.list_reloads.labels("ok").inc()
+        log.info("image list: %d image(s)", len(wanted))
+
+    def request(self, specs: list[ImageSpec]) -> list[ImageState]:
+        """Pull these now (API): retried at once even if backing off, tags re-resolved even if present."""
+        states = []
+        for spec in specs:
+            st = self.images.setdefault(spec.key, ImageState(spec))
+            st.sources.add(REQUESTED)
+            if st.task is None:
+                st.next_attempt, st.checked = 0.0, None
+                self._start(st)
+            states.append(st)
+        return states
+
+    async def wait(self, states: list[ImageState], timeout: float) -> bool:
+        """Wait until no pull of ``states`` is running; False on timeout."""
+        waits = [asyncio.ensure_future(st.settled.wait()) for st in states]
+        try:
+            _, pending = await asyncio.wait(waits, timeout=timeout) if waits else (set(), set())
+        finally:
+            for w in waits:
+                w.cancel()
+        return not pending
+
+    def _drop_source(self, key: str, source: str) -> None:
+        st = self.images.get(key)
+        if st is None:
+            return
+        st.sources.discard(source)
+        if not st.sources:
+            del self.images[key]
+            if st.task is not None:
+                st.task.cancel()  # no longer wanted; what it fetched stays staged for a later request
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile until cancelled; then stop every pull at a clean point."""
+        try:
+            while True:
+                self._reload()
+                now = time.monotonic()
+                for st in list(self.images.values()):
+                    if st.task is None and self._due(st, now):
+                        self._start(st)
+                await asyncio.sleep(min(TICK_S, self.settings.watch_interval))
+        finally:
+            tasks = [st.task for st in self.images.values() if st.task is not None]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _reload(self) -> None:
+        refused = self.watcher.refused
+        specs = self.watcher.poll()
+        if specs is not None:
+            self.apply_list(specs)
+        elif self.watcher.refused != refused:
+            self.metrics.list_reloads.labels("error").inc()
+
+    def _due(self, st: ImageState, now: float) -> bool:
+        if st.state != PRESENT:
+            return now >= st.next_attempt
+        if st.checked is None:
+            return True
+        movable = st.spec.reference.digest is None  # a tag can move; a digest cannot
+        return movable and now - st.checked >= self.settings.resolve_interval and now >= st.next_attempt
+
+    def _start(self, st: ImageState) -> None:
+        st.settled.clear()
+        st.task = asyncio.ensure_future(self._pull(st))
+
+    async def _pull(self, st: ImageState) -> None:
+        ref = st.spec.reference
+        try:
+            async with self._slots:
+                if st.state == PRESENT and st.checked is not None:
+                    if await self.engine.resolve_digest(ref) == st.digest:
+                        st.checked, st.error = time.monotonic(), None
+                        return
+                    log.info("%s moved; pulling it again", ref)
+                st.progress = PullProgress(str(ref))
+                if st.state != PRESENT:
+                    st.state = PULLING
+                try:
+                    result = await self.engine.pull(ref, st.spec.platform, st.progress, st.spec.pin)
+                except asyncio.CancelledError:
+                    self.metrics.pull_finished(st.progress, "cancelled")
+                    raise
+                except BaseException:
+                    self.metrics.pull_finished(st.progress, "failure")
+                    raise
+                self.metrics.pull_finished(st.progress, "success")
+            st.state, st.digest, st.error, st.failures = PRESENT, result.digest, None, 0
+            st.checked = time.monotonic()
+            log.info(
+                "%s present: %s (%.1f MB in %.1f s)", ref, result.digest, result.fetched_bytes / 1e6, result.seconds
+            )
+        except asyncio.CancelledError:
+            if st.state == PULLING:
+                st.state = ABSENT
+            raise
+        except Exception as e:
+            self._failed(st, e)
+        finally:
+            st.task = None
+            st.settled.set()
+
+    def _failed(self, st: ImageState, e: Exception) -> None:
+        st.failures += 1
+        st.error = str(e) if isinstance(e, PullerError) else f"internal error: {e!r}"
+        if not isinstance(e, PullerError):
+            log.exception("%s: unexpected failure", st.spec.reference)
+        if st.state != PRESENT:  # a failed re-check leaves a present image present
+            st.state = FAILED
+        backoff = min(self.settings.retry_backoff_max, BACKOFF_BASE_S * 2 ** (st.failures - 1))
+        st.next_attempt = time.monotonic() + backoff * random.uniform(0.5, 1.0)
+        log.warning("%s: %s (retry in about %.0f s)", st.spec.reference, st.error, backoff)
+
+
+@contextlib.asynccontextmanager
+async def running(daemon: Daemon):
+    """Run the daemon's loop in the background for the body of the block."""
+    task = asyncio.ensure_future(daemon.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
