@@ -1,23 +1,29 @@
-"""Command line: ``puller pull REF``. Wiring only; the work is in the engine, registry and stores."""
+"""Command line: ``puller pull``, ``puller daemon``, ``puller warmup``. Wiring only; the work is in the engine,
+the registry client, the stores, the daemon and the warmup client."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 from . import __version__, config
 from .engine.pull import PullProgress, PullResult
 from .engine.runtime import Engine
-from .errors import PullerError
+from .errors import ConfigError, PullerError
 from .progress import emit_json, show, summary_json, summary_line
 from .reference import Reference
 from .registry.auth import Credentials
 
 EXIT_INTERRUPTED = 130  # SIGINT
 EXIT_TERMINATED = 143  # SIGTERM
+DEFAULT_DAEMON_NAMESPACE = "puller"
+DEFAULT_DAEMON_SELECTOR = "app.kubernetes.io/name=puller"
+log = logging.getLogger("puller")
 
 
 async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials | None, output: str) -> PullResult:
@@ -30,12 +36,103 @@ async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials
             return await engine.pull(ref, progress=progress)
 
 
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read token file {path}: {e.strerror}") from None
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token
+
+
+async def run_daemon(settings: config.Settings) -> None:
+    """Serve the API and keep the image list present until SIGTERM/SIGINT; then stop pulls at a clean point."""
+    from aiohttp import web
+
+    from .daemon.api import make_app
+    from .daemon.service import Daemon
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, asyncio.current_task().cancel)
+    node = settings.node_name or os.environ.get("NODE_NAME")
+    token = _read_token(settings.api_token_file)
+    async with Engine(settings) as engine:
+        daemon = Daemon(engine, settings, node)
+        runner = web.AppRunner(make_app(daemon, token), access_log=None)
+        await runner.setup()
+        try:
+            host, port = settings.listen_address
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {settings.listen}: {e.strerror}") from None
+            log.info(
+                "daemon on node %s: API on http://%s, image list %s, store %s",
+                node or "(unnamed)",
+                settings.listen,
+                settings.images_file,
+                settings.store,
+            )
+            await daemon.run()
+        except asyncio.CancelledError:
+            log.info("stopping: pulls stop at a clean point and resume on the next start")
+        finally:
+            await runner.cleanup()
+
+
+async def run_warmup(args: argparse.Namespace, output: str) -> None:
+    from .daemon.node import DaemonPod, find_daemon_pods
+    from .warmup import Warmup, display, resolve_service
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    token = _read_token(args.token_file)
+    if args.endpoints:
+        urls = [u.strip().rstrip("/") for u in args.endpoints.split(",") if u.strip()]
+        pods = [DaemonPod(u.split("://", 1)[-1], u) for u in urls]
+    elif args.service:
+        pods = await resolve_service(args.service, args.port)
+    else:
+        pods = await find_daemon_pods(args.namespace, args.selector, args.port)
+    warmup = Warmup(pods, args.images, args.platform, token)
+    if not pods:
+        raise ConfigError("no puller daemons found (check --namespace/--selector, --service or --endpoints)")
+    with display(output) as show:
+        await warmup.run(args.wait, args.timeout, show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puller", description="Pull whole container images, fast.")
     parser.add_argument("--version", action="version", version=f"puller {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pull", help="pull an image into a store")
+    _pull_parser(sub.add_parser("pull", help="pull an image into a store"))
+    d = sub.add_parser("daemon", help="keep a list of images present on this node and serve the warmup API")
+    d.add_argument("--config", help=f"YAML settings file (default: ${config.CONFIG_ENV} if set)")
+    d.add_argument("--images-file", help=f"the image list to keep present (default {config.DAEMON_IMAGES_FILE})")
+    d.add_argument("--listen", help=f"HOST:PORT of the HTTP API (default {config.DAEMON_LISTEN})")
+    d.add_argument("--store", help="oci:DIR, containerd or overlaybd (default: from the config)")
+    w = sub.add_parser("warmup", help="ask every node's daemon to pull images now; with --wait, wait for all")
+    w.add_argument("images", nargs="+", metavar="IMAGE", help="image references")
+    w.add_argument("--wait", action="store_true", help="wait until every node reports every image present")
+    w.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
+    w.add_argument("--platform", help="os/arch[/variant] for every image (default: each node's own)")
+    found = w.add_argument_group("finding the daemons (default: the Kubernetes API)")
+    found.add_argument("--endpoints", help="comma-separated daemon URLs, e.g. http://10.0.0.5:8470")
+    found.add_argument("--service", help="DNS name of the daemons' headless Service, e.g. puller.puller.svc")
+    found.add_argument(
+        "--namespace", default=DEFAULT_DAEMON_NAMESPACE, help="namespace of the daemon pods (default puller)"
+    )
+    found.add_argument("--selector", default=DEFAULT_DAEMON_SELECTOR, help="label selector of the daemon pods")
+    found.add_argument("--port", type=int, default=8470, help="the daemons' API port (default 8470)")
+    found.add_argument("--token-file", help="file with the bearer token the daemons require")
+    return parser
+
+
+def _pull_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", help="image reference, e.g. busybox, ghcr.io/org/app:1.2, repo@sha256:...")
     p.add_argument("--config", help=f"YAML settings file (default: ${config.CONFIG_ENV} if set)")
     p.add_argument(
@@ -65,39 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--staging-dir", help="where blobs are staged before containerd takes them (default /var/lib/puller/staging)"
     )
     c.add_argument("--pin", action="store_true", default=None, help="label the image pinned: kubelet GC keeps it")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.DEBUG if args.verbose else (logging.INFO if args.command == "daemon" else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    json_errors = getattr(args, "json", False)
     try:
-        ref = Reference.parse(args.reference)
-        settings = config.load(args.config)
-        flags: dict = {
-            "store": args.store,
-            "platform": args.platform,
-            "connections": args.concurrency,
-            "chunk_size": args.chunk_size,
-            "containerd_address": args.containerd_address,
-            "namespace": args.namespace,
-            "snapshotter": args.snapshotter,
-            "unpack": args.unpack,
-            "pin": args.pin,
-            "staging_dir": args.staging_dir,
-            "overlaybd_config": args.overlaybd_config,
-            "cache_dir": args.cache_dir,
-        }
-        if args.plain_http:
-            flags["plain_http"] = [*settings.plain_http, ref.api_host]
-        if args.insecure_skip_verify:
-            flags["insecure_skip_verify"] = [*settings.insecure_skip_verify, ref.api_host]
-        settings = config.apply(settings, flags)
-        creds = Credentials.from_user_pass(args.creds) if args.creds else None
-        output = "json" if args.json else ("tty" if sys.stderr.isatty() else "plain")
-        result = _run(run_pull(ref, settings, creds, output))
+        return {"pull": _pull, "daemon": _daemon, "warmup": _warmup}[args.command](args)
     except PullerError as e:
-        if args.json:
+        if json_errors:
             emit_json({"event": "error", "error": type(e).__name__, "message": str(e)})
         print(f"puller: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -107,10 +182,51 @@ def main(argv: list[str] | None = None) -> int:
     except asyncio.CancelledError:
         print("puller: terminated; progress is kept and the next pull resumes", file=sys.stderr)
         return EXIT_TERMINATED
+
+
+def _pull(args: argparse.Namespace) -> int:
+    ref = Reference.parse(args.reference)
+    settings = config.load(args.config)
+    flags: dict = {
+        "store": args.store,
+        "platform": args.platform,
+        "connections": args.concurrency,
+        "chunk_size": args.chunk_size,
+        "containerd_address": args.containerd_address,
+        "namespace": args.namespace,
+        "snapshotter": args.snapshotter,
+        "unpack": args.unpack,
+        "pin": args.pin,
+        "staging_dir": args.staging_dir,
+        "overlaybd_config": args.overlaybd_config,
+        "cache_dir": args.cache_dir,
+    }
+    if args.plain_http:
+        flags["plain_http"] = [*settings.plain_http, ref.api_host]
+    if args.insecure_skip_verify:
+        flags["insecure_skip_verify"] = [*settings.insecure_skip_verify, ref.api_host]
+    settings = config.apply(settings, flags)
+    creds = Credentials.from_user_pass(args.creds) if args.creds else None
+    output = "json" if args.json else ("tty" if sys.stderr.isatty() else "plain")
+    result = _run(run_pull(ref, settings, creds, output))
     if args.json:
         emit_json(summary_json(result))
     else:
         print(summary_line(result))
+    return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    settings = config.load(args.config)
+    settings = config.apply(settings, {"images_file": args.images_file, "listen": args.listen, "store": args.store})
+    _run(run_daemon(settings))
+    return 0
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    _run(run_warmup(args, "tty" if sys.stderr.isatty() else "plain"))
     return 0
 
 

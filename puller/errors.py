@@ -14,8 +14,10 @@
     ├── VerificationError          bytes did not match their descriptor
     │   ├── DigestMismatch
     │   └── SizeMismatch
-    └── StoreError                 the store could not take the data
-        └── DiskFull
+    ├── StoreError                 the store could not take the data
+    │   └── DiskFull
+    ├── KubernetesError            the Kubernetes API refused or could not be reached (daemon, warmup)
+    └── WarmupError                warmup: a daemon refused the request, or the images were not everywhere in time
 
 Lower-level exceptions (aiohttp, OSError) are translated into these in one place each:
 :mod:`puller.registry.client` for HTTP and :mod:`puller.stores` for files.
@@ -104,3 +106,11 @@ class StoreError(PullerError):
 
 class DiskFull(StoreError):
     exit_code = 10
+
+
+class KubernetesError(PullerError):
+    exit_code = 11
+
+
+class WarmupError(PullerError):
+    exit_code = 12

@@ -22,6 +22,7 @@ from ..engine.runtime import Engine
 from ..errors import PullerError
 from ..metrics import DaemonMetrics
 from .imagelist import ImageListWatcher, ImageSpec
+from .node import remove_node_taint
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ LISTED, REQUESTED = "list", "api"
 ABSENT, PULLING, PRESENT, FAILED = "absent", "pulling", "present", "failed"
 BACKOFF_BASE_S = 2.0
 TICK_S = 1.0
+GATE_RETRY_S = 10.0
 
 
 @dataclass
@@ -62,9 +64,15 @@ class ImageState:
 
 
 class Daemon:
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, node_name: str | None = None):
         self.engine = engine
         self.settings = settings
+        self.node_name = node_name
+        self.started = time.monotonic()
+        # The start-up gate: None = no gate (no taint or no node name), False = closed, True = opened.
+        self.gate_open: bool | None = None if not (node_name and settings.startup_taint) else False
+        self._gate_task: asyncio.Task | None = None
+        self._gate_retry_at = 0.0
         self.watcher = ImageListWatcher(settings.images_file)
         self.images: dict[str, ImageState] = {}
         self.listed: set[str] = set()
@@ -144,9 +152,12 @@ class Daemon:
                 for st in list(self.images.values()):
                     if st.task is None and self._due(st, now):
                         self._start(st)
+                self._check_gate(now)
                 await asyncio.sleep(min(TICK_S, self.settings.watch_interval))
         finally:
             tasks = [st.task for st in self.images.values() if st.task is not None]
+            if self._gate_task is not None:
+                tasks.append(self._gate_task)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -158,6 +169,47 @@ class Daemon:
             self.apply_list(specs)
         elif self.watcher.refused != refused:
             self.metrics.list_reloads.labels("error").inc()
+
+    def _check_gate(self, now: float) -> None:
+        if self.gate_open is not False or self._gate_task is not None or now < self._gate_retry_at:
+            return
+        if self.ready:
+            reason = "present"
+        elif now - self.started >= self.settings.startup_deadline:
+            reason = "deadline"
+        else:
+            return
+        self._gate_task = asyncio.ensure_future(self._open_gate(reason))
+
+    async def _open_gate(self, reason: str) -> None:
+        assert self.node_name and self.settings.startup_taint
+        try:
+            removed = await remove_node_taint(self.node_name, self.settings.startup_taint)
+        except PullerError as e:
+            log.error("start-up gate: %s (retrying in %.0f s)", e, GATE_RETRY_S)
+            self._gate_retry_at = time.monotonic() + GATE_RETRY_S
+            return
+        finally:
+            self._gate_task = None
+        self.gate_open = True
+        if not removed:
+            log.info("start-up gate: node %s has no %s taint", self.node_name, self.settings.startup_taint)
+            return
+        self.metrics.gate_released.labels(reason).inc()
+        if reason == "deadline":
+            log.error(
+                "start-up gate: deadline of %.0f s passed with %s missing; removed taint %s from node %s anyway",
+                self.settings.startup_deadline,
+                ", ".join(self.missing()) or "the image list",
+                self.settings.startup_taint,
+                self.node_name,
+            )
+        else:
+            log.info(
+                "start-up gate: all images present; removed taint %s from node %s",
+                self.settings.startup_taint,
+                self.node_name,
+            )
 
     def _due(self, st: ImageState, now: float) -> bool:
         if st.state != PRESENT:

@@ -1,0 +1,104 @@
+"""The Kubernetes API, for the two things puller asks of it: remove this node's start-up taint, and find the
+daemon pods (for ``puller warmup``). kubernetes_asyncio, with the in-cluster service account when running in a
+pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config).
+
+The calls, which the DaemonSet's RBAC allows and nothing more:
+- ``GET /api/v1/nodes/{name}`` and ``PATCH /api/v1/nodes/{name}`` (JSON patch: test the taint's key at its
+  index, then remove it; if the list changed meanwhile the test fails and the node is read again);
+- ``GET /api/v1/namespaces/{ns}/pods?labelSelector=...`` (warmup only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from ..errors import KubernetesError
+
+log = logging.getLogger(__name__)
+
+PATCH_ATTEMPTS = 5
+
+
+@asynccontextmanager
+async def kube_api() -> AsyncIterator:
+    """An ApiClient configured in-cluster or from kubeconfig (the big client package is imported only here)."""
+    from kubernetes_asyncio import client, config
+
+    configuration = client.Configuration()
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            await config.load_kube_config(client_configuration=configuration)
+    except (config.ConfigException, OSError, TypeError) as e:
+        raise KubernetesError(f"no Kubernetes API access (not in a pod, and no usable kubeconfig): {e}") from None
+    async with client.ApiClient(configuration) as api:
+        yield api
+
+
+def _api_error(e: Exception, what: str) -> KubernetesError:
+    status = getattr(e, "status", None)
+    hint = {401: "unauthorized", 403: "forbidden: check the RBAC rules in deploy/", 404: "not found"}.get(status, "")
+    return KubernetesError(f"{what}: {status or ''} {hint or e}".strip())
+
+
+async def remove_node_taint(node_name: str, taint_key: str) -> int:
+    """Remove every taint with ``taint_key`` from ``node_name``; return how many were removed (0: none there)."""
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    async with kube_api() as api:
+        core = client.CoreV1Api(api)
+        for _ in range(PATCH_ATTEMPTS):
+            try:
+                node = await core.read_node(node_name)
+            except ApiException as e:
+                raise _api_error(e, f"reading node {node_name}") from None
+            taints = node.spec.taints or []
+            indexes = [i for i, t in enumerate(taints) if t.key == taint_key]
+            if not indexes:
+                return 0
+            patch = []
+            for i in reversed(indexes):  # highest first, so earlier indexes stay valid
+                patch += [
+                    {"op": "test", "path": f"/spec/taints/{i}/key", "value": taint_key},
+                    {"op": "remove", "path": f"/spec/taints/{i}"},
+                ]
+            try:
+                await core.patch_node(node_name, patch)
+                return len(indexes)
+            except ApiException as e:
+                if e.status in (409, 422):  # the taints changed under us: read again
+                    continue
+                raise _api_error(e, f"removing taint {taint_key} from node {node_name}") from None
+        raise KubernetesError(f"node {node_name}: taints kept changing; gave up after {PATCH_ATTEMPTS} attempts")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonPod:
+    node: str
+    url: str
+
+
+async def find_daemon_pods(namespace: str, selector: str, port: int) -> list[DaemonPod]:
+    """Running daemon pods with an IP, as API base URLs."""
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    async with kube_api() as api:
+        try:
+            pods = await client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)
+        except ApiException as e:
+            raise _api_error(e, f"listing pods {selector!r} in namespace {namespace}") from None
+    found = []
+    for pod in pods.items:
+        ip = pod.status.pod_ip if pod.status else None
+        if not ip or pod.status.phase != "Running":
+            continue
+        host = f"[{ip}]" if ":" in ip else ip
+        found.append(DaemonPod(pod.spec.node_name or pod.metadata.name, f"http://{host}:{port}"))
+    return sorted(found, key=lambda p: p.node)
