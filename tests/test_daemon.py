@@ -3,8 +3,14 @@ API over loopback, `puller warmup` against several daemons, and the Kubernetes c
 
 from __future__ import annotations
 
-from .conftest import assert_store_holds, pushed
-from .daemon_rig import Daemon
+import json
+import urllib.parse
+
+from .conftest import assert_store_holds, pushed, run_puller, staged_files
+from .daemon_rig import Daemon, KubeStandIn, http
+
+TAINT = {"key": "puller.io/prefetch", "value": "pending", "effect": "NoSchedule"}
+OTHER_TAINT = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
 
 
 def test_daemon_follows_the_image_list_through_symlink_swaps(cdn_rig, tmp_path):
@@ -32,3 +38,186 @@ def test_daemon_follows_the_image_list_through_symlink_swaps(cdn_rig, tmp_path):
         assert m[("puller_image_present", (("image", small.ref),))] == 1
         assert m[("puller_images_present", ())] == 1
         assert d.stop() == 0
+
+
+def test_api_refuses_bad_requests_with_clear_4xx(cdn_rig, tmp_path):
+    reg, _ = cdn_rig
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with Daemon(tmp_path / "d", {"api_token_file": str(token)}) as d:
+        auth = {"Authorization": "Bearer s3cret"}
+        assert d.post("/v1/pull", {"images": ["a/b"]})[0] == 401  # no token
+        assert d.post("/v1/pull", {"images": ["a/b"]}, headers={"Authorization": "Bearer nope"})[0] == 401
+        assert d.get("/v1/images")[0] == 401
+        assert d.get("/healthz")[0] == 200 and d.get("/metrics")[0] == 200  # probes and scrapes stay open
+        cases = [
+            (b"{not json", 400, "not valid JSON"),
+            (b"[]", 400, "JSON object"),
+            (b'{"images": ["a/b"], "colour": 1}', 400, "unknown field(s): colour"),
+            (b'{"images": []}', 400, "non-empty list"),
+            (b'{"images": ["docker.io/UPPER/case"]}', 400, "must be lowercase"),
+            (b'{"images": [{"reference": "a/b", "pin": "yes"}]}', 400, "'pin' must be true or false"),
+            (b'{"images": [{"reference": "a/b", "platform": "linux"}]}', 400, "images[0]"),
+            (b'{"images": ["a/b"], "wait": true, "timeout": -1}', 400, "'timeout'"),
+            (b'{"images": ["a/b"], "wait": "yes"}', 400, "'wait'"),
+            (json.dumps({"images": ["a/b"] * 65}).encode(), 400, "at most 64"),
+            (b'{"images": ["' + b"a" * 70_000 + b'"]}', 413, ""),
+        ]
+        for raw, status, message in cases:
+            got, body = d.post("/v1/pull", raw=raw, headers=auth)
+            assert got == status, (raw[:60], got, body)
+            if message:
+                assert message in body["error"], (raw[:60], body)
+        got, body = d.post("/v1/pull", raw=b"x", headers={**auth, "Content-Type": "text/plain"})
+        assert got == 415 and "application/json" in body["error"]
+        assert d.get("/v1/images", headers=auth)[1]["images"] == []  # nothing bad got in
+
+        missing = f"{reg.host}/test/nonexistent:v1"
+        got, body = d.post("/v1/pull", {"images": [missing], "wait": True, "timeout": 60}, headers=auth)
+        assert got == 502 and body["images"][0]["state"] == "failed" and "not found" in body["images"][0]["error"]
+        m = d.metrics()
+        assert m[("puller_pulls_total", (("result", "failure"),))] == 1
+
+
+def test_api_status_while_pulling_wait_and_timeout(slow_rig, tmp_path):
+    reg, _ = slow_rig
+    big = pushed(reg, "test/big", "v1")
+    size = sum(big.blobs.values())
+    with Daemon(tmp_path / "d", {"connections": 3}) as d:  # 3 x 1 MB/s: about 8 s for 24 MiB
+        got, body = d.post("/v1/pull", {"images": [big.ref]})
+        assert got == 202 and body["images"][0]["state"] in ("absent", "pulling")
+        view = d.wait_for(lambda: (i := d.image(big.ref)) and i.get("done", 0) > 0 and i, what="bytes done")
+        assert view["state"] == "pulling" and view["total"] == size and view["done"] < size
+        assert d.get("/readyz")[0] == 200  # readiness is about the configured list (empty), not API requests
+
+        got, body = d.post("/v1/pull", {"images": [big.ref], "wait": True, "timeout": 0.5})
+        assert got == 504 and body["images"][0]["state"] == "pulling"
+        got, body = d.post("/v1/pull", {"images": [big.ref], "wait": True, "timeout": 120})
+        assert got == 200 and body["images"][0]["state"] == "present" and body["images"][0]["digest"] == big.digest
+        assert_store_holds(d.store, big)
+        m = d.metrics()
+        assert m[("puller_pulls_total", (("result", "success"),))] == 1  # the two requests shared one pull
+        assert m[("puller_fetched_bytes_total", ())] == size
+        assert m[("puller_pull_seconds_count", ())] == 1 and m[("puller_pull_seconds_sum", ())] > 2
+        assert m[("puller_connections_in_flight", ())] == 0
+
+
+def test_sigterm_stops_pulls_cleanly_and_the_next_start_resumes(slow_rig, tmp_path):
+    reg, _ = slow_rig
+    big = pushed(reg, "test/big", "v1")
+    size = sum(big.blobs.values())
+    d = Daemon(tmp_path / "d", {"connections": 3})
+    d.images.set_images([big.ref])
+    with d:
+        d.wait_for(lambda: (i := d.image(big.ref)) and i.get("done", 0) > 4_000_000, what="some bytes")
+        assert d.stop() == 0  # SIGTERM: a clean stop, exit 0
+    assert staged_files(d.store), "verified ranges are kept for the next start"
+    with d:
+        d.wait_state(big.ref, "present", timeout=120)
+        fetched = d.metrics()[("puller_fetched_bytes_total", ())]
+        assert 0 < fetched < size - 4_000_000  # resumed, not started over
+    assert_store_holds(d.store, big)
+
+
+def test_warmup_waits_for_every_node_and_names_the_laggard(slow_rig, tmp_path):
+    reg, _ = slow_rig
+    big = pushed(reg, "test/big", "v1")
+    fast = {"connections": 24}  # 24 x 1 MB/s: about 1 s
+    slow = {"connections": 1}  # 1 MB/s: about 25 s
+    with (
+        Daemon(tmp_path / "a", dict(fast), env={"NODE_NAME": "node-a"}) as a,
+        Daemon(tmp_path / "b", dict(fast), env={"NODE_NAME": "node-b"}) as b,
+        Daemon(tmp_path / "c", dict(slow), env={"NODE_NAME": "node-c"}) as c,
+    ):
+        endpoints = ",".join(x.url for x in (a, b, c))
+        r = run_puller("warmup", big.ref, "--endpoints", endpoints, "--wait", "--timeout", "6")
+        assert r.returncode == 12, r.stderr
+        assert "timed out after 6 s; lagging: node-c (pulling" in r.stderr
+        table = r.stdout.splitlines()
+        assert table[0].split() == ["NODE", big.ref]
+        rows = {line.split()[0]: line.split(None, 1)[1] for line in table[1:]}
+        assert rows["node-a"] == rows["node-b"] == "present" and rows["node-c"].startswith("pulling")
+
+        r = run_puller("warmup", big.ref, "--endpoints", endpoints, "--wait", "--timeout", "120")
+        assert r.returncode == 0, r.stderr
+        assert {line.split()[1] for line in r.stdout.splitlines()[1:]} == {"present"}
+        for d in (a, b, c):
+            assert_store_holds(d.store, big)
+
+        r = run_puller("warmup", big.ref, "--endpoints", endpoints + ",http://127.0.0.1:1")  # no --wait
+        assert r.returncode == 12 and "1 daemon(s) did not take the request: 127.0.0.1:1" in r.stderr
+        r = run_puller("warmup", "Bad Ref", "--endpoints", endpoints)
+        assert r.returncode == 2
+
+
+def test_startup_taint_removed_once_the_list_is_present(direct_registry, tmp_path):
+    app = pushed(direct_registry, "test/app", "v1")
+    with KubeStandIn(tmp_path) as kube:
+        kube.add_node("node-1", [OTHER_TAINT, TAINT])
+        d = Daemon(tmp_path / "d", {"startup_taint": TAINT["key"]}, env={"NODE_NAME": "node-1", **kube.env})
+        d.images.set_images([app.ref])
+        with d:
+            d.wait_for(lambda: kube.nodes["node-1"]["spec"]["taints"] == [OTHER_TAINT], what="taint removed")
+            assert d.image(app.ref)["state"] == "present"
+            assert d.metrics()[("puller_startup_taint_removed_total", (("reason", "present"),))] == 1
+        patches = [body for verb, _, body in kube.calls if verb == "PATCH"]
+        assert patches == [
+            [
+                {"op": "test", "path": "/spec/taints/1/key", "value": TAINT["key"]},
+                {"op": "remove", "path": "/spec/taints/1"},
+            ]
+        ]
+        assert not kube.unexpected
+
+
+def test_startup_taint_removed_at_the_deadline_when_the_registry_fails(direct_registry, tmp_path):
+    missing = f"{direct_registry.host}/test/nonexistent:v1"
+    with KubeStandIn(tmp_path) as kube:
+        kube.add_node("node-1", [TAINT])
+        settings = {"startup_taint": TAINT["key"], "startup_deadline": 2}
+        d = Daemon(tmp_path / "d", settings, env={"NODE_NAME": "node-1", **kube.env})
+        d.images.set_images([missing])
+        with d:
+            d.wait_for(lambda: kube.nodes["node-1"]["spec"]["taints"] == [], what="taint removed at the deadline")
+            assert d.image(missing)["state"] == "failed"
+            assert d.metrics()[("puller_startup_taint_removed_total", (("reason", "deadline"),))] == 1
+            status, text = d.get("/readyz")
+            assert status == 503 and missing in text
+        assert "deadline of 2 s passed with" in d.log.read_text()
+        assert not kube.unexpected
+
+
+def test_warmup_finds_daemons_through_the_kubernetes_api(direct_registry, tmp_path):
+    app = pushed(direct_registry, "test/app", "v1")
+    labels = {"app.kubernetes.io/name": "puller"}
+    with KubeStandIn(tmp_path) as kube:
+        first = Daemon(tmp_path / "a", {}, env={"NODE_NAME": "node-a"}, host="127.0.0.2")
+        port = first.port
+        second = Daemon(tmp_path / "b", {"port": port}, env={"NODE_NAME": "node-b"}, host="127.0.0.3")
+        kube.add_pod("puller", "puller-a", "node-a", "127.0.0.2", labels)
+        kube.add_pod("puller", "puller-b", "node-b", "127.0.0.3", labels)
+        kube.add_pod("puller", "puller-c", "node-c", "127.0.0.4", labels, phase="Pending")  # not asked
+        kube.add_pod("puller", "other", "node-a", "127.0.0.5", {"app": "other"})  # not selected
+        with first, second:
+            r = run_puller("warmup", app.ref, "--wait", "--port", str(port), "--timeout", "60", env=kube.env)
+            assert r.returncode == 0, r.stderr
+            assert [line.split() for line in r.stdout.splitlines()[1:]] == [
+                ["node-a", "present"],
+                ["node-b", "present"],
+            ]
+        gets = [urllib.parse.unquote(path) for verb, path, _ in kube.calls if verb == "GET"]
+        assert gets == ["/api/v1/namespaces/puller/pods?labelSelector=app.kubernetes.io/name=puller"]
+        assert not kube.unexpected
+
+        r = run_puller("warmup", app.ref, "--namespace", "elsewhere", env=kube.env)
+        assert r.returncode == 2 and "no puller daemons found" in r.stderr
+        r = run_puller("warmup", app.ref, env={**kube.env, "KUBECONFIG": str(tmp_path / "missing")})
+        assert r.returncode == 11 and "no Kubernetes API access" in r.stderr
+
+
+def test_daemon_refuses_a_bad_config(tmp_path):
+    config = tmp_path / "puller.yaml"
+    config.write_text("listen: nowhere\n")
+    r = run_puller("daemon", "--config", str(config))
+    assert r.returncode == 2 and "listen must be HOST:PORT" in r.stderr
+    assert http  # the helper is shared with the other daemon tests

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, InvalidReference
+from ..errors import ConfigError, InvalidReference, ManifestError
 from ..reference import Reference
 from ..registry.manifest import Platform
 
@@ -53,7 +53,10 @@ def parse_entry(entry: Any, where: str) -> ImageSpec:
     if platform is not None:
         if not isinstance(platform, str):
             raise ConfigError(f"{where}: 'platform' must be a string like linux/amd64")
-        Platform.parse(platform)
+        try:
+            Platform.parse(platform)
+        except ManifestError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if pin is not None and not isinstance(pin, bool):
         raise ConfigError(f"{where}: 'pin' must be true or false")
     return ImageSpec(Reference.parse(reference), platform, pin)
