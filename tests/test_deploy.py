@@ -1,0 +1,96 @@
+"""deploy/ is installable and consistent: every object validates against the Kubernetes schemas
+(kubernetes-validate, offline), and the pieces agree with each other and with puller's own settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from puller import config
+from puller.daemon.imagelist import parse_list
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+K8S_VERSION = "1.30.0"
+
+
+def load(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+
+
+def objects() -> dict[tuple[str, str], dict]:
+    kustomization = load("kustomization.yaml")[0]
+    out = {}
+    for name in kustomization["resources"]:
+        for doc in load(name):
+            out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml"))
+def test_every_manifest_validates_against_the_kubernetes_schema(name):
+    for doc in load(name):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on unknown or missing fields
+
+
+def test_the_pieces_agree():
+    objs = objects()
+    kustomization = load("kustomization.yaml")[0]
+    assert all((DEPLOY / r).exists() for r in kustomization["resources"])
+    ns = kustomization["namespace"]
+    assert objs[("Namespace", ns)]
+    for (kind, _), doc in objs.items():
+        if kind not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == ns
+
+    ds = objs[("DaemonSet", "puller")]
+    pod = ds["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    svc = objs[("Service", "puller")]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"].items() <= labels.items()
+    from puller.cli import DEFAULT_DAEMON_NAMESPACE, DEFAULT_DAEMON_SELECTOR
+
+    key, value = DEFAULT_DAEMON_SELECTOR.split("=")
+    assert labels[key] == value and ns == DEFAULT_DAEMON_NAMESPACE  # what `puller warmup` looks for by default
+
+    # The ConfigMap holds valid puller settings and a valid image list, wired to the pod's mounts and ports.
+    cm = objs[("ConfigMap", "puller")]
+    settings = config.apply(config.Settings(), yaml.safe_load(cm["data"]["puller.yaml"]), where="configmap")
+    assert parse_list(cm["data"]["images.yaml"], "configmap images.yaml")
+    (container,) = pod["spec"]["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert set(mounts.values()) <= volumes.keys()
+    config_dir = next(p for p, n in mounts.items() if n == "config")
+    assert volumes["config"]["configMap"]["name"] == "puller"
+    assert container["args"][-1] == f"{config_dir}/puller.yaml"
+    assert Path(settings.images_file).parent == Path(config_dir) and "images.yaml" in cm["data"]
+    assert volumes[mounts[settings.containerd_address]]["hostPath"]["path"] == settings.containerd_address
+    assert any(Path(settings.staging_dir).is_relative_to(p) for p in mounts)
+    port = settings.listen_address[1]
+    assert container["ports"][0]["containerPort"] == port == svc["spec"]["ports"][0]["port"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert any(t.get("key") == settings.startup_taint for t in pod["spec"]["tolerations"])
+    assert "memory" in container["resources"]["limits"]
+
+
+def test_rbac_is_least_privilege():
+    objs = objects()
+    ds = objs[("DaemonSet", "puller")]
+    assert ds["spec"]["template"]["spec"]["serviceAccountName"] == "puller"
+    gate = objs[("ClusterRole", "puller-startup-gate")]
+    assert gate["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    binding = objs[("ClusterRoleBinding", "puller-startup-gate")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "puller", "namespace": "puller"}]
+    warmup = objs[("Role", "puller-warmup")]
+    assert warmup["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    job = load("warmup-job.yaml")[0]
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "puller-warmup"
+    assert objs[("RoleBinding", "puller-warmup")]["subjects"][0]["name"] == "puller-warmup"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][0] == "warmup"
