@@ -260,3 +260,28 @@ def test_hosts_and_helpers():
     assert hs.ssl_for("ghcr.io") is True
     assert same_origin("http://a:1/x", "http://a:1/y") and not same_origin("http://a:1/x", "http://a:2/x")
     assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None
+
+
+def test_image_list_watcher_follows_swaps_and_keeps_the_last_good_list(tmp_path):
+    from puller.daemon.imagelist import ImageListWatcher
+
+    from .daemon_rig import ConfigMapDir
+
+    cm = ConfigMapDir(tmp_path / "cm")
+    watcher = ImageListWatcher(cm.path)
+    assert watcher.poll() is None and "cannot read image list" in watcher.error  # not there yet
+    cm.set_images(["busybox", {"reference": "ghcr.io/a/b:1", "platform": "linux/arm64", "pin": True}, "busybox"])
+    specs = watcher.poll()
+    assert [s.key for s in specs] == ["docker.io/library/busybox:latest", "ghcr.io/a/b:1|linux/arm64"]
+    assert specs[1].pin is True and watcher.poll() is None  # unchanged: nothing new
+    for bad, message in [
+        ("images: [{reference: a, colour: red}]", "unknown field(s) colour"),
+        ("images: ['docker.io/A']", "lowercase"),
+        ("- a\n", "one key, 'images'"),
+        ("images: {a: 1}", "must be a list"),
+    ]:
+        cm.write(bad)
+        assert watcher.poll() is None and message in watcher.error, (bad, watcher.error)
+    assert watcher.refused == 5 and watcher.loaded == 1
+    cm.set_images([])
+    assert watcher.poll() == [] and watcher.error is None
