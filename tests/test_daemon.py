@@ -4,10 +4,12 @@ API over loopback, `puller warmup` against several daemons, and the Kubernetes c
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 
 from .conftest import assert_store_holds, pushed, run_puller, staged_files
-from .daemon_rig import Daemon, KubeStandIn, http
+from .daemon_rig import Daemon, KubeStandIn
+from .rig import skopeo_push
 
 TAINT = {"key": "puller.io/prefetch", "value": "pending", "effect": "NoSchedule"}
 OTHER_TAINT = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
@@ -38,6 +40,27 @@ def test_daemon_follows_the_image_list_through_symlink_swaps(cdn_rig, tmp_path):
         assert m[("puller_image_present", (("image", small.ref),))] == 1
         assert m[("puller_images_present", ())] == 1
         assert d.stop() == 0
+
+
+def test_moved_tags_are_pulled_again_and_a_failing_image_blocks_nothing(cdn_rig, layout, tmp_path):
+    reg, _ = cdn_rig
+    skopeo_push(layout["path"], "small", f"{reg.host}/test/moving:v1")
+    before = pushed(reg, "test/moving", "v1")
+    missing = f"{reg.host}/test/nonexistent:v1"
+    with Daemon(tmp_path / "d", {"resolve_interval": 0.5}) as d:
+        d.images.set_images([missing, before.ref])
+        d.wait_state(before.ref, "present")
+        skopeo_push(layout["path"], "app", f"{reg.host}/test/moving:v1")  # the tag moves
+        after = pushed(reg, "test/moving", "v1")
+        assert after.digest != before.digest
+        d.wait_for(lambda: d.image(before.ref)["digest"] == after.digest, what="the moved tag pulled again")
+        assert assert_store_holds(d.store, after)["digest"] == after.digest  # the name now points at the new one
+        failed = d.image(missing)
+        assert failed["state"] == "failed" and "not found" in failed["error"]
+        time.sleep(3)
+        failures = d.metrics()[("puller_pulls_total", (("result", "failure"),))]
+        assert 1 <= failures <= 3  # backing off (2 s, 4 s, ...), not retried every tick
+        assert d.get("/readyz")[0] == 503
 
 
 def test_api_refuses_bad_requests_with_clear_4xx(cdn_rig, tmp_path):
@@ -220,4 +243,3 @@ def test_daemon_refuses_a_bad_config(tmp_path):
     config.write_text("listen: nowhere\n")
     r = run_puller("daemon", "--config", str(config))
     assert r.returncode == 2 and "listen must be HOST:PORT" in r.stderr
-    assert http  # the helper is shared with the other daemon tests
