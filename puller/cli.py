@@ -143,6 +143,9 @@ def _pull_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to this image's registry")
     p.add_argument("--insecure-skip-verify", action="store_true", help="skip TLS verification for this registry")
     p.add_argument("--creds", help="user:password for this image's registry (else docker config.json)")
+    p.add_argument(
+        "--hosts-dir", help="containerd's registry host configuration, for mirrors (default /etc/containerd/certs.d)"
+    )
     p.add_argument("--concurrency", type=int, help="connection budget shared by all chunks (default 32)")
     p.add_argument(
         "--chunk-size", help="largest ranged request, e.g. 8MiB (blobs get smaller chunks so all connections work)"
@@ -200,6 +203,7 @@ def _pull(args: argparse.Namespace) -> int:
         "staging_dir": args.staging_dir,
         "overlaybd_config": args.overlaybd_config,
         "cache_dir": args.cache_dir,
+        "hosts_dir": args.hosts_dir,
     }
     if args.plain_http:
         flags["plain_http"] = [*settings.plain_http, ref.api_host]

@@ -18,6 +18,7 @@ from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
 from .engine.fetcher import DEFAULT_ATTEMPTS, DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
 from .errors import ConfigError
 from .registry.client import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+from .registry.hosts import HostSettings
 from .stores.defaults import (
     CONTAINERD_ADDRESS,
     CONTAINERD_NAMESPACE,
@@ -31,6 +32,7 @@ CONFIG_ENV = "PULLER_CONFIG"
 DAEMON_IMAGES_FILE = "/etc/puller/images.yaml"
 DAEMON_LISTEN = "0.0.0.0:8470"
 STARTUP_TAINT = "puller.io/prefetch"
+HOSTS_DIR = "/etc/containerd/certs.d"
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -49,6 +51,8 @@ class Settings:
     insecure_skip_verify: list[str] = field(default_factory=list)
     ca_file: str | None = None
     docker_config: str | None = None
+    hosts_dir: str | None = HOSTS_DIR
+    mirrors: dict[str, list[dict]] = field(default_factory=dict)
     # containerd store
     containerd_address: str = CONTAINERD_ADDRESS
     namespace: str = CONTAINERD_NAMESPACE
@@ -83,10 +87,26 @@ class Settings:
         for name in ("watch_interval", "resolve_interval", "retry_backoff_max", "startup_deadline"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
+        if not isinstance(self.mirrors, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) for k, v in self.mirrors.items()
+        ):
+            raise ConfigError("mirrors must map a registry (e.g. docker.io) to a list of mirror entries")
+        for registry in self.mirrors:
+            self.host_settings.endpoints(registry)  # parse every entry now: a bad one is a ConfigError at start
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise ConfigError(f"listen must be HOST:PORT, not {self.listen!r}")
         return self
+
+    @property
+    def host_settings(self) -> HostSettings:
+        return HostSettings(
+            frozenset(self.plain_http),
+            frozenset(self.insecure_skip_verify),
+            self.ca_file,
+            self.hosts_dir,
+            self.mirrors,
+        )
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -42,7 +42,12 @@ class DaemonMetrics:
         self.pull_seconds = Histogram(
             "puller_pull_seconds", "Seconds per successful pull", buckets=PULL_SECONDS_BUCKETS, registry=r
         )
-        self.bytes_fetched = Counter("puller_fetched_bytes", "Blob bytes received from registries", registry=r)
+        self.bytes_fetched = Counter(
+            "puller_fetched_bytes",
+            "Blob bytes received, by the registry host (mirror or upstream) that served them",
+            ["host"],
+            registry=r,
+        )
         self.retries = Counter("puller_retries", "Requests retried after a transient failure", registry=r)
         self.list_reloads = Counter("puller_image_list_reloads", "Image list versions read", ["result"], registry=r)
         self.gate_released = Counter(
@@ -58,7 +63,8 @@ class DaemonMetrics:
     def pull_finished(self, progress: PullProgress, result: str) -> None:
         """Account one pull: ``result`` is success, failure or cancelled."""
         self.pulls.labels(result).inc()
-        self.bytes_fetched.inc(progress.fetched)
+        for host, n in progress.by_host.items():
+            self.bytes_fetched.labels(host).inc(n)
         self.retries.inc(sum(b.retries for b in progress.blobs.values()))
         if result == "success" and progress.finished is not None:
             self.pull_seconds.observe(progress.finished - progress.started)

@@ -124,10 +124,13 @@ async def _plain(progress: PullProgress) -> None:
 
 
 def summary_line(result: PullResult) -> str:
-    return (
+    line = (
         f"pulled {result.reference} digest={result.digest} bytes={result.total_bytes} "
         f"fetched={result.fetched_bytes} seconds={result.seconds:.2f} MB/s={result.mb_per_s:.1f}"
     )
+    if len(result.by_host) > 1:
+        line += " from " + ",".join(f"{host}={n}" for host, n in result.by_host.items())
+    return line
 
 
 def summary_json(result: PullResult) -> dict:
@@ -140,4 +143,5 @@ def summary_json(result: PullResult) -> dict:
         "fetched": result.fetched_bytes,
         "seconds": round(result.seconds, 3),
         "mb_per_s": round(result.mb_per_s, 1),
+        "hosts": result.by_host,
     }

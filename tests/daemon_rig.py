@@ -151,6 +151,11 @@ class Daemon:
         }
 
 
+def fetched_bytes(metrics: dict) -> float:
+    """puller_fetched_bytes_total summed over its host label."""
+    return sum(v for (name, _), v in metrics.items() if name == "puller_fetched_bytes_total")
+
+
 class KubeStandIn:
     """The Kubernetes API calls puller makes, exactly: GET/PATCH a node (JSON patch), list pods by selector.
     Anything else is answered 404 and recorded in ``unexpected``."""

@@ -333,8 +333,10 @@ class Registry:
         token: TokenIssuer | None = None,
         redirect_base: str | None = None,
         tls: tuple[Path, Path] | None = None,
+        proxy_remote: str | None = None,
     ):
         self.workdir = workdir
+        self.proxy_remote = proxy_remote  # pull-through cache of this registry URL
         self.root = workdir / "storage"
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -362,6 +364,8 @@ class Registry:
         ]
         if self.tls:
             lines += ["  tls:", f"    certificate: {self.tls[0]}", f"    key: {self.tls[1]}"]
+        if self.proxy_remote:
+            lines += ["proxy:", f"  remoteurl: {self.proxy_remote}"]
         if self.redirect_base:
             lines += [
                 "middleware:",
@@ -681,6 +685,7 @@ class FaultProxy:
         self.other: bytes = b""
         self.bytes_sent = 0
         self.requests: list[str] = []
+        self.paths: list[str] = []  # path and query of every request
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -702,6 +707,7 @@ class FaultProxy:
         proxy = self
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            proxy.paths.append(request.path_qs)
             mode = proxy._take() if "/blobs/" in request.path else "pass"
             proxy.requests.append(f"{mode} {request.headers.get('Range')}")
             if mode.startswith("status:"):
@@ -709,7 +715,8 @@ class FaultProxy:
                 return web.Response(status=code, headers={"Retry-After": "1"} if code == 429 else {})
             if mode == "expire":
                 return web.Response(status=403, text="Request has expired")
-            headers = {} if mode == "ignore-range" else {k: v for k, v in request.headers.items() if k == "Range"}
+            forward = ("Accept",) if mode == "ignore-range" else ("Accept", "Range")
+            headers = {k: v for k, v in request.headers.items() if k in forward}
             async with (
                 ClientSession(auto_decompress=False) as s,
                 s.get(proxy.upstream + request.path_qs, headers=headers) as up,
@@ -722,7 +729,7 @@ class FaultProxy:
             if mode == "flip" and body:
                 body = body[:-1] + bytes([body[-1] ^ 0xFF])
             if mode == "other-blob" and proxy.other:
-                start = int(headers.get("Range", "bytes=0-").split("=")[1].split("-")[0]) if headers else 0
+                start = int(headers.get("Range", "bytes=0-").split("=")[1].split("-")[0])
                 body = proxy.other[start : start + len(body)]
             length = len(body) - 1 if mode == "short-length" and len(body) > 1 else len(body)
             resp = web.StreamResponse(status=status, headers={**out_headers, "Content-Length": str(length)})

@@ -8,7 +8,7 @@ import time
 import urllib.parse
 
 from .conftest import assert_store_holds, pushed, run_puller, staged_files
-from .daemon_rig import Daemon, KubeStandIn
+from .daemon_rig import Daemon, KubeStandIn, fetched_bytes
 from .rig import skopeo_push
 
 TAINT = {"key": "puller.io/prefetch", "value": "pending", "effect": "NoSchedule"}
@@ -36,7 +36,7 @@ def test_daemon_follows_the_image_list_through_symlink_swaps(cdn_rig, tmp_path):
 
         m = d.metrics()
         assert m[("puller_pulls_total", (("result", "success"),))] == 2
-        assert m[("puller_fetched_bytes_total", ())] == sum(app.blobs.values()) + sum(small.blobs.values())
+        assert fetched_bytes(m) == sum(app.blobs.values()) + sum(small.blobs.values())
         assert m[("puller_image_present", (("image", small.ref),))] == 1
         assert m[("puller_images_present", ())] == 1
         assert d.stop() == 0
@@ -120,7 +120,7 @@ def test_api_status_while_pulling_wait_and_timeout(slow_rig, tmp_path):
         assert_store_holds(d.store, big)
         m = d.metrics()
         assert m[("puller_pulls_total", (("result", "success"),))] == 1  # the two requests shared one pull
-        assert m[("puller_fetched_bytes_total", ())] == size
+        assert fetched_bytes(m) == size
         assert m[("puller_pull_seconds_count", ())] == 1 and m[("puller_pull_seconds_sum", ())] > 2
         assert m[("puller_connections_in_flight", ())] == 0
 
@@ -137,7 +137,7 @@ def test_sigterm_stops_pulls_cleanly_and_the_next_start_resumes(slow_rig, tmp_pa
     assert staged_files(d.store), "verified ranges are kept for the next start"
     with d:
         d.wait_state(big.ref, "present", timeout=120)
-        fetched = d.metrics()[("puller_fetched_bytes_total", ())]
+        fetched = fetched_bytes(d.metrics())
         assert 0 < fetched < size - 4_000_000  # resumed, not started over
     assert_store_holds(d.store, big)
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from ..errors import DigestMismatch, SizeMismatch, StoreError, TransportError
+from ..errors import DigestMismatch, RegistryError, SizeMismatch, StoreError, TransportError
 from ..reference import Reference
 from ..registry.client import NET_ERRORS, ExpiredURL, RegistryClient, RetryableStatus
+from ..registry.hosts import PULL
 from ..registry.manifest import Descriptor
 from ..stores import BlobSink, Store, store_error
 from .budget import ConnectionBudget
@@ -46,6 +47,7 @@ DEFAULT_MIN_SPLIT = 1 * MIB
 MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
 CHUNKS_PER_CONNECTION = 4
 DEFAULT_ATTEMPTS = 6
+MIRROR_ATTEMPTS = 2  # tries per request on a mirror before its ranges move to the next host
 MAX_RETRY_AFTER_S = 60.0
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 LOCK_POLL_S = 0.2  # while another process fetches the same blob
@@ -81,6 +83,7 @@ class BlobProgress:
     resumed: int = 0
     state: str = "waiting"  # waiting | present | fetching | verifying | done | failed
     retries: int = 0
+    by_host: dict[str, int] = field(default_factory=dict)  # bytes received, per registry host (mirror or upstream)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -192,7 +195,9 @@ class _BlobDownload:
         self.data_path = store.staging_dir / f"{stem}.partial"
         self.ranges_path = store.staging_dir / f"{stem}.ranges"
         self.lock_path = store.staging_dir / f"{stem}.lock"
-        self.url: str | None = None  # the resolved (redirected) blob URL, reused for every range
+        self.endpoints = fetcher.client.endpoints(ref, PULL)  # mirrors first, then the upstream
+        self.endpoint_index = 0  # the host ranges come from now; moves on when a host fails
+        self.url: str | None = None  # the resolved (redirected) blob URL on that host, reused for every range
         self.done = RangeSet()
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
@@ -338,8 +343,26 @@ class _BlobDownload:
         return split_for_tail(self.inflight, self.f.settings.min_split)
 
     async def _fetch_chunk(self, chunk: Chunk) -> None:
+        """Fetch ``chunk`` from the current host; when a mirror fails (after MIRROR_ATTEMPTS) or lacks the blob,
+        the chunk, and every range after it, continue from the next host. The bytes already written stay:
+        the blob is verified as one, whoever served its parts."""
+        while True:
+            index = self.endpoint_index
+            last = index == len(self.endpoints) - 1
+            try:
+                await self._fetch_chunk_from(chunk, self.f.settings.attempts if last else MIRROR_ATTEMPTS)
+                return
+            except (RegistryError, TransportError) as e:
+                if last:
+                    raise
+                if self.endpoint_index == index:  # the first worker to see the failure moves everyone on
+                    self.endpoint_index, self.url = index + 1, None
+                    nxt = self.endpoints[index + 1].host
+                    log.warning("%s: %s: %s; continuing from %s", self.desc.digest, self.endpoints[index].host, e, nxt)
+
+    async def _fetch_chunk_from(self, chunk: Chunk, attempts: int) -> None:
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.f.settings.attempts),
+            stop=stop_after_attempt(attempts),
             wait=_wait,
             retry=retry_if_exception(_is_retryable),
             reraise=True,
@@ -355,21 +378,22 @@ class _BlobDownload:
         if chunk.pos >= chunk.end:
             return
         headers = {"Range": f"bytes={chunk.pos}-{chunk.end - 1}", "Accept-Encoding": "identity"}
+        endpoint = self.endpoints[self.endpoint_index]
         if self.url:
             try:
                 async with self.f.client.url_get(self.url, headers) as resp:
-                    await self._consume(chunk, resp)
+                    await self._consume(chunk, resp, endpoint.host)
             except ExpiredURL:
                 self.url = None  # resolve through the registry again on the next attempt
                 raise
         else:
             path = f"blobs/{self.desc.digest}"
-            async with self.f.client.registry_get(self.ref, path, headers) as (resp, final_url):
-                if final_url != self.f.client.registry_url(self.ref, path):
+            async with self.f.client.registry_get(self.ref, path, headers, endpoint) as (resp, final_url):
+                if final_url != self.f.client.endpoint_url(endpoint, self.ref, path):
                     self.url = final_url
-                await self._consume(chunk, resp)
+                await self._consume(chunk, resp, endpoint.host)
 
-    async def _consume(self, chunk: Chunk, resp) -> None:
+    async def _consume(self, chunk: Chunk, resp, host: str) -> None:
         size = self.desc.size
         if resp.status == 206:
             m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
@@ -392,7 +416,7 @@ class _BlobDownload:
             raise TransportError(f"unexpected HTTP {resp.status} for a blob range")
         chunk.streaming = True
         try:
-            await self._copy_body(chunk, resp, skip)
+            await self._copy_body(chunk, resp, skip, host)
         finally:
             chunk.streaming = False
 
@@ -405,11 +429,12 @@ class _BlobDownload:
                 other.end = other.pos  # stop the others; the whole-body stream covers their bytes
         self.range_known.set()
 
-    async def _copy_body(self, chunk: Chunk, resp, skip: int) -> None:
+    async def _copy_body(self, chunk: Chunk, resp, skip: int, host: str) -> None:
         loop = asyncio.get_running_loop()
         content = resp.content
         buffers: list[bytes] = []
         buffered = 0
+        received = 0
         try:
             while chunk.pos + buffered < chunk.end:
                 data = await content.readany()
@@ -426,6 +451,7 @@ class _BlobDownload:
                     data = data[:room]
                 buffers.append(data)
                 buffered += len(data)
+                received += len(data)
                 self.progress.fetched += len(data)
                 if buffered >= WRITE_BLOCK:
                     await self._write(loop, chunk, buffers, buffered)
@@ -433,6 +459,7 @@ class _BlobDownload:
         except NET_ERRORS as e:
             raise TruncatedBody(f"{self.desc.digest}: connection failed mid-body at {chunk.pos}: {e}") from None
         finally:
+            self.progress.by_host[host] = self.progress.by_host.get(host, 0) + received
             if buffers:
                 await self._write(loop, chunk, buffers, buffered)
         if chunk.pos < chunk.end:

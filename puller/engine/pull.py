@@ -38,6 +38,15 @@ class PullProgress:
     def fetched(self) -> int:
         return sum(b.fetched for b in self.blobs.values())
 
+    @property
+    def by_host(self) -> dict[str, int]:
+        """Blob bytes received per registry host (mirrors and upstream)."""
+        out: dict[str, int] = {}
+        for b in self.blobs.values():
+            for host, n in b.by_host.items():
+                out[host] = out.get(host, 0) + n
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class PullResult:
@@ -47,6 +56,7 @@ class PullResult:
     total_bytes: int  # size of all blobs of the image
     fetched_bytes: int  # bytes received over the network by this pull
     seconds: float
+    by_host: dict[str, int] = field(default_factory=dict)  # of fetched_bytes, per host that served them
 
     @property
     def mb_per_s(self) -> float:
@@ -115,4 +125,5 @@ async def pull_image(
         total_bytes=progress.total,
         fetched_bytes=progress.fetched,
         seconds=progress.finished - started,
+        by_host=progress.by_host,
     )

@@ -12,7 +12,6 @@ from ..errors import ConfigError
 from ..reference import Reference
 from ..registry.auth import Credentials, CredentialStore
 from ..registry.client import ClientSettings, RegistryClient
-from ..registry.hosts import HostSettings
 from ..registry.manifest import Platform
 from ..stores import Store
 from ..stores.oci_layout import OCILayoutStore
@@ -52,10 +51,9 @@ class Engine:
 
     def __init__(self, settings: config.Settings, explicit_credentials: dict[str, Credentials] | None = None):
         self.settings = settings
-        hosts = HostSettings(frozenset(settings.plain_http), frozenset(settings.insecure_skip_verify), settings.ca_file)
         docker_config = Path(settings.docker_config) if settings.docker_config else None
         credentials = CredentialStore(explicit_credentials or {}, docker_config)
-        client_settings = ClientSettings(hosts, settings.connect_timeout, settings.read_timeout)
+        client_settings = ClientSettings(settings.host_settings, settings.connect_timeout, settings.read_timeout)
         self.client = RegistryClient(client_settings, credentials)
         self.store = open_store(settings)
         self.budget = ConnectionBudget(settings.connections, settings.connections_per_host)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -20,19 +21,24 @@ import aiohttp
 
 from ..digest import Digest
 from ..errors import (
+    ConfigError,
     DigestMismatch,
     Forbidden,
     ManifestError,
     NotFound,
+    PullerError,
     RegistryError,
     SizeMismatch,
     TransportError,
     Unauthorized,
+    VerificationError,
 )
 from ..reference import Reference
 from . import manifest as mf
 from .auth import Challenge, CredentialStore, TokenCache, parse_www_authenticate
-from .hosts import HostSettings
+from .hosts import PULL, RESOLVE, Endpoint, HostSettings
+
+log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -98,6 +104,7 @@ class RegistryClient:
         self._session: aiohttp.ClientSession | None = None
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
         self._schemes: dict[str, str] = {}  # loopback hosts found to speak plain HTTP
+        self._endpoints: dict[str, tuple[Endpoint, ...]] = {}  # registry -> its hosts, mirrors first
 
     async def __aenter__(self) -> RegistryClient:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -124,31 +131,48 @@ class RegistryClient:
             raise RuntimeError("RegistryClient used outside 'async with'")
         return self._session
 
-    def _ssl_for(self, url: str) -> ssl.SSLContext | bool:
+    def _ssl_for(self, url: str, endpoint: Endpoint | None = None) -> ssl.SSLContext | bool:
+        """TLS for ``url``: the endpoint's own settings (hosts.toml) on its host, puller's rules elsewhere."""
         host = urlsplit(url).netloc
-        if host not in self._ssl:
-            self._ssl[host] = self.settings.hosts.ssl_for(host)
-        return self._ssl[host]
+        key = (host, endpoint if endpoint is not None and endpoint.host == host else None)
+        if key not in self._ssl:
+            default = self.settings.hosts.ssl_for(host)
+            self._ssl[key] = key[1].ssl_context(default) if key[1] is not None else default
+        return self._ssl[key]
 
-    def registry_url(self, ref: Reference, path: str) -> str:
-        host = ref.api_host
-        scheme = self._schemes.get(host) or self.settings.hosts.scheme(host)
-        return f"{scheme}://{host}/v2/{ref.repository}/{path}"
+    def endpoints(self, ref: Reference, *capabilities: str) -> tuple[Endpoint, ...]:
+        """The hosts that serve ``ref``'s registry with ``capabilities``, mirrors first (see hosts.py)."""
+        if ref.domain not in self._endpoints:
+            self._endpoints[ref.domain] = self.settings.hosts.endpoints(ref.domain)
+            if len(self._endpoints[ref.domain]) > 1:
+                log.info("%s: hosts %s", ref.domain, ", ".join(e.host for e in self._endpoints[ref.domain]))
+        found = tuple(e for e in self._endpoints[ref.domain] if e.can(*capabilities))
+        if not found:
+            raise ConfigError(f"no host of {ref.domain} may {' and '.join(capabilities)} (check its hosts.toml)")
+        return found
+
+    def endpoint_url(self, endpoint: Endpoint, ref: Reference, path: str) -> str:
+        scheme = endpoint.scheme or self._schemes.get(endpoint.host) or self.settings.hosts.scheme(endpoint.host)
+        return endpoint.url(scheme, ref.repository, path)
 
     # ---- auth ---------------------------------------------------------------------------------------------
 
-    async def _auth_header(self, ref: Reference) -> str | None:
-        challenge = self._challenges.get((ref.api_host, ref.repository))
+    async def _auth_header(self, ref: Reference, endpoint: Endpoint) -> str | None:
+        challenge = self._challenges.get((endpoint.host, ref.repository))
         if challenge is None:
             return None
-        creds = self.credentials.lookup(ref.domain) or self.credentials.lookup(ref.api_host)
+        # A mirror gets the credentials of its own host (as containerd looks them up), never the upstream's.
+        if endpoint.is_mirror:
+            creds = self.credentials.lookup(endpoint.host)
+        else:
+            creds = self.credentials.lookup(ref.domain) or self.credentials.lookup(endpoint.host)
         if challenge.scheme == "basic":
             if creds is None:
-                raise Unauthorized(f"{ref.api_host} asks for basic auth and no credentials are configured", 401)
+                raise Unauthorized(f"{endpoint.host} asks for basic auth and no credentials are configured", 401)
             return creds.basic_header()
         realm = challenge.params.get("realm")
         if not realm:
-            raise Unauthorized(f"{ref.api_host} sent a Bearer challenge without a realm", 401)
+            raise Unauthorized(f"{endpoint.host} sent a Bearer challenge without a realm", 401)
         scope = f"repository:{ref.repository}:pull"
         key = (realm, challenge.params.get("service", ""), scope)
         token = self._tokens.get(key)
@@ -191,7 +215,7 @@ class RegistryClient:
             raise Unauthorized("token server answered with invalid JSON", 200)
         return self._tokens.put(key, payload)
 
-    def _remember_challenge(self, ref: Reference, resp: aiohttp.ClientResponse) -> bool:
+    def _remember_challenge(self, ref: Reference, endpoint: Endpoint, resp: aiohttp.ClientResponse) -> bool:
         """Record the 401's challenge; True when it is new (worth one more try)."""
         challenge = None
         for header in resp.headers.getall("WWW-Authenticate", []):
@@ -200,7 +224,7 @@ class RegistryClient:
                 break
         if challenge is None:
             return False
-        key = (ref.api_host, ref.repository)
+        key = (endpoint.host, ref.repository)
         old = self._challenges.get(key)
         self._challenges[key] = challenge
         if old is not None and old.scheme == "bearer" and challenge.scheme == "bearer":
@@ -213,25 +237,30 @@ class RegistryClient:
 
     @asynccontextmanager
     async def registry_get(
-        self, ref: Reference, path: str, headers: dict[str, str] | None = None
+        self, ref: Reference, path: str, headers: dict[str, str] | None = None, endpoint: Endpoint | None = None
     ) -> AsyncIterator[tuple[aiohttp.ClientResponse, str]]:
-        """GET ``/v2/<repo>/<path>`` with auth, following redirects by hand. Yields the final successful
-        (2xx) response and its URL. Credentials go only to the registry's own origin."""
+        """GET ``<endpoint>/v2/<repo>/<path>`` (default: the registry itself) with auth, following redirects by
+        hand. Yields the final successful (2xx) response and its URL. Credentials and the host's configured
+        headers go only to the endpoint's own origin."""
+        ep = endpoint or self.endpoints(ref)[-1]
         for attempt in range(2):
-            url = self.registry_url(ref, path)
-            auth = await self._auth_header(ref)
+            url = self.endpoint_url(ep, ref, path)
+            auth = await self._auth_header(ref, ep)
+            origin_headers = dict(ep.header)
+            if auth:
+                origin_headers["Authorization"] = auth
             try:
-                resp, final_url = await self._get_following(url, headers or {}, auth, tls_fallback=True)
+                resp, final_url = await self._get_following(url, headers or {}, origin_headers, ep, tls_fallback=True)
             except _NoTLS:
-                self._schemes[ref.api_host] = "http"  # a loopback registry without TLS
-                url = self.registry_url(ref, path)
-                resp, final_url = await self._get_following(url, headers or {}, auth)
+                self._schemes[ep.host] = "http"  # a loopback registry without TLS
+                url = self.endpoint_url(ep, ref, path)
+                resp, final_url = await self._get_following(url, headers or {}, origin_headers, ep)
             if resp.status == 401 and attempt == 0 and same_origin(final_url, url):
-                retry = self._remember_challenge(ref, resp)
+                retry = self._remember_challenge(ref, ep, resp)
                 resp.release()
                 if retry:
                     continue
-                raise Unauthorized(f"{ref.api_host}: 401 Unauthorized for {ref.repository}", 401)
+                raise Unauthorized(f"{ep.host}: 401 Unauthorized for {ref.repository}", 401)
             break
         try:
             if resp.status in (401, 403, 410) and not same_origin(final_url, url):
@@ -246,7 +275,7 @@ class RegistryClient:
     @asynccontextmanager
     async def url_get(self, url: str, headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
         """GET a redirect target (CDN URL) without credentials. 401/403/410 raise :class:`ExpiredURL`."""
-        resp, final_url = await self._get_following(url, headers, None)
+        resp, final_url = await self._get_following(url, headers, {})
         try:
             if resp.status in (401, 403, 410):
                 raise ExpiredURL(f"blob URL on {urlsplit(final_url).netloc} answered {resp.status}", resp.status)
@@ -257,15 +286,18 @@ class RegistryClient:
             resp.release()
 
     async def _get_following(
-        self, url: str, headers: dict[str, str], auth: str | None, tls_fallback: bool = False
+        self,
+        url: str,
+        headers: dict[str, str],
+        origin_headers: dict[str, str],
+        endpoint: Endpoint | None = None,
+        tls_fallback: bool = False,
     ) -> tuple[aiohttp.ClientResponse, str]:
         origin = url
         for _ in range(MAX_REDIRECTS + 1):
-            h = dict(headers)
-            if auth and same_origin(url, origin):
-                h["Authorization"] = auth
+            h = {**headers, **origin_headers} if same_origin(url, origin) else dict(headers)
             try:
-                resp = await self.session.get(url, headers=h, allow_redirects=False, ssl=self._ssl_for(url))
+                resp = await self.session.get(url, headers=h, allow_redirects=False, ssl=self._ssl_for(url, endpoint))
             except aiohttp.ClientConnectorCertificateError as e:
                 raise TransportError(
                     f"{urlsplit(url).netloc}: TLS certificate not trusted ({_describe(e.certificate_error)}); "
@@ -291,8 +323,30 @@ class RegistryClient:
 
     async def get_manifest(self, ref: Reference, expected: mf.Descriptor | None = None) -> tuple[mf.Descriptor, bytes]:
         """Fetch a manifest or index by ``ref.object``; size-capped and, when the digest is known (pulled by
-        digest, or a child of an index), verified. Returns its descriptor and raw bytes."""
-        async with self.registry_get(ref, f"manifests/{ref.object}", {"Accept": mf.ACCEPT}) as (resp, _):
+        digest, or a child of an index), verified. Returns its descriptor and raw bytes.
+
+        Hosts are tried in order as containerd does: a tag only through hosts that may resolve, a digest through
+        hosts that may pull; a host that fails or lacks it passes to the next. If all fail, the most telling
+        error is raised (another HTTP error over not found over unreachable)."""
+        by_digest = ref.digest is not None or expected is not None
+        hosts = self.endpoints(ref, PULL) if by_digest else self.endpoints(ref, PULL, RESOLVE)
+        best: tuple[int, PullerError] | None = None
+        for i, ep in enumerate(hosts):
+            try:
+                return await self._get_manifest_from(ep, ref, expected)
+            except (RegistryError, TransportError, VerificationError) as e:
+                rank = 1 if isinstance(e, TransportError) else 2 if isinstance(e, NotFound) else 3
+                if best is None or rank > best[0]:
+                    best = (rank, e)
+                if i < len(hosts) - 1:
+                    log.info("%s: %s; trying %s", ep.host, e, hosts[i + 1].host)
+        assert best is not None
+        raise best[1]
+
+    async def _get_manifest_from(
+        self, ep: Endpoint, ref: Reference, expected: mf.Descriptor | None
+    ) -> tuple[mf.Descriptor, bytes]:
+        async with self.registry_get(ref, f"manifests/{ref.object}", {"Accept": mf.ACCEPT}, ep) as (resp, _):
             length = resp.content_length
             if length is not None and length > mf.MAX_MANIFEST_BYTES:
                 raise ManifestError(f"manifest for {ref} is {length} bytes, over the {mf.MAX_MANIFEST_BYTES} limit")
@@ -304,7 +358,7 @@ class RegistryClient:
                         break
                     body += more
             except NET_ERRORS as e:
-                raise TransportError(f"{ref.api_host}: {_describe(e)} reading manifest") from None
+                raise TransportError(f"{ep.host}: {_describe(e)} reading manifest") from None
             if len(body) > mf.MAX_MANIFEST_BYTES:
                 raise ManifestError(f"manifest for {ref} is over the {mf.MAX_MANIFEST_BYTES} byte limit")
             content_type = resp.headers.get("Content-Type", "")

@@ -1,0 +1,182 @@
+"""Mirrors as containerd configures them (hosts.toml), with real registries: a pull-through cache, a mirror
+without the image, a pull-only mirror, and a mirror that fails in the middle of a blob."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from puller.errors import ConfigError
+from puller.registry.hosts import (
+    ALL_CAPABILITIES,
+    HostSettings,
+    find_hosts_dir,
+    host_directory_names,
+    parse_hosts_toml,
+)
+
+from .conftest import assert_store_holds, pushed, run_puller
+from .rig import FaultProxy, Registry, skopeo_push
+
+# ---- parsing, against the forms containerd documents ---------------------------------------------------------
+
+
+def test_hosts_toml_forms(tmp_path):
+    text = """
+server = "https://registry-1.docker.io"
+capabilities = ["pull", "resolve"]
+ca = "/etc/certs/upstream.pem"
+
+[host."https://mirror-a.example.com"]
+  capabilities = ["pull"]
+  skip_verify = true
+  ca = ["certs/a.pem", "/abs/b.pem"]
+  client = [["client.cert", "client.key"], "both.pem"]
+  override_path = true
+  [host."https://mirror-a.example.com".header]
+    x-custom-1 = "a"
+    x-custom-2 = ["b", "c"]
+
+[host."http://mirror-b:5000/registry"]
+  capabilities = ["pull", "resolve"]
+
+[host."mirror-c.example.com"]
+"""
+    a, b, c, server = parse_hosts_toml(text, tmp_path)
+    assert (a.scheme, a.host, a.path) == ("https", "mirror-a.example.com", "")  # override_path: no /v2 added
+    assert a.capabilities == {"pull"} and a.skip_verify is True
+    assert a.ca == (str(tmp_path / "certs/a.pem"), "/abs/b.pem")
+    assert a.client == ((str(tmp_path / "client.cert"), str(tmp_path / "client.key")), (str(tmp_path / "both.pem"), ""))
+    assert a.header == (("x-custom-1", "a"), ("x-custom-2", "b"), ("x-custom-2", "c"))
+    assert (b.scheme, b.host, b.path, b.capabilities) == ("http", "mirror-b:5000", "/registry/v2", {"pull", "resolve"})
+    assert (c.scheme, c.host, c.path, c.capabilities) == ("https", "mirror-c.example.com", "/v2", ALL_CAPABILITIES)
+    assert (server.host, server.capabilities, server.ca) == (
+        "registry-1.docker.io",
+        {"pull", "resolve"},
+        ("/etc/certs/upstream.pem",),
+    )
+
+    for bad, message in [
+        ('[host."https://m"]\ncapabilities = ["fly"]', "unknown capability fly"),
+        ('[host."https://m"]\nskip_verify = "yes"', "skip_verify must be true or false"),
+        ('server = "http://"', "invalid server URL"),
+        ("server = [", "not valid TOML"),
+        ('[host."https://m"]\nclient = [["only-one"]]', "invalid client entry"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_hosts_toml(bad, tmp_path)
+
+
+def test_host_directories_as_containerd_looks_them_up(tmp_path):
+    assert host_directory_names("reg.example:5000") == ["reg.example_5000_", "reg.example:5000", "_default"]
+    assert host_directory_names("docker.io") == ["docker.io", "_default"]
+    assert find_hosts_dir(str(tmp_path), "docker.io") is None
+    (tmp_path / "_default").mkdir()
+    assert find_hosts_dir(str(tmp_path), "docker.io") == tmp_path / "_default"
+    (tmp_path / "docker.io").mkdir()
+    (tmp_path / "docker.io" / "hosts.toml").write_text('[host."https://mirror.gcr.io"]\ncapabilities = ["pull"]\n')
+    hub = HostSettings(hosts_dir=str(tmp_path)).endpoints("docker.io")
+    assert [(e.host, e.is_mirror) for e in hub] == [("mirror.gcr.io", True), ("registry-1.docker.io", False)]
+    assert (
+        hub[0].url("https", "library/busybox", "blobs/x")
+        == "https://mirror.gcr.io/v2/library/busybox/blobs/x?ns=docker.io"
+    )
+    assert (
+        hub[1].url("https", "library/busybox", "blobs/x") == "https://registry-1.docker.io/v2/library/busybox/blobs/x"
+    )
+    (tmp_path / "_default" / "hosts.toml").write_text("")  # a directory without mirrors: the registry itself
+    assert [e.host for e in HostSettings(hosts_dir=str(tmp_path)).endpoints("quay.io")] == ["quay.io"]
+    assert [e.host for e in HostSettings().endpoints("quay.io")] == ["quay.io"]  # no hosts_dir: not read
+
+
+# ---- real registries --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream(workdir: Path, layout):
+    with Registry(workdir / "mirror-upstream") as reg:
+        skopeo_push(layout["path"], "app", f"{reg.host}/test/app:v1")
+        skopeo_push(layout["path"], "big", f"{reg.host}/test/big:v1")
+        yield reg
+
+
+def hosts_dir(root: Path, registry: str, text: str, directory: str | None = None) -> Path:
+    d = root / "certs.d" / (directory or registry)
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text(text)
+    return root / "certs.d"
+
+
+def pull_json(*args: str) -> dict:
+    r = run_puller("pull", "--json", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_pull_through_a_pull_through_cache_mirror(upstream, tmp_path):
+    app = pushed(upstream, "test/app", "v1")
+    with Registry(tmp_path / "cache", proxy_remote=f"http://{upstream.host}") as cache:
+        certs = hosts_dir(
+            tmp_path,
+            upstream.host,
+            f'server = "http://{upstream.host}"\n[host."http://{cache.host}"]\n  capabilities = ["pull", "resolve"]\n',
+            directory=upstream.host.replace(":", "_") + "_",
+        )
+        done = pull_json(app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+        assert done["hosts"] == {cache.host: sum(app.blobs.values())}  # every blob byte came from the mirror
+        assert all(cache.blob_path(d).exists() for d in app.blobs)  # ... which really fetched and cached them
+        assert_store_holds(tmp_path / "store", app)
+
+
+def test_a_mirror_without_the_image_falls_back_to_upstream(upstream, tmp_path):
+    app = pushed(upstream, "test/app", "v1")
+    with Registry(tmp_path / "empty") as empty:
+        certs = hosts_dir(tmp_path, upstream.host, f'[host."http://{empty.host}"]\n', directory="_default")
+        done = pull_json(app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+        assert done["hosts"] == {upstream.host: sum(app.blobs.values())}
+        assert_store_holds(tmp_path / "store", app)
+
+        # The same mirror from puller's own config instead of hosts.toml.
+        config = tmp_path / "puller.yaml"
+        config.write_text(json.dumps({"mirrors": {upstream.host: [{"host": f"http://{empty.host}"}]}}))
+        done = pull_json(app.ref, "--store", f"oci:{tmp_path / 'store2'}", "--config", str(config))
+        assert done["hosts"] == {upstream.host: sum(app.blobs.values())}
+
+
+def test_tags_resolve_only_through_hosts_that_may_resolve(upstream, tmp_path):
+    app = pushed(upstream, "test/app", "v1")
+    with FaultProxy(f"http://{upstream.host}") as mirror:
+        mirror_host = mirror.url.split("://")[1]
+        certs = hosts_dir(tmp_path, upstream.host, f'[host."{mirror.url}"]\n  capabilities = ["pull"]\n')
+        done = pull_json(app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+        assert done["hosts"] == {mirror_host: sum(app.blobs.values())}
+        assert not [p for p in mirror.paths if "/manifests/v1" in p]  # the tag was resolved upstream only
+        assert all(parse_qs(urlsplit(p).query) == {"ns": [upstream.host]} for p in mirror.paths), mirror.paths
+        assert_store_holds(tmp_path / "store", app)
+
+
+def test_a_mirror_failing_mid_blob_hands_the_rest_to_upstream(upstream, tmp_path):
+    big = pushed(upstream, "test/big", "v1")
+    size = sum(big.blobs.values())
+    with FaultProxy(f"http://{upstream.host}") as mirror:
+        mirror.set("reset", times=-1)  # every blob response: half the body, then a TCP reset
+        certs = hosts_dir(tmp_path, upstream.host, f'[host."{mirror.url}"]\n  capabilities = ["pull"]\n')
+        done = pull_json(big.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+        from_mirror = done["hosts"].get(mirror.url.split("://")[1], 0)
+        assert from_mirror > 0 and done["hosts"][upstream.host] > 0  # one blob, served by both
+        assert sum(done["hosts"].values()) == done["fetched"] >= size
+        assert_store_holds(tmp_path / "store", big)  # and verified as one
+
+
+def test_unreadable_mirror_settings_are_clear_errors(upstream, tmp_path):
+    app = pushed(upstream, "test/app", "v1")
+    certs = hosts_dir(tmp_path, upstream.host, '[host."https://m"]\ncapabilities = ["teleport"]\n')
+    r = run_puller("pull", app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+    assert r.returncode == 2 and "unknown capability teleport" in r.stderr
+    config = tmp_path / "puller.yaml"
+    config.write_text(json.dumps({"mirrors": {upstream.host: [{"capabilities": ["pull"]}]}}))
+    r = run_puller("pull", app.ref, "--config", str(config))
+    assert r.returncode == 2 and "needs host" in r.stderr
