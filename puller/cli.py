@@ -150,6 +150,7 @@ def _pull_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chunk-size", help="largest ranged request, e.g. 8MiB (blobs get smaller chunks so all connections work)"
     )
+    p.add_argument("--bandwidth-limit", help="cap on download speed, bytes/s shared by all connections, e.g. 50MiB")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress display")
     c = p.add_argument_group("containerd store")
     c.add_argument("--containerd-address", help="containerd socket (default /run/containerd/containerd.sock)")
@@ -204,6 +205,7 @@ def _pull(args: argparse.Namespace) -> int:
         "overlaybd_config": args.overlaybd_config,
         "cache_dir": args.cache_dir,
         "hosts_dir": args.hosts_dir,
+        "bandwidth_limit": args.bandwidth_limit,
     }
     if args.plain_http:
         flags["plain_http"] = [*settings.plain_http, ref.api_host]

@@ -43,6 +43,7 @@ class Settings:
     connections: int = DEFAULT_MAX_CONNECTIONS
     connections_per_host: int = DEFAULT_MAX_PER_HOST
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    bandwidth_limit: int | None = None
     min_split: int = DEFAULT_MIN_SPLIT
     attempts: int = DEFAULT_ATTEMPTS
     connect_timeout: float = CONNECT_TIMEOUT_S
@@ -72,6 +73,7 @@ class Settings:
     resolve_interval: float = 300.0
     parallel_pulls: int = 4
     retry_backoff_max: float = 300.0
+    start_jitter: float = 0.0
     startup_taint: str | None = STARTUP_TAINT
     startup_deadline: float = 900.0
 
@@ -82,6 +84,10 @@ class Settings:
             raise ConfigError("chunk_size must be at least 64KiB")
         if self.attempts < 1:
             raise ConfigError("attempts must be at least 1")
+        if self.bandwidth_limit is not None and self.bandwidth_limit < 64 * 1024:
+            raise ConfigError("bandwidth_limit must be at least 64KiB (bytes per second), or null for none")
+        if self.start_jitter < 0:
+            raise ConfigError("start_jitter must be zero or a positive number of seconds")
         if self.parallel_pulls < 1:
             raise ConfigError("parallel_pulls must be at least 1")
         for name in ("watch_interval", "resolve_interval", "retry_backoff_max", "startup_deadline"):
@@ -160,7 +166,7 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
                 raise ConfigError(f"{where}: {key} cannot be null")
             setattr(settings, name, None)
             continue
-        if name in ("chunk_size", "min_split"):
+        if name in ("chunk_size", "min_split", "bandwidth_limit"):
             value = parse_size(value)
         elif name in ("plain_http", "insecure_skip_verify"):
             if isinstance(value, str):

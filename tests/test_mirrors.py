@@ -3,6 +3,7 @@ without the image, a pull-only mirror, and a mirror that fails in the middle of 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -180,3 +181,41 @@ def test_unreadable_mirror_settings_are_clear_errors(upstream, tmp_path):
     config.write_text(json.dumps({"mirrors": {upstream.host: [{"capabilities": ["pull"]}]}}))
     r = run_puller("pull", app.ref, "--config", str(config))
     assert r.returncode == 2 and "needs host" in r.stderr
+
+
+# ---- fleet controls: bandwidth cap and start jitter ------------------------------------------------------------
+
+
+def test_bandwidth_cap_holds_across_all_connections(upstream, tmp_path):
+    big = pushed(upstream, "test/big", "v1")
+    size = sum(big.blobs.values())
+    cap = 8 << 20
+    done = pull_json(
+        big.ref, "--store", f"oci:{tmp_path / 'store'}", "--bandwidth-limit", "8MiB", "--concurrency", "16"
+    )
+    # A lower bound only: the cap may never be beaten (the burst allowance is a tenth of a second's worth).
+    assert done["seconds"] >= 0.9 * (size - cap / 10) / cap, done
+    assert_store_holds(tmp_path / "store", big)
+
+
+async def test_start_jitter_spreads_first_pulls_of_a_new_list(tmp_path):
+    import time
+
+    from puller.config import Settings
+    from puller.daemon.imagelist import parse_list
+    from puller.daemon.service import Daemon
+    from puller.engine.runtime import Engine
+
+    settings = Settings(store=f"oci:{tmp_path}", start_jitter=5.0)
+    daemon = Daemon(Engine(settings), settings)
+    before = time.monotonic()
+    specs = parse_list("images: [" + ", ".join(f"r.example/app{i}:1" for i in range(30)) + "]", "test")
+    daemon.apply_list(specs)
+    starts = [st.next_attempt - before for st in daemon.images.values()]
+    assert all(0 <= s <= 5.1 for s in starts) and max(starts) - min(starts) > 2
+    daemon.apply_list(specs)  # the same list again: nobody's start moves
+    assert [st.next_attempt - before for st in daemon.images.values()] == starts
+    (requested,) = daemon.request(specs[:1])
+    assert requested.next_attempt == 0 and requested.task is not None  # an API request is never delayed
+    requested.task.cancel()
+    await asyncio.gather(requested.task, return_exceptions=True)

@@ -98,8 +98,13 @@ class Daemon:
         wanted = {s.key: s for s in specs}
         for key in self.listed - wanted.keys():
             self._drop_source(key, LISTED)
+        now = time.monotonic()
         for key, spec in wanted.items():
-            st = self.images.setdefault(key, ImageState(spec))
+            st = self.images.get(key)
+            if st is None:
+                st = self.images[key] = ImageState(spec)
+                # A fleet gets a new list at about the same moment: spread the first pulls over start_jitter.
+                st.next_attempt = now + random.uniform(0, self.settings.start_jitter)
             if st.spec.pin != spec.pin:
                 st.checked = None  # pin changed: record the image again
             st.spec = spec

@@ -1,10 +1,12 @@
-"""One budget of concurrent connections shared by every chunk of every blob of every pull, plus a per-host cap.
+"""What all pulls of a process share: one budget of concurrent connections (plus a per-host cap), and an
+optional node-wide bandwidth cap.
 
-A slot is held from the request until its body is finished (not just until headers arrive)."""
+A connection slot is held from the request until its body is finished (not just until headers arrive)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,3 +33,25 @@ class ConnectionBudget:
                 yield
             finally:
                 self.in_use -= 1
+
+
+class BandwidthCap:
+    """A node-wide cap on received bytes per second, shared by every connection (a token bucket that may go
+    into debt). A reader that takes bytes beyond the rate sleeps off its share of the debt; while it sleeps its
+    socket is not read, its TCP window fills, and the sender slows down: the cap holds at the wire, not only in
+    the process. ``burst`` bounds how far ahead of the rate a quiet period lets the next reads run."""
+
+    def __init__(self, bytes_per_s: float, burst: float | None = None):
+        if bytes_per_s <= 0:
+            raise ValueError("bandwidth cap must be positive")
+        self.rate = float(bytes_per_s)
+        self.burst = burst if burst is not None else max(self.rate / 10, 256 * 1024)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate) - n
+        self._stamp = now
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)

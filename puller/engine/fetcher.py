@@ -36,7 +36,7 @@ from ..registry.client import NET_ERRORS, ExpiredURL, RegistryClient, RetryableS
 from ..registry.hosts import PULL
 from ..registry.manifest import Descriptor
 from ..stores import BlobSink, Store, store_error
-from .budget import ConnectionBudget
+from .budget import BandwidthCap, ConnectionBudget
 from .plan import MIB, SPLIT_ALIGN, Chunk, RangeSet, plan_chunks, split_for_tail
 from .verify import PrefixHasher
 
@@ -127,9 +127,16 @@ def _retrieve(f: asyncio.Future) -> None:
 
 
 class BlobFetcher:
-    def __init__(self, client: RegistryClient, budget: ConnectionBudget, settings: FetchSettings | None = None):
+    def __init__(
+        self,
+        client: RegistryClient,
+        budget: ConnectionBudget,
+        settings: FetchSettings | None = None,
+        bandwidth: BandwidthCap | None = None,
+    ):
         self.client = client
         self.budget = budget
+        self.bandwidth = bandwidth
         self.settings = settings or FetchSettings()
         self._inflight: dict[tuple[int, str], _Shared] = {}
 
@@ -453,6 +460,8 @@ class _BlobDownload:
                 buffered += len(data)
                 received += len(data)
                 self.progress.fetched += len(data)
+                if self.f.bandwidth is not None:
+                    await self.f.bandwidth.take(len(data))
                 if buffered >= WRITE_BLOCK:
                     await self._write(loop, chunk, buffers, buffered)
                     buffers, buffered = [], 0

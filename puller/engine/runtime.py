@@ -15,7 +15,7 @@ from ..registry.client import ClientSettings, RegistryClient
 from ..registry.manifest import Platform
 from ..stores import Store
 from ..stores.oci_layout import OCILayoutStore
-from .budget import ConnectionBudget
+from .budget import BandwidthCap, ConnectionBudget
 from .fetcher import BlobFetcher, FetchSettings
 from .pull import PullProgress, PullResult, pull_image
 
@@ -58,7 +58,8 @@ class Engine:
         self.store = open_store(settings)
         self.budget = ConnectionBudget(settings.connections, settings.connections_per_host)
         fetch_settings = FetchSettings(settings.chunk_size, settings.min_split, settings.attempts)
-        self.fetcher = BlobFetcher(self.client, self.budget, fetch_settings)
+        bandwidth = BandwidthCap(settings.bandwidth_limit) if settings.bandwidth_limit else None
+        self.fetcher = BlobFetcher(self.client, self.budget, fetch_settings, bandwidth)
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Engine:
