@@ -228,13 +228,13 @@ def test_warmup_finds_daemons_through_the_kubernetes_api(direct_registry, tmp_pa
                 ["node-a", "present"],
                 ["node-b", "present"],
             ]
+            # The headless Service's DNS records (here a name that resolves to one daemon's address).
+            r = run_puller("warmup", app.ref, "--wait", "--service", "127.0.0.3", "--port", str(port))
+            assert r.returncode == 0 and r.stdout.splitlines()[1].split() == ["node-b", "present"], r.stderr
         gets = [urllib.parse.unquote(path) for verb, path, _ in kube.calls if verb == "GET"]
         assert gets == ["/api/v1/namespaces/puller/pods?labelSelector=app.kubernetes.io/name=puller"]
         assert not kube.unexpected
 
-            # The headless Service's DNS records (here a name that resolves to one daemon's address).
-            r = run_puller("warmup", app.ref, "--wait", "--service", "127.0.0.3", "--port", str(port))
-            assert r.returncode == 0 and r.stdout.splitlines()[1].split() == ["node-b", "present"], r.stderr
         r = run_puller("warmup", app.ref, "--namespace", "elsewhere", env=kube.env)
         assert r.returncode == 2 and "no puller daemons found" in r.stderr
         r = run_puller("warmup", app.ref, env={**kube.env, "KUBECONFIG": str(tmp_path / "missing")})
