@@ -127,6 +127,7 @@ class Scenario:
     mirror: bool = False
     bandwidth_limit: int | None = None  # bytes/s per node
     start_jitter: float = 0.0
+    warm: bool = False  # the mirror already holds the image (a second wave: a later scale-up, a new node pool)
 
 
 @dataclass
@@ -193,6 +194,8 @@ def run_scenario(fabric: Fabric, work: Path, sc: Scenario, nodes: list[tuple[str
         stack.callback(lambda: [p.send_signal(signal.SIGTERM) for p in procs] and [p.wait(30) for p in procs])
         for _, ip in nodes:
             wait_http(f"http://{ip}:{API_PORT}/healthz", timeout=60)
+        if sc.warm:
+            prewarm(ref.replace(UPSTREAM_IP, MIRROR_IP), root / "mirror" / "storage", size)
         before = rx_bytes(up_iface)
         t0 = time.monotonic()
         for ns, _ in nodes:  # the same list reaches every node at once
@@ -211,6 +214,23 @@ def run_scenario(fabric: Fabric, work: Path, sc: Scenario, nodes: list[tuple[str
             time.sleep(0.05)
         time.sleep(0.5)  # let a pull-through cache finish storing what it fetched
         return Outcome(sc.name, rx_bytes(up_iface) - before, size, sorted(done.values()))
+
+
+def prewarm(mirror_ref: str, storage: Path, size: int) -> None:
+    """Fetch the image once through the pull-through cache and wait until the cache has stored it."""
+    host, _, rest = mirror_ref.partition("/")
+    repo, _, tag = rest.rpartition(":")
+    accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{tag}", headers={"Accept": accept})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        manifest = json.loads(r.read())
+    for blob in [manifest["config"], *manifest["layers"]]:
+        with urllib.request.urlopen(f"http://{host}/v2/{repo}/blobs/{blob['digest']}", timeout=300) as r:
+            while r.read(1 << 20):
+                pass
+    deadline = time.monotonic() + 120
+    while sum(f.stat().st_size for f in storage.rglob("data")) < size and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def table(outcomes: list[Outcome], args, machine: str) -> str:
@@ -284,6 +304,7 @@ def main() -> int:
         Scenario("direct-jitter", f"direct, jitter {args.jitter:.0f} s", start_jitter=args.jitter),
         Scenario("mirror", "mirror", mirror=True),
         Scenario("mirror-jitter", f"mirror, jitter {args.jitter:.0f} s", mirror=True, start_jitter=args.jitter),
+        Scenario("mirror-warm", "mirror, already warm", mirror=True, warm=True),
     ]
     if args.scenarios:
         wanted = args.scenarios.split(",")
