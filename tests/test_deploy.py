@@ -70,6 +70,7 @@ def test_the_pieces_agree():
     assert Path(settings.images_file).parent == Path(config_dir) and "images.yaml" in cm["data"]
     assert volumes[mounts[settings.containerd_address]]["hostPath"]["path"] == settings.containerd_address
     assert any(Path(settings.staging_dir).is_relative_to(p) for p in mounts)
+    assert volumes[mounts[settings.hosts_dir]]["hostPath"]["path"] == settings.hosts_dir  # the node's mirrors
     port = settings.listen_address[1]
     assert container["ports"][0]["containerPort"] == port == svc["spec"]["ports"][0]["port"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
