@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -69,9 +70,11 @@ IMAGES = {
         512 * 1024,
     ],
     "fat2g": [2048 * MIB],
+    # 200 layers, 512 MiB in all, sizes falling off as 1/rank (a few big layers, a long tail of small ones).
+    "layers200": [max(64 * 1024, int(512 * MIB / (i + 1) / sum(1 / (k + 1) for k in range(200)))) for i in range(200)],
 }
 CURL_RANGES = 16
-KNOWN_TOOLS = ("curl-16", "puller", "ctr", "skopeo", "curl-1", "oras-py", "ctr-pull", "puller-ctrd")
+KNOWN_TOOLS = ("curl-16", "curl-sync", "puller", "ctr", "skopeo", "curl-1", "oras-py", "ctr-pull", "puller-ctrd")
 
 
 @dataclass
@@ -194,6 +197,9 @@ class Bench:
             for i, (url, _) in enumerate(urls):
                 cmd += ["-o", str(out / f"b{i}"), url]
             return cmd, None
+        if tool == "curl-sync":  # curl-16, then the data made durable as puller makes it (fsync before rename)
+            curl, _ = self.commands("curl-16", ref, urls, out, ctrd)
+            return ["sh", "-c", f"{shlex.join(curl)} && sync"], None
         if tool == "curl-16":
             cmd = [
                 "curl",
