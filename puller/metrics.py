@@ -48,6 +48,9 @@ class DaemonMetrics:
             ["host"],
             registry=r,
         )
+        self.checks = Counter(
+            "puller_image_checks", "Checks of present images that found them current and complete", registry=r
+        )
         self.retries = Counter("puller_retries", "Requests retried after a transient failure", registry=r)
         self.list_reloads = Counter("puller_image_list_reloads", "Image list versions read", ["result"], registry=r)
         self.gate_released = Counter(

@@ -4,6 +4,9 @@ API over loopback, `puller warmup` against several daemons, and the Kubernetes c
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.parse
 
@@ -55,6 +58,11 @@ def test_moved_tags_are_pulled_again_and_a_failing_image_blocks_nothing(cdn_rig,
         assert after.digest != before.digest
         d.wait_for(lambda: d.image(before.ref)["digest"] == after.digest, what="the moved tag pulled again")
         assert assert_store_holds(d.store, after)["digest"] == after.digest  # the name now points at the new one
+        layer = next(iter(after.manifest["layers"]))["digest"]
+        (d.store / "blobs" / "sha256" / layer[7:]).unlink()  # as if an image GC had taken it
+        d.wait_for(lambda: (d.store / "blobs" / "sha256" / layer[7:]).exists(), what="the removed layer back")
+        assert_store_holds(d.store, after)
+        d.wait_for(lambda: d.metrics().get(("puller_image_checks_total", ()), 0) >= 1, what="an unchanged check")
         failed = d.image(missing)
         assert failed["state"] == "failed" and "not found" in failed["error"]
         time.sleep(3)
@@ -167,6 +175,21 @@ def test_warmup_waits_for_every_node_and_names_the_laggard(slow_rig, tmp_path):
         for d in (a, b, c):
             assert_store_holds(d.store, big)
 
+        # On a terminal: the live table (rich), then the final one. `script` gives warmup a pseudo-terminal.
+        tty = subprocess.run(
+            [
+                "script",
+                "-qec",
+                f"{sys.executable} -m puller.cli warmup {big.ref} --endpoints {endpoints} --wait",
+                "/dev/null",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"},
+        )
+        assert tty.returncode == 0 and "┏━" in tty.stdout and "node-c" in tty.stdout, tty.stdout  # the rich table
+
         r = run_puller("warmup", big.ref, "--endpoints", endpoints + ",http://127.0.0.1:1")  # no --wait
         assert r.returncode == 12 and "1 daemon(s) did not take the request: 127.0.0.1:1" in r.stderr
         r = run_puller("warmup", "Bad Ref", "--endpoints", endpoints)
@@ -246,3 +269,29 @@ def test_daemon_refuses_a_bad_config(tmp_path):
     config.write_text("listen: nowhere\n")
     r = run_puller("daemon", "--config", str(config))
     assert r.returncode == 2 and "listen must be HOST:PORT" in r.stderr
+
+
+def test_daemon_keeps_images_in_containerd_pinned(containerd, direct_registry, tmp_path):
+    """The DaemonSet's configuration: the containerd store, images pinned so kubelet's image GC keeps them."""
+    app = pushed(direct_registry, "test/app", "v1")
+    namespace = "daemon-test"
+    settings = {
+        "store": "containerd",
+        "containerd_address": str(containerd.socket),
+        "namespace": namespace,
+        "staging_dir": str(tmp_path / "staging"),
+    }
+    d = Daemon(tmp_path / "d", settings)
+    d.images.set_images([{"reference": app.ref, "pin": True}])
+    with d:
+        d.wait_state(app.ref, "present", timeout=120)
+        listing = subprocess.run(
+            containerd.ctr("-n", namespace, "images", "ls"), capture_output=True, text=True, check=True
+        ).stdout
+        (row,) = [line.split() for line in listing.splitlines()[1:] if line.startswith(app.ref + " ")]
+        assert row[2] == app.digest and "io.cri-containerd.pinned=pinned" in row[-1]
+        check = subprocess.run(
+            containerd.ctr("-n", namespace, "images", "check"), capture_output=True, text=True, check=True
+        ).stdout
+        assert "complete" in next(line for line in check.splitlines() if line.startswith(app.ref + " "))
+        assert d.stop() == 0

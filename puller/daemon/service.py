@@ -1,4 +1,4 @@
-"""The reconcile loop: keep the listed images present, pull what the API asks for, re-resolve tags.
+"""The reconcile loop: keep the listed images present, pull what the API asks for, check present images again.
 
 Every image the daemon knows has one :class:`ImageState`, keyed by reference (and platform). An image is
 listed (from the image list file), requested (through the API), or both; a pull of it is one task, whoever
@@ -43,7 +43,7 @@ class ImageState:
     progress: PullProgress | None = None
     failures: int = 0
     next_attempt: float = 0.0  # monotonic time before which a failed image is not retried
-    checked: float | None = None  # monotonic time the digest was last confirmed with the registry
+    checked: float | None = None  # monotonic time the image was last found present and current
     task: asyncio.Task | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set while no pull or check runs
 
@@ -115,7 +115,7 @@ class Daemon:
         log.info("image list: %d image(s)", len(wanted))
 
     def request(self, specs: list[ImageSpec]) -> list[ImageState]:
-        """Pull these now (API): retried at once even if backing off, tags re-resolved even if present."""
+        """Pull these now (API): retried at once even if backing off, present ones checked again."""
         states = []
         for spec in specs:
             st = self.images.setdefault(spec.key, ImageState(spec))
@@ -217,28 +217,27 @@ class Daemon:
             )
 
     def _due(self, st: ImageState, now: float) -> bool:
-        if st.state != PRESENT:
-            return now >= st.next_attempt
-        if st.checked is None:
+        if now < st.next_attempt:
+            return False
+        if st.state != PRESENT or st.checked is None:
             return True
-        movable = st.spec.reference.digest is None  # a tag can move; a digest cannot
-        return movable and now - st.checked >= self.settings.resolve_interval and now >= st.next_attempt
+        # Present images are checked again: a tag may have moved, and kubelet's image GC or an operator may
+        # have removed content from the store.
+        return now - st.checked >= self.settings.resolve_interval
 
     def _start(self, st: ImageState) -> None:
         st.settled.clear()
         st.task = asyncio.ensure_future(self._pull(st))
 
     async def _pull(self, st: ImageState) -> None:
+        """Pull, or check a present image: the same idempotent engine pull, which resolves the reference,
+        skips every blob the store still has and records the image again (cheap when nothing changed)."""
         ref = st.spec.reference
+        recheck = st.state == PRESENT
         try:
             async with self._slots:
-                if st.state == PRESENT and st.checked is not None:
-                    if await self.engine.resolve_digest(ref) == st.digest:
-                        st.checked, st.error = time.monotonic(), None
-                        return
-                    log.info("%s moved; pulling it again", ref)
                 st.progress = PullProgress(str(ref))
-                if st.state != PRESENT:
+                if not recheck:
                     st.state = PULLING
                 try:
                     result = await self.engine.pull(ref, st.spec.platform, st.progress, st.spec.pin)
@@ -248,12 +247,15 @@ class Daemon:
                 except BaseException:
                     self.metrics.pull_finished(st.progress, "failure")
                     raise
+            if recheck and result.digest == st.digest and result.fetched_bytes == 0:
+                self.metrics.checks.inc()
+            else:
                 self.metrics.pull_finished(st.progress, "success")
+                hosts = ", ".join(f"{h} {n / 1e6:.1f} MB" for h, n in result.by_host.items()) or "nothing fetched"
+                why = " (moved or incomplete)" if recheck else ""
+                log.info("%s present%s: %s in %.1f s; %s", ref, why, result.digest, result.seconds, hosts)
             st.state, st.digest, st.error, st.failures = PRESENT, result.digest, None, 0
             st.checked = time.monotonic()
-            log.info(
-                "%s present: %s (%.1f MB in %.1f s)", ref, result.digest, result.fetched_bytes / 1e6, result.seconds
-            )
         except asyncio.CancelledError:
             if st.state == PULLING:
                 st.state = ABSENT

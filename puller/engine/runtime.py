@@ -88,8 +88,3 @@ class Engine:
         return await pull_image(
             ref, self.client, self.fetcher, self.store, self.platform_for(platform), progress, pin=pinned
         )
-
-    async def resolve_digest(self, ref: Reference) -> str:
-        """What ``ref`` names in its registry now (one manifest request): to see whether a tag moved."""
-        top, _ = await self.client.get_manifest(ref)
-        return str(top.digest)
