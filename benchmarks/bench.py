@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.rig_net import LoopbackLink
+from benchmarks.rig_net import LoopbackLink, VethLink
 from tests.rig import Containerd, LayoutWriter, Nginx, Registry, skopeo_push, tempdir
 
 MIB = 1 << 20
@@ -147,6 +147,7 @@ class Bench:
     def __init__(self, args, work: Path):
         self.args = args
         self.work = work
+        self.veth: VethLink | None = None
 
     def blob_urls(self, reg: Registry, cdn: Nginx, repo: str) -> list[tuple[str, int]]:
         _, manifest = reg.manifest(repo, "v1")
@@ -158,7 +159,8 @@ class Bench:
 
     def commands(self, tool: str, ref: str, urls: list[tuple[str, int]], out: Path, ctrd: Containerd | None):
         if tool == "puller":
-            return [sys.executable, "-m", "puller.cli", "pull", ref, "--store", f"oci:{out}", "--json"], None
+            cmd = [sys.executable, "-m", "puller.cli", "pull", ref, "--store", f"oci:{out}", "--json", "--plain-http"]
+            return cmd, None
         if tool == "skopeo":
             return ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{out}:x"], None
         if tool == "ctr":
@@ -181,6 +183,7 @@ class Bench:
                 "bench",
                 "--staging-dir",
                 str(out / "staging"),
+                "--plain-http",
             ], ctrd.cpu_seconds
         if tool == "ctr-pull":
             assert ctrd
@@ -244,27 +247,37 @@ class Bench:
         lw = LayoutWriter(work / "layout")
         for name in generate:
             lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
-        cdn = Nginx(work / "nginx", work / "registry" / "storage", limit_rate=int(a.rate_mbps * 1e6))
-        with cdn, Registry(work / "registry", redirect_base=cdn.url + "/") as reg:
+        with contextlib.ExitStack() as stack:
+            veth = None
+            if a.link == "veth":
+                veth = stack.enter_context(VethLink(a.link_mbit))
+                if not veth.ok:
+                    print(f"warning: no veth link ({veth.error}); measuring on loopback", file=sys.stderr)
+                    veth = None
+            self.veth = veth
+            bind = veth.server_ip if veth else "127.0.0.1"
+            cdn = Nginx(work / "nginx", work / "registry" / "storage", limit_rate=int(a.rate_mbps * 1e6), bind=bind)
+            stack.enter_context(cdn)
+            reg = stack.enter_context(Registry(work / "registry", redirect_base=cdn.url + "/", bind=bind))
             for name in generate:
                 skopeo_push(work / "layout", name, f"{reg.host}/bench/{name}:v1")
-            link = LoopbackLink(a.link_mbit, [cdn.port, reg.port]) if a.link_mbit else None
-            if link:
-                link.__enter__()
+            link = None
+            if a.link == "lo" and a.link_mbit:
+                link = stack.enter_context(LoopbackLink(a.link_mbit, [cdn.port, reg.port]))
                 if not link.ok:
                     print(f"warning: no link limit ({link.error})", file=sys.stderr)
-            try:
-                results = self.matrix(reg, cdn, images, tools)
-            finally:
-                if link:
-                    link.__exit__()
-            rss = self.rss_series(reg, cdn) if a.rss else {}
-        rig = {
-            "rate_mbps_per_connection": a.rate_mbps,
-            "link_mbit": a.link_mbit if link and link.ok else None,
-            "runs": a.runs,
-            "rss": rss,
-        }
+            results = self.matrix(reg, cdn, images, tools)
+            if link:
+                link.__exit__()
+            rss = self.rss_series(reg, cdn) if a.rss else {}  # from this namespace: unshaped, the worst case
+            shaped = (veth is not None and a.link_mbit) or (link is not None and link.ok)
+            rig = {
+                "rate_mbps_per_connection": a.rate_mbps,
+                "link": "veth, MTU 1500" if veth else "loopback",
+                "link_mbit": a.link_mbit if shaped else None,
+                "runs": a.runs,
+                "rss": rss,
+            }
         return results, rig
 
     def matrix(self, reg, cdn, images, tools) -> list[Result]:
@@ -282,9 +295,13 @@ class Bench:
                     with contextlib.ExitStack() as stack:
                         # containerd shares content across namespaces: a fresh one per sample, started untimed.
                         needs_ctrd = tool in ("ctr", "ctr-pull", "puller-ctrd")
-                        ctrd = stack.enter_context(Containerd(self.work / "ctrd")) if needs_ctrd else None
+                        netns = self.veth.ns if self.veth else None
+                        ctrd = stack.enter_context(Containerd(self.work / "ctrd", netns)) if needs_ctrd else None
                         cmd, extra = self.commands(tool, ref, urls, out, ctrd)
-                        sample = run_measured(cmd, extra)
+                        # ctr asks containerd (in the clients' namespace) to fetch; every other tool fetches itself
+                        fetches_itself = tool not in ("ctr", "ctr-pull")
+                        prefix = self.veth.prefix() if self.veth and fetches_itself else []
+                        sample = run_measured([*prefix, *cmd], extra)
                     shutil.rmtree(self.work / "ctrd", ignore_errors=True)
                     results.setdefault((tool, name), Result(tool, name, total)).samples.append(sample)
                     print(
@@ -312,6 +329,7 @@ class Bench:
                     "--store",
                     f"oci:{store}",
                     "--json",
+                    "--plain-http",
                 ]
             )
             shutil.rmtree(store, ignore_errors=True)
@@ -383,7 +401,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="puller against its peers")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate-mbps", type=float, default=8.0, help="per-connection CDN cap, MB/s")
-    ap.add_argument("--link-mbit", type=int, default=1024, help="link limit on loopback, Mbit/s (0 = none)")
+    ap.add_argument("--link-mbit", type=int, default=1024, help="link limit, Mbit/s (0 = none)")
+    ap.add_argument(
+        "--link",
+        choices=("veth", "lo"),
+        default="veth",
+        help="veth: clients in their own network namespace, servers across a shaped veth (MTU 1500); "
+        "lo: everything on loopback, an HTB class on lo shapes the servers' ports",
+    )
     ap.add_argument("--images", default="fat256,layers20")
     ap.add_argument("--tools", default="", help="comma-separated subset")
     ap.add_argument("--rss", action="store_true", help="also measure puller's peak RSS at 256 MiB and 2 GiB")
@@ -397,7 +422,10 @@ def main() -> int:
         results, rig = Bench(args, work).run()
     machine = f"{os.cpu_count()} cores, {platform.machine()}, kernel {platform.release()}"
     stamp = time.strftime("%Y-%m-%d")
-    title = f"{stamp}, {machine}; CDN {args.rate_mbps:g} MB/s per connection, link {rig['link_mbit'] or 'none'} Mbit/s"
+    title = (
+        f"{stamp}, {machine}; CDN {args.rate_mbps:g} MB/s per connection, {rig['link']} link "
+        f"{rig['link_mbit'] or 'unlimited'} Mbit/s"
+    )
     text = f"# {title}\n{table(results, rig)}\n"
     print(text)
     out = Path(args.out)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PEERS = "curl-16,puller,skopeo,ctr,curl-1,oras-py"
+PEERS = "curl-16,puller,skopeo,ctr,ctr-pull,puller-ctrd,curl-1,oras-py"
 CONFIGS = {
     # per-connection cap 1/16 of the 128 MB/s link (8 MB/s), the shape of a CDN or object store
     "cap16": ["--rate-mbps", "8", "--images", "fat256,layers20,layers200", "--tools", PEERS],
@@ -28,6 +28,8 @@ CONFIGS = {
     "fat2g": ["--rate-mbps", "8", "--images", "fat2g", "--tools", "curl-16,puller"],
     # no caps: CPU per byte decides; curl-sync (curl-16 then sync) is the durable reference
     "loopback": [
+        "--link",
+        "lo",
         "--link-mbit",
         "0",
         "--rate-mbps",

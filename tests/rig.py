@@ -334,12 +334,14 @@ class Registry:
         redirect_base: str | None = None,
         tls: tuple[Path, Path] | None = None,
         proxy_remote: str | None = None,
+        bind: str = "127.0.0.1",
     ):
         self.workdir = workdir
         self.proxy_remote = proxy_remote  # pull-through cache of this registry URL
         self.root = workdir / "storage"
         self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self.bind = bind  # the benchmarks serve on a veth address
+        self.host = f"{bind}:{self.port}"
         self.htpasswd = htpasswd
         self.token = token
         self.redirect_base = redirect_base
@@ -359,7 +361,7 @@ class Registry:
             "  delete:",
             "    enabled: true",
             "http:",
-            f"  addr: 127.0.0.1:{self.port}",
+            f"  addr: {self.host}",
             "  secret: puller-test-secret",
         ]
         if self.tls:
@@ -432,11 +434,12 @@ class Nginx:
     (bytes/s, 0 = none) and optionally ignoring Range (``max_ranges 0``). Its access log records
     status, bytes sent and the Range asked for."""
 
-    def __init__(self, workdir: Path, root: Path, *, limit_rate: int = 0, ranges: bool = True):
+    def __init__(self, workdir: Path, root: Path, *, limit_rate: int = 0, ranges: bool = True, bind: str = "127.0.0.1"):
         self.workdir = workdir
         self.root = root
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.bind = bind
+        self.url = f"http://{bind}:{self.port}"
         self.limit_rate = limit_rate
         self.ranges = ranges
         self.access_log = workdir / "nginx-access.log"
@@ -459,7 +462,7 @@ http {{
   sendfile on; tcp_nopush on; keepalive_requests 100000;
   default_type application/octet-stream;
   server {{
-    listen 127.0.0.1:{self.port};
+    listen {self.bind}:{self.port};
     root {self.root};
     limit_rate {self.limit_rate};
     {"" if self.ranges else "max_ranges 0;"}
@@ -619,9 +622,10 @@ def tempdir(prefix: str = "puller-") -> Iterator[Path]:
 class Containerd:
     """containerd with its own root, state and socket under ``workdir`` (CRI plugin disabled)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, netns: str | None = None):
         self.workdir = workdir
         self.socket = workdir / "containerd.sock"
+        self.netns = netns  # run in this network namespace (the benchmarks' client side)
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -639,8 +643,12 @@ class Containerd:
             f'[ttrpc]\n  address = "{self.socket}.ttrpc"\n'
         )
         self.log = open(self.workdir / "containerd.log", "wb")
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            ["containerd", "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            [*prefix, "containerd", "--config", str(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 20
         while subprocess.run(self.ctr("version"), capture_output=True).returncode != 0:
