@@ -89,6 +89,8 @@ async def run_warmup(args: argparse.Namespace, output: str) -> None:
     from .warmup import Warmup, display, resolve_service
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    for image in args.images:
+        Reference.parse(image)  # a bad reference is exit 2 before any daemon is looked for
     token = _read_token(args.token_file)
     if args.endpoints:
         urls = [u.strip().rstrip("/") for u in args.endpoints.split(",") if u.strip()]
