@@ -63,6 +63,7 @@ from .defaults import CONTAINERD_STAGING as DEFAULT_STAGING
 log = logging.getLogger(__name__)
 
 WRITE_MESSAGE = 1 << 20  # bytes per Write message (under gRPC's default 4 MiB message limit)
+MAX_WRITE_STREAMS = 8  # blobs streamed into containerd at once; each stream buffers a message or two
 LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 
 GC_CONTENT = "containerd.io/gc.ref.content"
@@ -87,11 +88,17 @@ class _ContainerdSink:
         self._wake = asyncio.Event()
         self._ref = f"puller-{desc.digest}"
         self._store = store
-        self._task = asyncio.ensure_future(store._write(desc, self._chunks, {}))
+        self._task = asyncio.ensure_future(self._stream())
 
     def advance(self, hashed_end: int) -> None:
         self.hashed = max(self.hashed, hashed_end)
         self._wake.set()
+
+    async def _stream(self) -> None:
+        # Bounded, so that an image of 200 layers does not hold 200 streams' buffers at once; a blob waiting
+        # for a slot keeps downloading into its staged file and is sent from there when its turn comes.
+        async with self._store._write_slots:
+            await self._store._write(self.desc, self._chunks, {})
 
     async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
         fd = os.open(self.staged, os.O_RDONLY)
@@ -175,6 +182,7 @@ class ContainerdStore(StoreBase):
         self._channel: grpc.aio.Channel | None = None
         self._configs: dict[str, bytes] = {}
         self._sinks: dict[str, _ContainerdSink] = {}
+        self._write_slots = asyncio.Semaphore(MAX_WRITE_STREAMS)
         self._ready: dict[str, asyncio.Event] = {}  # set when a blob is committed
         self._unpacker: asyncio.Future | None = None
 
