@@ -285,3 +285,16 @@ def test_image_list_watcher_follows_swaps_and_keeps_the_last_good_list(tmp_path)
     assert watcher.refused == 5 and watcher.loaded == 1
     cm.set_images([])
     assert watcher.poll() == [] and watcher.error is None
+
+
+def test_readme_guarantees_name_tests_that_exist():
+    """Every `test_file.py::test_name` the README cites as evidence is a test in that file."""
+    import fnmatch
+    import re
+
+    root = Path(__file__).parent.parent
+    cited = re.findall(r"`(test_\w+\.py)::(test_[\w*]+)", (root / "README.md").read_text())
+    assert len(cited) > 20
+    for file, name in cited:
+        defined = re.findall(r"^(?:async )?def (test_\w+)", (root / "tests" / file).read_text(), re.M)
+        assert fnmatch.filter(defined, name), f"README cites {file}::{name}, which does not exist"
