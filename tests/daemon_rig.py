@@ -163,7 +163,7 @@ class KubeStandIn:
     NODE = re.compile(r"^/api/v1/nodes/([^/?]+)$")
     PODS = re.compile(r"^/api/v1/namespaces/([^/?]+)/pods$")
 
-    def __init__(self, root: Path, token: str = "stand-in-token"):
+    def __init__(self, root: Path, token: str = "stand-in-token", tls: tuple[Path, Path] | None = None):
         self.token = token
         self.nodes: dict[str, dict] = {}
         self.pods: dict[str, list[dict]] = {}  # namespace -> pods
@@ -171,7 +171,15 @@ class KubeStandIn:
         self.unexpected: list[str] = []
         self.kubeconfig = root / "kubeconfig"
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        if tls:  # as the API server is reached from a pod: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig.write_text(
             yaml.safe_dump(
                 {

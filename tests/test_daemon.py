@@ -295,3 +295,37 @@ def test_daemon_keeps_images_in_containerd_pinned(containerd, direct_registry, t
         ).stdout
         assert "complete" in next(line for line in check.splitlines() if line.startswith(app.ref + " "))
         assert d.stop() == 0
+
+
+def test_startup_gate_with_the_in_cluster_service_account(direct_registry, tmp_path):
+    """The path a DaemonSet pod takes: $KUBERNETES_SERVICE_HOST/PORT, the service account's token and CA at the
+    standard path, HTTPS with the CA verified."""
+    import shutil
+    from pathlib import Path
+
+    from .rig import make_tls_cert
+
+    account = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+    assert not account.exists(), "this machine has a real service account; not overwriting it"
+    ca, cert, key = make_tls_cert(tmp_path)
+    app = pushed(direct_registry, "test/app", "v1")
+    created = next(p for p in [account, *account.parents] if p.parent.exists())  # the first missing ancestor
+    try:
+        account.mkdir(parents=True)
+        (account / "token").write_text("in-cluster-token")
+        shutil.copy(ca, account / "ca.crt")
+        (account / "namespace").write_text("puller")
+        with KubeStandIn(tmp_path, token="in-cluster-token", tls=(cert, key)) as kube:
+            kube.add_node("node-1", [TAINT])
+            env = {
+                "NODE_NAME": "node-1",
+                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(kube.port),
+            }
+            d = Daemon(tmp_path / "d", {"startup_taint": TAINT["key"]}, env=env)
+            d.images.set_images([app.ref])
+            with d:
+                d.wait_for(lambda: kube.nodes["node-1"]["spec"]["taints"] == [], what="taint removed in-cluster")
+            assert not kube.unexpected
+    finally:
+        shutil.rmtree(created, ignore_errors=True)
