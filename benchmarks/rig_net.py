@@ -6,6 +6,15 @@ from __future__ import annotations
 import subprocess
 
 
+def _run_all(cmds: list[str]) -> str:
+    """Run each command until one fails; its error, or "" when all succeeded."""
+    for cmd in cmds:
+        r = subprocess.run(cmd.split(), capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"{cmd}: {r.stderr.strip()}"
+    return ""
+
+
 class LoopbackLink:
     """Shape what the given local ports send (the CDN's and the registry's replies) with an HTB class on ``lo``:
     one link of ``rate_mbit`` shared by every connection, like a node's NIC. Other loopback traffic is not
@@ -26,13 +35,10 @@ class LoopbackLink:
             f"tc filter add dev lo protocol ip parent 1: prio 1 u32 match ip sport {p} 0xffff flowid 1:1"
             for p in self.ports
         ]
-        for cmd in cmds:
-            r = subprocess.run(cmd.split(), capture_output=True, text=True)
-            if r.returncode != 0:
-                self.error = f"{cmd}: {r.stderr.strip()}"
-                self.__exit__()
-                return self
-        self.ok = True
+        self.error = _run_all(cmds)
+        self.ok = not self.error
+        if not self.ok:
+            self.__exit__()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -74,13 +80,10 @@ class VethLink:
             cmds.append(
                 f"tc qdisc add dev {self.outer} root tbf rate {self.rate_mbit}mbit burst {burst_kb}kb latency 50ms"
             )
-        for cmd in cmds:
-            r = subprocess.run(cmd.split(), capture_output=True, text=True)
-            if r.returncode != 0:
-                self.error = f"{cmd}: {r.stderr.strip()}"
-                self.__exit__()
-                return self
-        self.ok = True
+        self.error = _run_all(cmds)
+        self.ok = not self.error
+        if not self.ok:
+            self.__exit__()
         return self
 
     def __exit__(self, *exc: object) -> None:

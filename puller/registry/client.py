@@ -102,7 +102,7 @@ class RegistryClient:
         # (host, repository) -> challenge last seen, so later requests authenticate up front
         self._challenges: dict[tuple[str, str], Challenge] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._ssl: dict[tuple[str, Endpoint | None], ssl.SSLContext | bool] = {}  # (host, its hosts.toml entry)
         self._schemes: dict[str, str] = {}  # loopback hosts found to speak plain HTTP
         self._endpoints: dict[str, tuple[Endpoint, ...]] = {}  # registry -> its hosts, mirrors first
 
