@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
-from .engine.fetcher import DEFAULT_ATTEMPTS, DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
+from .engine.fetcher import DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
 from .errors import ConfigError
-from .registry.client import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+from .registry.client import CONNECT_TIMEOUT_S, DEFAULT_ATTEMPTS, READ_TIMEOUT_S
 from .registry.hosts import HostSettings
 from .stores.defaults import (
     CONTAINERD_ADDRESS,

@@ -679,7 +679,8 @@ class Containerd:
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream`` (the blob CDN) that misbehaves on purpose.
 
-    ``mode`` applies to the next ``times`` blob requests (then it passes through; ``times=-1``: always):
+    ``mode`` applies to the next ``times`` requests whose path holds ``target`` (blobs by default; then it passes
+    through; ``times=-1``: always):
     reset (half the body, then a TCP reset), status:<code> (e.g. status:503; 429 carries Retry-After: 1),
     truncate (full Content-Length, half the body, close), short-length (a Content-Length smaller than the body),
     flip (one byte inverted), stall (half the body, then silence), ignore-range (200 with the whole blob),
@@ -694,6 +695,7 @@ class FaultProxy:
         self.bytes_sent = 0
         self.requests: list[str] = []
         self.paths: list[str] = []  # path and query of every request
+        self.target = "/blobs/"  # which requests the faults apply to (e.g. "/manifests/")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -716,7 +718,7 @@ class FaultProxy:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             proxy.paths.append(request.path_qs)
-            mode = proxy._take() if "/blobs/" in request.path else "pass"
+            mode = proxy._take() if proxy.target in request.path else "pass"
             proxy.requests.append(f"{mode} {request.headers.get('Range')}")
             if mode.startswith("status:"):
                 code = int(mode.split(":")[1])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import MIB, Registry, assert_store_holds, pushed, run_puller, staged_files, start_puller
-from .rig import Nginx, sha256_file, skopeo_push
+from .rig import FaultProxy, Nginx, sha256_file, skopeo_push
 
 
 def test_server_ignoring_range_falls_back_to_one_stream(workdir: Path, layout, tmp_path: Path):
@@ -222,3 +222,24 @@ def test_interrupted_pull_stops_cleanly_and_resumes(slow_rig, tmp_path: Path, si
     assert_store_holds(store, p)
     events = [json.loads(line) for line in r.stdout.splitlines() if '"event":"blob"' in line]
     assert any(e["digest"] == layer["digest"] and e["resumed"] == recorded > 0 for e in events)
+
+
+def test_manifest_requests_are_retried_and_bounded(direct_registry, tmp_path: Path):
+    """A registry that answers the manifest with 503 a few times is retried like a blob range; one that keeps
+    failing fails the pull after `attempts` tries, with the status in the message."""
+    app = pushed(direct_registry, "test/app", "v1")
+    with FaultProxy(f"http://{direct_registry.host}") as proxy:
+        proxy.target = "/manifests/"
+        ref = app.ref.replace(direct_registry.host, proxy.url.split("://")[1])
+        proxy.set("status:503", times=2)
+        r = run_puller("pull", ref, "--store", str(tmp_path / "store"), "--json")
+        assert r.returncode == 0, r.stderr
+        assert [m for m in proxy.requests if m.startswith("status:503")] == ["status:503 None"] * 2
+        assert json.loads(r.stdout.splitlines()[-1])["digest"] == app.digest
+
+        proxy.set("status:503", times=-1)
+        config = tmp_path / "puller.yaml"
+        config.write_text("attempts: 3\n")
+        r = run_puller("pull", ref, "--store", str(tmp_path / "store2"), "--config", str(config))
+        assert r.returncode == 3 and "HTTP 503" in r.stderr, r.stderr
+        assert sum(m.startswith("status:503") for m in proxy.requests) == 2 + 3

@@ -28,11 +28,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
 from ..errors import DigestMismatch, RegistryError, SizeMismatch, StoreError, TransportError
 from ..reference import Reference
-from ..registry.client import NET_ERRORS, ExpiredURL, RegistryClient, RetryableStatus
+from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, ExpiredURL, RegistryClient, retrying
 from ..registry.hosts import PULL
 from ..registry.manifest import Descriptor
 from ..stores import BlobSink, Store, store_error
@@ -46,9 +44,6 @@ DEFAULT_CHUNK_SIZE = 8 * MIB
 DEFAULT_MIN_SPLIT = 1 * MIB
 MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
 CHUNKS_PER_CONNECTION = 4
-DEFAULT_ATTEMPTS = 6
-MIRROR_ATTEMPTS = 2  # tries per request on a mirror before its ranges move to the next host
-MAX_RETRY_AFTER_S = 60.0
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 LOCK_POLL_S = 0.2  # while another process fetches the same blob
 VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
@@ -63,7 +58,7 @@ class TruncatedBody(TransportError):
 class FetchSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     min_split: int = DEFAULT_MIN_SPLIT
-    attempts: int = DEFAULT_ATTEMPTS
+    attempts: int = DEFAULT_ATTEMPTS  # tries per chunk request
 
     def __post_init__(self) -> None:
         if self.chunk_size < 64 * 1024:
@@ -86,19 +81,6 @@ class BlobProgress:
     by_host: dict[str, int] = field(default_factory=dict)  # bytes received, per registry host (mirror or upstream)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
-
-
-def _is_retryable(e: BaseException) -> bool:
-    return isinstance(e, TransportError | RetryableStatus | ExpiredURL)
-
-
-def _wait(retry_state) -> float:
-    e = retry_state.outcome.exception() if retry_state.outcome else None
-    if isinstance(e, ExpiredURL):
-        return 0.0
-    if isinstance(e, RetryableStatus) and e.retry_after is not None:
-        return min(e.retry_after, MAX_RETRY_AFTER_S)
-    return wait_random_exponential(multiplier=0.25, max=8.0)(retry_state)
 
 
 @dataclass(slots=True)
@@ -368,13 +350,7 @@ class _BlobDownload:
                     log.warning("%s: %s: %s; continuing from %s", self.desc.digest, self.endpoints[index].host, e, nxt)
 
     async def _fetch_chunk_from(self, chunk: Chunk, attempts: int) -> None:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=_wait,
-            retry=retry_if_exception(_is_retryable),
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in retrying(attempts):
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.progress.retries += 1

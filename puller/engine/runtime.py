@@ -53,7 +53,9 @@ class Engine:
         self.settings = settings
         docker_config = Path(settings.docker_config) if settings.docker_config else None
         credentials = CredentialStore(explicit_credentials or {}, docker_config)
-        client_settings = ClientSettings(settings.host_settings, settings.connect_timeout, settings.read_timeout)
+        client_settings = ClientSettings(
+            settings.host_settings, settings.connect_timeout, settings.read_timeout, settings.attempts
+        )
         self.client = RegistryClient(client_settings, credentials)
         self.store = open_store(settings)
         self.budget = ConnectionBudget(settings.connections, settings.connections_per_host)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from ..digest import Digest
 from ..errors import (
@@ -48,6 +49,9 @@ READ_TIMEOUT_S = 30.0  # between two reads of one response: a stalled connection
 MAX_ERROR_BODY = 64 * 1024
 READ_BUFSIZE = 256 * 1024  # per-connection receive buffer before aiohttp pauses the socket (default 64 KiB)
 NET_ERRORS = (aiohttp.ClientError, OSError)  # OSError covers TimeoutError
+DEFAULT_ATTEMPTS = 6  # tries per request (a manifest, a chunk) on the last host of a registry
+MIRROR_ATTEMPTS = 2  # tries per request on a mirror before the next host takes over
+MAX_RETRY_AFTER_S = 60.0
 
 
 class RetryableStatus(RegistryError):
@@ -80,6 +84,30 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def is_retryable(e: BaseException) -> bool:
+    return isinstance(e, TransportError | RetryableStatus | ExpiredURL)
+
+
+def _retry_wait(retry_state) -> float:
+    e = retry_state.outcome.exception() if retry_state.outcome else None
+    if isinstance(e, ExpiredURL):
+        return 0.0
+    if isinstance(e, RetryableStatus) and e.retry_after is not None:
+        return min(e.retry_after, MAX_RETRY_AFTER_S)
+    return wait_random_exponential(multiplier=0.25, max=8.0)(retry_state)
+
+
+def retrying(attempts: int) -> AsyncRetrying:
+    """The one retry policy (tenacity): network errors, cut bodies, 5xx, 408 and 429 (honouring Retry-After,
+    capped), expired CDN URLs at once; bounded tries, exponential backoff with jitter."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(attempts),
+        wait=_retry_wait,
+        retry=retry_if_exception(is_retryable),
+        reraise=True,
+    )
+
+
 def same_origin(a: str, b: str) -> bool:
     sa, sb = urlsplit(a), urlsplit(b)
     return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
@@ -90,6 +118,7 @@ class ClientSettings:
     hosts: HostSettings = field(default_factory=HostSettings)
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
+    attempts: int = DEFAULT_ATTEMPTS  # tries per manifest request
 
 
 class RegistryClient:
@@ -333,7 +362,9 @@ class RegistryClient:
         best: tuple[int, PullerError] | None = None
         for i, ep in enumerate(hosts):
             try:
-                return await self._get_manifest_from(ep, ref, expected)
+                async for attempt in retrying(self.settings.attempts if i == len(hosts) - 1 else MIRROR_ATTEMPTS):
+                    with attempt:
+                        return await self._get_manifest_from(ep, ref, expected)
             except (RegistryError, TransportError, VerificationError) as e:
                 rank = 1 if isinstance(e, TransportError) else 2 if isinstance(e, NotFound) else 3
                 if best is None or rank > best[0]:
