@@ -301,3 +301,26 @@ def test_containerd_restarted_mid_pull(slow_rig, tmp_path: Path):
         stored = subprocess.run(c.ctr("-n", NS, "content", "get", layer), capture_output=True).stdout
         assert "sha256:" + hashlib.sha256(stored).hexdigest() == layer
         assert image_records(c)[p.ref]["digest"] == p.digest
+
+
+def test_corrupted_blob_is_never_committed_to_containerd(containerd, layout, tmp_path: Path):
+    """The containerd store streams bytes into containerd while they download; a blob whose digest does not match
+    must still never be committed (containerd's content store holds nothing of it) and no image is named."""
+    with Registry(tmp_path / "registry") as reg:
+        skopeo_push(layout["path"], "small", f"{reg.host}/test/corrupt:v1")
+        p = pushed(reg, "test/corrupt", "v1")
+        layer = p.manifest["layers"][0]["digest"]
+        data = reg.blob_path(layer)
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+        r = pull(containerd, p.ref, tmp_path)
+        assert r.returncode == 8 and "digest mismatch" in r.stderr and layer in r.stderr, r.stderr
+        assert layer not in content_labels(containerd)
+        assert p.ref not in image_records(containerd)
+        assert f"puller-{layer}" not in ctr(containerd, "content", "active")  # the ingest was aborted too
+        raw[len(raw) // 2] ^= 0xFF  # repaired: the same pull then completes
+        data.write_bytes(bytes(raw))
+        r = pull(containerd, p.ref, tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert layer in content_labels(containerd) and image_records(containerd)[p.ref]["digest"] == p.digest
