@@ -303,11 +303,12 @@ def test_containerd_restarted_mid_pull(slow_rig, tmp_path: Path):
         assert image_records(c)[p.ref]["digest"] == p.digest
 
 
-def test_corrupted_blob_is_never_committed_to_containerd(containerd, layout, tmp_path: Path):
+def test_corrupted_blob_is_never_committed_to_containerd(containerd, tmp_path: Path):
     """The containerd store streams bytes into containerd while they download; a blob whose digest does not match
     must still never be committed (containerd's content store holds nothing of it) and no image is named."""
+    LayoutWriter(tmp_path / "layout").add_image("corrupt", [300_000], seed=4242)  # layers no other test has
     with Registry(tmp_path / "registry") as reg:
-        skopeo_push(layout["path"], "small", f"{reg.host}/test/corrupt:v1")
+        skopeo_push(tmp_path / "layout", "corrupt", f"{reg.host}/test/corrupt:v1")
         p = pushed(reg, "test/corrupt", "v1")
         layer = p.manifest["layers"][0]["digest"]
         data = reg.blob_path(layer)
