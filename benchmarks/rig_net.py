@@ -6,16 +6,28 @@ from __future__ import annotations
 import subprocess
 
 
-def _run_all(cmds: list[str]) -> str:
-    """Run each command until one fails; its error, or "" when all succeeded."""
-    for cmd in cmds:
-        r = subprocess.run(cmd.split(), capture_output=True, text=True)
-        if r.returncode != 0:
-            return f"{cmd}: {r.stderr.strip()}"
-    return ""
+class _Link:
+    """Set up by a list of commands; ``ok`` says whether all took, else ``error`` names the first that failed
+    and what was set up is torn down again."""
+
+    ok = False
+    error = ""
+
+    def _apply(self, cmds: list[str]):
+        for cmd in cmds:
+            r = subprocess.run(cmd.split(), capture_output=True, text=True)
+            if r.returncode != 0:
+                self.error = f"{cmd}: {r.stderr.strip()}"
+                self.__exit__()
+                return self
+        self.ok = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        raise NotImplementedError
 
 
-class LoopbackLink:
+class LoopbackLink(_Link):
     """Shape what the given local ports send (the CDN's and the registry's replies) with an HTB class on ``lo``:
     one link of ``rate_mbit`` shared by every connection, like a node's NIC. Other loopback traffic is not
     classified and passes unshaped. Needs root and the sch_htb module; ``ok`` says whether it took."""
@@ -35,17 +47,13 @@ class LoopbackLink:
             f"tc filter add dev lo protocol ip parent 1: prio 1 u32 match ip sport {p} 0xffff flowid 1:1"
             for p in self.ports
         ]
-        self.error = _run_all(cmds)
-        self.ok = not self.error
-        if not self.ok:
-            self.__exit__()
-        return self
+        return self._apply(cmds)
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
 
 
-class VethLink:
+class VethLink(_Link):
     """The clients in their own network namespace, joined to this one by a veth pair: the servers (registry, CDN)
     listen on ``server_ip``, the benchmarked commands run with :meth:`prefix` in namespace ``ns`` at
     ``client_ip``. What the servers send is shaped on the host side of the veth (tbf, ``rate_mbit``): one link
@@ -80,11 +88,7 @@ class VethLink:
             cmds.append(
                 f"tc qdisc add dev {self.outer} root tbf rate {self.rate_mbit}mbit burst {burst_kb}kb latency 50ms"
             )
-        self.error = _run_all(cmds)
-        self.ok = not self.error
-        if not self.ok:
-            self.__exit__()
-        return self
+        return self._apply(cmds)
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)

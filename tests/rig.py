@@ -114,6 +114,13 @@ def make_tls_cert(workdir: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+def flip_middle_byte(path: Path) -> None:
+    """Corrupt a stored blob in place (one byte inverted); a second call repairs it."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

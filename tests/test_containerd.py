@@ -13,7 +13,7 @@ from pathlib import Path
 from puller.stores.containerd import chain_ids
 
 from .conftest import pushed, run_puller, start_puller
-from .rig import Containerd, LayoutWriter, Registry, skopeo_push
+from .rig import Containerd, LayoutWriter, Registry, flip_middle_byte, skopeo_push
 
 NS = "k8s.io"
 
@@ -311,17 +311,13 @@ def test_corrupted_blob_is_never_committed_to_containerd(containerd, tmp_path: P
         skopeo_push(tmp_path / "layout", "corrupt", f"{reg.host}/test/corrupt:v1")
         p = pushed(reg, "test/corrupt", "v1")
         layer = p.manifest["layers"][0]["digest"]
-        data = reg.blob_path(layer)
-        raw = bytearray(data.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        data.write_bytes(bytes(raw))
+        flip_middle_byte(reg.blob_path(layer))
         r = pull(containerd, p.ref, tmp_path)
         assert r.returncode == 8 and "digest mismatch" in r.stderr and layer in r.stderr, r.stderr
         assert layer not in content_labels(containerd)
         assert p.ref not in image_records(containerd)
         assert f"puller-{layer}" not in ctr(containerd, "content", "active")  # the ingest was aborted too
-        raw[len(raw) // 2] ^= 0xFF  # repaired: the same pull then completes
-        data.write_bytes(bytes(raw))
+        flip_middle_byte(reg.blob_path(layer))  # repaired: the same pull then completes
         r = pull(containerd, p.ref, tmp_path)
         assert r.returncode == 0, r.stderr
         assert layer in content_labels(containerd) and image_records(containerd)[p.ref]["digest"] == p.digest

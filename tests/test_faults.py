@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import MIB, Registry, assert_store_holds, pushed, run_puller, staged_files, start_puller
-from .rig import FaultProxy, Nginx, sha256_file, skopeo_push
+from .rig import FaultProxy, Nginx, flip_middle_byte, sha256_file, skopeo_push
 
 
 def test_server_ignoring_range_falls_back_to_one_stream(workdir: Path, layout, tmp_path: Path):
@@ -86,10 +86,7 @@ def test_corrupted_blob_is_never_visible(workdir: Path, layout, tmp_path: Path):
         skopeo_push(layout["path"], "small", f"{reg.host}/test/small:v1")
         p = pushed(reg, "test/small", "v1")
         layer = p.manifest["layers"][0]["digest"]
-        data = reg.blob_path(layer)
-        raw = bytearray(data.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        data.write_bytes(bytes(raw))
+        flip_middle_byte(reg.blob_path(layer))
         store = tmp_path / "store"
         r = run_puller("pull", p.ref, "--store", str(store))
         assert r.returncode == 8, r.stderr
@@ -98,9 +95,7 @@ def test_corrupted_blob_is_never_visible(workdir: Path, layout, tmp_path: Path):
         index = json.loads((store / "index.json").read_text())
         assert index["manifests"] == []  # the image is not named
         assert [f for f in staged_files(store) if f.suffix == ".partial"] == []
-        # Repair the registry: the same store then completes.
-        raw[len(raw) // 2] ^= 0xFF
-        data.write_bytes(bytes(raw))
+        flip_middle_byte(reg.blob_path(layer))  # repaired: the same store then completes
         r = run_puller("pull", p.ref, "--store", str(store))
         assert r.returncode == 0, r.stderr
         assert_store_holds(store, p)
