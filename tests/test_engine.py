@@ -38,6 +38,7 @@ class Behaviour:
     cut_first: int = 0  # send half the range, then close
     stall_first: int = 0  # send half the range, then go silent (connection left open) for STALL_S
     corrupt: bool = False
+    delay_s: float = 0.0  # before each range is answered
     requests: list[dict] = field(default_factory=list)
 
 
@@ -101,7 +102,13 @@ class Fake:
 
     async def cdn_blob(self, request):
         b = self.b
-        b.requests.append({"auth": request.headers.get("Authorization"), "range": request.headers.get("Range")})
+        b.requests.append(
+            {
+                "auth": request.headers.get("Authorization"),
+                "range": request.headers.get("Range"),
+                "digest": request.match_info["digest"],
+            }
+        )
         if b.expire_first:
             b.expire_first -= 1
             return web.Response(status=403, text="expired")
@@ -111,6 +118,7 @@ class Fake:
         if b.fail_first:
             b.fail_first -= 1
             return web.Response(status=500)
+        await asyncio.sleep(b.delay_s)
         data = self.blobs[request.match_info["digest"]]
         if b.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 1])
@@ -235,6 +243,31 @@ async def test_same_digest_twice_is_fetched_once(fake, tmp_path):
     assert p1.fetched + p2.fetched == desc.size
     served = sum(1 for r in fake.b.requests if r["range"])
     assert served == -(-desc.size // (128 * 1024))  # each chunk once
+
+
+async def test_blobs_take_connections_in_manifest_order(tmp_path):
+    """Connections go to the lower layers first, so the bottom layer (here the biggest) lands first and a store
+    that unpacks can start on it while the others download; with first-come connections it would land last."""
+    rnd = random.Random(11)
+    layers = [rnd.randbytes(n) for n in (2_000_000, 300_000, 300_000, 300_000)]
+    blobs = {"sha256:" + hashlib.sha256(d).hexdigest(): d for d in layers}
+    config = b'{"architecture": "amd64", "os": "linux"}'
+    blobs["sha256:" + hashlib.sha256(config).hexdigest()] = config
+    fake = Fake(blobs, Behaviour(delay_s=0.02))  # each range takes a while: every blob is queued for one
+    fake.config = list(blobs)[-1]
+    await fake.start()
+    try:
+        ref = Reference.parse(f"{fake.host}/r:t")
+        creds = CredentialStore({fake.host: AUTH}, config_path=tmp_path / "none.json")
+        async with RegistryClient(ClientSettings(), creds) as client, OCILayoutStore(tmp_path / "store") as store:
+            fetcher = BlobFetcher(client, ConnectionBudget(4, 4), FetchSettings(chunk_size=128 * 1024))
+            await pull_image(ref, client, fetcher, store)
+    finally:
+        await fake.stop()
+    _assert_complete(fake, store)
+    served = [r["digest"] for r in fake.b.requests]
+    finished = sorted(list(blobs)[:4], key=lambda d: max(i for i, x in enumerate(served) if x == d))
+    assert finished == list(blobs)[:4], f"layers finished out of manifest order: {served}"
 
 
 async def test_manifest_by_digest_must_match(fake, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -11,8 +12,10 @@ import yaml
 
 from puller import config
 from puller.digest import Digest
+from puller.engine.budget import ConnectionBudget
 from puller.engine.plan import Chunk, RangeSet, plan_chunks, split_for_tail
 from puller.errors import ConfigError, InvalidDigest, InvalidReference, ManifestError, PlatformNotFound
+from puller.priority import PrioritySemaphore
 from puller.reference import Reference
 from puller.registry import manifest as mf
 from puller.registry.auth import Credentials, CredentialStore, parse_www_authenticate
@@ -212,6 +215,50 @@ def test_tail_split_takes_second_half_of_slowest():
     tail = split_for_tail([slow, fast, idle], min_split=mib)
     assert tail is not None and tail.end == 16 * mib and slow.end == tail.start == 9 * mib
     assert split_for_tail([fast], min_split=mib) is None
+
+
+async def test_priority_semaphore_serves_the_most_urgent_first():
+    sem = PrioritySemaphore(1)
+    await sem.acquire(5)  # taken at once: nobody waits
+    served: list[str] = []
+
+    async def wait(name: str, priority: int) -> None:
+        await sem.acquire(priority)
+        served.append(name)
+
+    tasks = [asyncio.ensure_future(wait(n, p)) for n, p in [("late", 9), ("a", 2), ("b", 2), ("urgent", 1)]]
+    cancelled = asyncio.ensure_future(wait("cancelled", 0))
+    await asyncio.sleep(0)
+    assert sem.outranks(2) and not sem.outranks(0)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    for _ in tasks:
+        sem.release()
+        await asyncio.sleep(0)
+    assert served == ["urgent", "a", "b", "late"]  # by priority, first come first served among equals
+    sem.release()
+    await sem.acquire(3)  # the slot given back is free again, not lost to the cancelled waiter
+
+
+async def test_connection_is_kept_across_requests_until_outranked():
+    budget = ConnectionBudget(total=1, per_host=1)
+    conn = budget.connection(priority=3)
+    await conn.acquire("r.example")
+    await conn.acquire("r.example")  # the same slot, kept
+    assert budget.in_use == 1
+    later = asyncio.ensure_future(budget.connection(priority=7).acquire("r.example"))
+    await asyncio.sleep(0)
+    conn.yield_if_outranked()  # only a later blob waits: keep it
+    assert conn.host == "r.example" and not later.done()
+    urgent_conn = budget.connection(priority=1)
+    urgent = asyncio.ensure_future(urgent_conn.acquire("r.example"))
+    await asyncio.sleep(0)
+    conn.yield_if_outranked()  # a more urgent blob waits: hand it over
+    await asyncio.sleep(0)
+    assert conn.host is None and urgent.done() and not later.done()
+    urgent_conn.release()
+    await asyncio.wait_for(later, 1)
+    assert budget.in_use == 1
 
 
 def test_settings_file_and_sizes(tmp_path):

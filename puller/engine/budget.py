@@ -1,14 +1,17 @@
 """What all pulls of a process share: one budget of concurrent connections (plus a per-host cap), and an
 optional node-wide bandwidth cap.
 
-A connection slot is held from the request until its body is finished (not just until headers arrive)."""
+A connection slot is held from the request until its body is finished (not just until headers arrive). Slots
+go to waiters by priority (an image's blobs in manifest order: config, then layers bottom up), first come first
+served within one priority: every connection stays busy, and the lower layers land first, so a store that
+unpacks (containerd) can apply layer N while layer N+1 downloads instead of waiting for the whole image."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+
+from ..priority import PrioritySemaphore
 
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_MAX_PER_HOST = 32
@@ -20,19 +23,55 @@ class ConnectionBudget:
             raise ValueError("connection budget must be at least 1")
         self.total = total
         self.per_host = per_host
-        self._global = asyncio.Semaphore(total)
-        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._global = PrioritySemaphore(total)
+        self._hosts: dict[str, PrioritySemaphore] = {}
         self.in_use = 0  # connections held now (for metrics)
 
-    @asynccontextmanager
-    async def slot(self, host: str) -> AsyncIterator[None]:
-        host_sem = self._hosts.setdefault(host, asyncio.Semaphore(self.per_host))
-        async with host_sem, self._global:
-            self.in_use += 1
-            try:
-                yield
-            finally:
-                self.in_use -= 1
+    def connection(self, priority: int = 0) -> Connection:
+        """A worker's claim on one connection, served before waiters with a higher ``priority`` number."""
+        return Connection(self, priority)
+
+    def _host(self, host: str) -> PrioritySemaphore:
+        return self._hosts.setdefault(host, PrioritySemaphore(self.per_host))
+
+
+class Connection:
+    """One worker's slot of the budget, kept from one request to the next: a blob keeps the connections it has
+    while blobs after it wait, instead of handing one to them each time a chunk ends. Given back when the worker
+    ends, while it waits out a retry, or when a more urgent blob is waiting (``yield_if_outranked``)."""
+
+    def __init__(self, budget: ConnectionBudget, priority: int):
+        self.budget = budget
+        self.priority = priority
+        self.host: str | None = None  # the host whose slot is held, None when nothing is held
+
+    async def acquire(self, host: str) -> None:
+        if self.host == host:
+            return
+        self.release()
+        host_sem = self.budget._host(host)
+        await host_sem.acquire(self.priority)
+        try:
+            await self.budget._global.acquire(self.priority)
+        except BaseException:
+            host_sem.release()
+            raise
+        self.host = host
+        self.budget.in_use += 1
+
+    def release(self) -> None:
+        if self.host is None:
+            return
+        self.budget._global.release()
+        self.budget._host(self.host).release()
+        self.budget.in_use -= 1
+        self.host = None
+
+    def yield_if_outranked(self) -> None:
+        if self.host is not None and (
+            self.budget._global.outranks(self.priority) or self.budget._host(self.host).outranks(self.priority)
+        ):
+            self.release()
 
 
 class BandwidthCap:

@@ -34,7 +34,7 @@ from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, Exp
 from ..registry.hosts import PULL
 from ..registry.manifest import Descriptor
 from ..stores import BlobSink, Store, store_error
-from .budget import BandwidthCap, ConnectionBudget
+from .budget import BandwidthCap, Connection, ConnectionBudget
 from .plan import MIB, SPLIT_ALIGN, Chunk, RangeSet, plan_chunks, split_for_tail
 from .verify import PrefixHasher
 
@@ -122,13 +122,16 @@ class BlobFetcher:
         self.settings = settings or FetchSettings()
         self._inflight: dict[tuple[int, str], _Shared] = {}
 
-    async def fetch(self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress) -> None:
-        """Make ``desc`` present in ``store``. Concurrent calls for the same digest and store share one fetch,
-        which is cancelled when the last of them is."""
+    async def fetch(
+        self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress, priority: int = 0
+    ) -> None:
+        """Make ``desc`` present in ``store``; its chunks get connections before those of blobs with a higher
+        ``priority``. Concurrent calls for the same digest and store share one fetch, which is cancelled when the
+        last of them is."""
         key = (id(store), str(desc.digest))
         shared = self._inflight.get(key)
         if shared is None:
-            shared = _Shared(asyncio.ensure_future(self._fetch_verified(ref, desc, store, progress)))
+            shared = _Shared(asyncio.ensure_future(self._fetch_verified(ref, desc, store, progress, priority)))
             self._inflight[key] = shared
             shared.future.add_done_callback(lambda f: (self._inflight.pop(key, None), _retrieve(f)))
         else:
@@ -145,10 +148,12 @@ class BlobFetcher:
         progress.state = "done"
         progress.done = desc.size
 
-    async def _fetch_verified(self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress) -> None:
+    async def _fetch_verified(
+        self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress, priority: int
+    ) -> None:
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
             try:
-                await _BlobDownload(self, ref, desc, store, progress).run()
+                await _BlobDownload(self, ref, desc, store, progress, priority).run()
                 return
             except DigestMismatch as e:
                 log.warning("%s: %s (attempt %d of %d)", ref, e, attempt, VERIFY_ATTEMPTS)
@@ -174,10 +179,19 @@ def chunk_size_for(missing: int, fetcher: BlobFetcher) -> int:
 class _BlobDownload:
     """One blob's download into its staged file. Not reused."""
 
-    def __init__(self, fetcher: BlobFetcher, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress):
+    def __init__(
+        self,
+        fetcher: BlobFetcher,
+        ref: Reference,
+        desc: Descriptor,
+        store: Store,
+        progress: BlobProgress,
+        priority: int,
+    ):
         self.f = fetcher
         self.ref = ref
         self.desc = desc
+        self.priority = priority
         self.store = store
         self.progress = progress
         stem = f"{desc.digest.algorithm}-{desc.digest.hex}"
@@ -314,24 +328,32 @@ class _BlobDownload:
             await self.range_known.wait()
             if not self.range_ok:
                 return
-        chunk = first or self._next_chunk()
-        while chunk is not None:
-            self.inflight.add(chunk)
-            try:
-                await self._fetch_chunk(chunk)
-            finally:
-                self.inflight.discard(chunk)
-                if not self.range_known.is_set():
-                    self.range_known.set()  # a failed probe: let the others try (and fail) on their own
-            self._save_ranges()
-            chunk = self._next_chunk() if self.range_ok else None
+        conn = self.f.budget.connection(self.priority)
+        try:
+            chunk = first or self._next_chunk()
+            while chunk is not None:
+                if self.sink and self.sink.held_back(chunk.end):
+                    conn.release()  # not held while the store catches up
+                    await self.sink.room(chunk.end)
+                self.inflight.add(chunk)
+                try:
+                    await self._fetch_chunk(chunk, conn)
+                finally:
+                    self.inflight.discard(chunk)
+                    if not self.range_known.is_set():
+                        self.range_known.set()  # a failed probe: let the others try (and fail) on their own
+                self._save_ranges()
+                conn.yield_if_outranked()
+                chunk = self._next_chunk() if self.range_ok else None
+        finally:
+            conn.release()
 
     def _next_chunk(self) -> Chunk | None:
         if self.pending:
             return self.pending.pop(0)
         return split_for_tail(self.inflight, self.f.settings.min_split)
 
-    async def _fetch_chunk(self, chunk: Chunk) -> None:
+    async def _fetch_chunk(self, chunk: Chunk, conn: Connection) -> None:
         """Fetch ``chunk`` from the current host; when a mirror fails (after MIRROR_ATTEMPTS) or lacks the blob,
         the chunk, and every range after it, continue from the next host. The bytes already written stay:
         the blob is verified as one, whoever served its parts."""
@@ -339,7 +361,7 @@ class _BlobDownload:
             index = self.endpoint_index
             last = index == len(self.endpoints) - 1
             try:
-                await self._fetch_chunk_from(chunk, self.f.settings.attempts if last else MIRROR_ATTEMPTS)
+                await self._fetch_chunk_from(chunk, conn, self.f.settings.attempts if last else MIRROR_ATTEMPTS)
                 return
             except (RegistryError, TransportError) as e:
                 if last:
@@ -349,13 +371,17 @@ class _BlobDownload:
                     nxt = self.endpoints[index + 1].host
                     log.warning("%s: %s: %s; continuing from %s", self.desc.digest, self.endpoints[index].host, e, nxt)
 
-    async def _fetch_chunk_from(self, chunk: Chunk, attempts: int) -> None:
+    async def _fetch_chunk_from(self, chunk: Chunk, conn: Connection, attempts: int) -> None:
         async for attempt in retrying(attempts):
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.progress.retries += 1
-                async with self.f.budget.slot(self.ref.api_host):
+                await conn.acquire(self.ref.api_host)
+                try:
                     await self._stream(chunk)
+                except BaseException:
+                    conn.release()  # not held while a retry waits
+                    raise
 
     async def _stream(self, chunk: Chunk) -> None:
         if chunk.pos >= chunk.end:

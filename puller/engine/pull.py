@@ -108,7 +108,10 @@ async def pull_image(
                 missing.append(desc)
         await store.reserve(missing)
         store.begin_image(manifest)
-        await gather_or_cancel([fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)]) for d in missing])
+        # Blobs in manifest order (config, then layers bottom up) take connections in that order.
+        await gather_or_cancel(
+            [fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)], i) for i, d in enumerate(missing)]
+        )
         progress.state = "committing"
         # The index (if any) is stored as a blob too; the name points at the platform manifest.
         await store.commit_image(ref, target, documents, pin=pin)

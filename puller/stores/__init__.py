@@ -23,6 +23,13 @@ class BlobSink(Protocol):
     def advance(self, hashed_end: int) -> None:
         """Bytes ``[0, hashed_end)`` of the staged file are written and hashed: they may be sent on."""
 
+    def held_back(self, end: int) -> bool:
+        """True when the download should not fetch up to ``end`` yet: the store is too far behind, and fetching
+        further would only take the CPU the store needs."""
+
+    async def room(self, end: int) -> None:
+        """Return when ``held_back(end)`` is over."""
+
     async def abort(self) -> None:
         """The staged bytes were wrong (digest mismatch): forget what was sent."""
 

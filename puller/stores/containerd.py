@@ -37,6 +37,7 @@ import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from ..errors import StoreError
+from ..priority import PrioritySemaphore
 from ..reference import Reference
 from ..registry import manifest as mf
 from ..registry.manifest import Descriptor
@@ -63,7 +64,9 @@ from .defaults import CONTAINERD_STAGING as DEFAULT_STAGING
 log = logging.getLogger(__name__)
 
 WRITE_MESSAGE = 1 << 20  # bytes per Write message (under gRPC's default 4 MiB message limit)
-MAX_WRITE_STREAMS = 8  # blobs streamed into containerd at once; each stream buffers a message or two
+WRITE_DEPTH = 4  # Write messages in flight per stream: containerd handles one while the next ones travel
+MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
+MAX_AHEAD = 64 << 20  # how far a blob's download may run ahead of what containerd has taken
 LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 
 GC_CONTENT = "containerd.io/gc.ref.content"
@@ -85,7 +88,9 @@ class _ContainerdSink:
         self.desc = desc
         self.staged = staged
         self.hashed = 0
+        self.sent = 0  # bytes containerd has been given
         self._wake = asyncio.Event()
+        self._sent_moved = asyncio.Event()
         self._ref = f"puller-{desc.digest}"
         self._store = store
         self._task = asyncio.ensure_future(self._stream())
@@ -94,16 +99,40 @@ class _ContainerdSink:
         self.hashed = max(self.hashed, hashed_end)
         self._wake.set()
 
+    def held_back(self, end: int) -> bool:
+        """More than MAX_AHEAD past what containerd has taken: where containerd's ingest is the limit (a fast
+        link), downloading further only takes CPU from containerd."""
+        return end > self.sent + MAX_AHEAD and not self._task.done()
+
+    async def room(self, end: int) -> None:
+        while self.held_back(end):
+            self._sent_moved.clear()
+            await self._sent_moved.wait()
+
     async def _stream(self) -> None:
-        # Bounded, so that an image of 200 layers does not hold 200 streams' buffers at once; a blob waiting
-        # for a slot keeps downloading into its staged file and is sent from there when its turn comes.
-        async with self._store._write_slots:
+        try:
+            await self._stream_in_turn()
+        finally:
+            self._sent_moved.set()  # a download held back by room() goes on (and meets the error at commit)
+
+    async def _stream_in_turn(self) -> None:
+        # A slot is taken once there is something to send, lowest layer first: containerd's ingest, not the
+        # network, is the limit on a fast link, and the layer unpacked next must not share it with the layers
+        # after it. A blob waiting for a slot keeps downloading into its staged file and is sent from there.
+        while self.hashed == 0 and self.desc.size > 0:
+            self._wake.clear()
+            await self._wake.wait()
+        async with self._store._write_slots.hold(self._store._order.get(str(self.desc.digest), 0)):
             await self._store._write(self.desc, self._chunks, {})
 
     async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
         fd = os.open(self.staged, os.O_RDONLY)
         try:
-            while offset < self.desc.size:
+            while True:
+                self.sent = offset
+                self._sent_moved.set()
+                if offset >= self.desc.size:
+                    break
                 if offset >= self.hashed:
                     self._wake.clear()
                     await self._wake.wait()
@@ -182,7 +211,8 @@ class ContainerdStore(StoreBase):
         self._channel: grpc.aio.Channel | None = None
         self._configs: dict[str, bytes] = {}
         self._sinks: dict[str, _ContainerdSink] = {}
-        self._write_slots = asyncio.Semaphore(MAX_WRITE_STREAMS)
+        self._write_slots = PrioritySemaphore(MAX_WRITE_STREAMS)
+        self._order: dict[str, int] = {}  # blob digest -> its place in the manifest (config, layers bottom up)
         self._ready: dict[str, asyncio.Event] = {}  # set when a blob is committed
         self._unpacker: asyncio.Future | None = None
 
@@ -320,14 +350,21 @@ class ContainerdStore(StoreBase):
             )
             status = await call.read()
             offset = status.offset if 0 <= status.offset <= desc.size else 0
-            # One message in flight per stream: containerd answers each, and waiting for the answer bounds the
-            # memory of many concurrent streams (pipelining measured no faster: containerd is the limit).
+            # containerd answers every message; up to WRITE_DEPTH wait for their answer, which bounds a stream's
+            # memory while containerd always has the next message at hand (ingest measured 15-30% faster than
+            # one at a time, containerd's own client's way).
+            unanswered = 0
             async for data in chunks(offset):
                 await call.write(
                     content_pb2.WriteContentRequest(action=content_pb2.WRITE, ref=ref, offset=offset, data=data)
                 )
-                await call.read()
                 offset += len(data)
+                unanswered += 1
+                if unanswered == WRITE_DEPTH:
+                    await call.read()
+                    unanswered -= 1
+            for _ in range(unanswered):
+                await call.read()
             await call.write(
                 content_pb2.WriteContentRequest(
                     action=content_pb2.COMMIT, ref=ref, offset=offset, total=desc.size, expected=digest, labels=labels
@@ -421,7 +458,9 @@ class ContainerdStore(StoreBase):
     # ---- unpack -------------------------------------------------------------------------------------------
 
     def begin_image(self, manifest: mf.Manifest) -> None:
-        """Unpack each layer as soon as it and the ones below it are committed, while later layers download."""
+        """Stream blobs into containerd in manifest order, and unpack each layer as soon as it and the ones below
+        it are committed, while later layers download."""
+        self._order.update((str(d.digest), i) for i, d in enumerate(manifest.blobs))
         if self.unpack:
             self._unpacker = asyncio.ensure_future(self._unpack(manifest))
 
