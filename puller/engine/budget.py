@@ -1,10 +1,11 @@
 """What all pulls of a process share: one budget of concurrent connections (plus a per-host cap), and an
 optional node-wide bandwidth cap.
 
-A connection slot is held from the request until its body is finished (not just until headers arrive). Slots
-go to waiters by priority (an image's blobs in manifest order: config, then layers bottom up), first come first
-served within one priority: every connection stays busy, and the lower layers land first, so a store that
-unpacks (containerd) can apply layer N while layer N+1 downloads instead of waiting for the whole image."""
+A download worker holds its slot from its first request until it runs out of chunks (not just until headers
+arrive), unless a more urgent blob waits. Slots go to waiters by priority (an image's blobs in manifest order:
+config, then layers bottom up), first come first served within one priority: every connection stays busy, and
+the lower layers land first, so a store that unpacks (containerd) can apply layer N while layer N+1 downloads
+instead of waiting for the whole image."""
 
 from __future__ import annotations
 
