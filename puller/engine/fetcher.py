@@ -15,6 +15,11 @@ A blob is fetched like this:
    grows (:class:`PrefixHasher`). At the end size and digest are checked; a mismatch deletes the staged data
    and the blob is fetched once more before the pull fails.
 5. The verified file is handed to the store's ``commit_blob``; nothing unverified is ever in the store.
+
+A store with a :class:`BlobSink` (containerd) changes steps 4-5: a block that extends the received prefix goes
+to the sink as it is (no write, no read-back); only blocks ahead of the prefix are staged, and the sink reads
+them from there in turn. The store checks size and digest at its commit; ``.ranges`` records only staged bytes,
+and a restarted pull resumes from what the store already holds (:meth:`BlobSink.start`) plus those.
 """
 
 from __future__ import annotations
@@ -201,7 +206,8 @@ class _BlobDownload:
         self.endpoints = fetcher.client.endpoints(ref, PULL)  # mirrors first, then the upstream
         self.endpoint_index = 0  # the host ranges come from now; moves on when a host fails
         self.url: str | None = None  # the resolved (redirected) blob URL on that host, reused for every range
-        self.done = RangeSet()
+        self.done = RangeSet()  # bytes received: staged, or (with a sink) taken by it
+        self.staged = RangeSet()  # bytes written to the staged file; what .ranges records
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
         self.range_ok: bool | None = None
@@ -216,15 +222,24 @@ class _BlobDownload:
             if await self.store.has_blob(self.desc):  # another process committed it while we waited
                 self.progress.state = "present"
                 return
-            await asyncio.to_thread(self._open)
             self.sink = self.store.blob_sink(self.desc, self.data_path)
-            self.hasher = PrefixHasher(
-                self.fd, self.desc.digest, self.sink.advance if self.sink else None, drop_cache=self.sink is None
-            )
             try:
-                await self._download()
-                await self._verify()
+                held = await self.sink.start() if self.sink else 0
+                await asyncio.to_thread(self._open, held)
+                if self.sink is None:
+                    self.hasher = PrefixHasher(self.fd, self.desc.digest)
+                try:
+                    await self._download()
+                    await self._verify()
+                finally:
+                    if self.hasher:
+                        await self.hasher.close()
+                    os.close(self.fd)
+                await self.store.commit_blob(self.desc, self.data_path)
             except DigestMismatch:
+                # Never keep bad bytes: the next attempt starts from nothing.
+                self.data_path.unlink(missing_ok=True)
+                self.ranges_path.unlink(missing_ok=True)
                 if self.sink:
                     await self.sink.abort()
                 raise
@@ -232,11 +247,8 @@ class _BlobDownload:
                 if self.sink:
                     await self.sink.close()
                 raise
-            finally:
-                if self.hasher:
-                    await self.hasher.close()
-                os.close(self.fd)
-            await self.store.commit_blob(self.desc, self.data_path)
+            self.progress.state = "done"
+            self.progress.finished = time.monotonic()
             self.ranges_path.unlink(missing_ok=True)
         finally:
             self.lock_path.unlink(missing_ok=True)
@@ -264,14 +276,15 @@ class _BlobDownload:
                 return fd
             os.close(fd)
 
-    def _open(self) -> None:
+    def _open(self, held: int) -> None:
+        """Open (or create and preallocate) the staged file; ``held``: bytes the sink's store already has."""
         size = self.desc.size
         try:
-            self.done = self._load_ranges()
+            self.staged = self._load_ranges()
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
-            if os.fstat(self.fd).st_size != size or not self.done:
+            if os.fstat(self.fd).st_size != size or not self.staged:
                 os.ftruncate(self.fd, 0)
-                self.done = RangeSet()
+                self.staged = RangeSet()
                 if size:
                     try:
                         os.posix_fallocate(self.fd, 0, size)  # fail now, not mid-pull, when the disk is full
@@ -284,6 +297,10 @@ class _BlobDownload:
                 os.close(self.fd)
             self.data_path.unlink(missing_ok=True)
             raise store_error(e, f"preparing {self.desc.size} bytes for {self.desc.digest}") from None
+        self.done = RangeSet(self.staged.as_list())
+        self.done.add(0, held)
+        if self.sink:
+            self.sink.advance(self.done.prefix_end())
         self.progress.resumed = self.progress.done = self.done.total()
         missing = list(self.done.missing(size))
         self.pending = plan_chunks(missing, chunk_size_for(sum(e - s for s, e in missing), self.f))
@@ -304,7 +321,7 @@ class _BlobDownload:
         correctness, since the whole blob is hashed before commit."""
         tmp = self.ranges_path.with_suffix(".ranges-tmp")
         try:
-            tmp.write_text(json.dumps({"size": self.desc.size, "done": self.done.as_list()}))
+            tmp.write_text(json.dumps({"size": self.desc.size, "done": self.staged.as_list()}))
             os.replace(tmp, self.ranges_path)
         except OSError as e:
             log.debug("could not record progress of %s: %s", self.desc.digest, e)
@@ -478,36 +495,38 @@ class _BlobDownload:
 
     async def _write(self, loop: asyncio.AbstractEventLoop, chunk: Chunk, buffers: list[bytes], n: int) -> None:
         start = chunk.pos
-        try:
-            written = await loop.run_in_executor(None, os.pwritev, self.fd, buffers, start)
-        except OSError as e:
-            raise store_error(e, f"writing {self.desc.digest}") from None
-        if written != n:
-            raise StoreError(f"short write of {self.desc.digest} at {start}")
+        if self.sink is None or not self.sink.take(start, buffers, n):
+            try:
+                written = await loop.run_in_executor(None, os.pwritev, self.fd, buffers, start)
+            except OSError as e:
+                raise store_error(e, f"writing {self.desc.digest}") from None
+            if written != n:
+                raise StoreError(f"short write of {self.desc.digest} at {start}")
+            self.staged.add(start, start + n)
         chunk.pos = start + n
         self.done.add(start, start + n)
         self.progress.done += n
-        assert self.hasher is not None
-        self.hasher.advance(self.done.prefix_end())
+        if self.sink:
+            self.sink.advance(self.done.prefix_end())
+        else:
+            assert self.hasher is not None
+            self.hasher.advance(self.done.prefix_end())
 
     # ---- verifying -----------------------------------------------------------------------------------------
 
     async def _verify(self) -> None:
+        """Size, and the digest unless a sink's store checks it at commit."""
         self.progress.state = "verifying"
         size = self.desc.size
         if self.done.prefix_end() != size:
             raise SizeMismatch(size, self.done.prefix_end(), what=f"blob {self.desc.digest}")
-        assert self.hasher is not None
+        if self.hasher is None:
+            return
         try:
             actual = await self.hasher.finish(size)
         except OSError as e:
             raise store_error(e, f"reading back {self.desc.digest}") from None
         if actual != self.desc.digest.hex:
-            # Never keep bad bytes: the next attempt starts from nothing.
-            self.data_path.unlink(missing_ok=True)
-            self.ranges_path.unlink(missing_ok=True)
             raise DigestMismatch(
                 str(self.desc.digest), f"{self.desc.digest.algorithm}:{actual}", what=f"blob of {self.ref}"
             )
-        self.progress.state = "done"
-        self.progress.finished = time.monotonic()

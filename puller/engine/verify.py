@@ -17,13 +17,10 @@ MIN_HASH_STEP = 4 * 1024 * 1024  # do not wake the thread for less than this, ex
 
 
 class PrefixHasher:
-    """``on_hashed(end)`` is called (in the event loop) each time ``[0, end)`` has been hashed; with
-    ``drop_cache`` hashed pages are handed back to the kernel (their writeback starts early)."""
+    """Hashed pages are handed back to the kernel (their writeback starts early)."""
 
-    def __init__(self, fd: int, digest: Digest, on_hashed=None, drop_cache: bool = True):
+    def __init__(self, fd: int, digest: Digest):
         self._fd = fd
-        self._on_hashed = on_hashed
-        self._drop_cache = drop_cache
         self._hash = digest.hasher()
         self.hashed = 0
         self._target = 0
@@ -41,8 +38,6 @@ class PrefixHasher:
                 end = self._target
                 await asyncio.to_thread(self._hash_range, self.hashed, end)
                 self.hashed = end
-                if self._on_hashed:
-                    self._on_hashed(end)
         finally:
             self._task = None
 
@@ -54,10 +49,9 @@ class PrefixHasher:
                 raise OSError(f"short read at offset {pos} while hashing")
             self._hash.update(data)
             pos += len(data)
-        if self._drop_cache:
-            # Hashed bytes are final: start their writeback now (and let the kernel drop them once written), so
-            # the store's fsync at commit has little left to wait for and a multi-GB pull does not fill the cache.
-            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        # Hashed bytes are final: start their writeback now (and let the kernel drop them once written), so the
+        # store's fsync at commit has little left to wait for and a multi-GB pull does not fill the cache.
+        os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     async def finish(self, size: int) -> str:
         """Hash up to ``size`` and return the hex digest."""

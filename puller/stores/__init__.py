@@ -1,10 +1,13 @@
 """Where verified bytes go. Every store commits atomically and can answer "have I got X?".
 
 A store never talks to a registry. The engine stages a blob in :attr:`Store.staging_dir` (a directory on the
-store's filesystem, so that committing is a rename), verifies it, then calls :meth:`Store.commit_blob`. A store
-that takes data as a stream (containerd) may also return a :class:`BlobSink` from :meth:`Store.blob_sink`: the
-engine then tells it, as the download goes, how far the staged file is written and hashed, so the copy into the
-store overlaps the download instead of following it.
+store's filesystem, so that committing is a rename), verifies it, then calls :meth:`Store.commit_blob`.
+
+A store that takes data as a stream and checks the digest itself before anything becomes visible (containerd)
+may instead return a :class:`BlobSink` from :meth:`Store.blob_sink`. The engine then hands it the bytes that
+extend the blob's received prefix straight from the network (:meth:`BlobSink.take`), stages only the bytes that
+arrive ahead of that prefix, and leaves the digest check to the store's commit: a mismatch there is handled like
+one found by the engine (nothing committed, the blob fetched once more).
 """
 
 from __future__ import annotations
@@ -20,8 +23,15 @@ from ..registry.manifest import Descriptor, Manifest
 
 
 class BlobSink(Protocol):
-    def advance(self, hashed_end: int) -> None:
-        """Bytes ``[0, hashed_end)`` of the staged file are written and hashed: they may be sent on."""
+    async def start(self) -> int:
+        """Begin; return how many bytes of the blob the store already holds in order (from an earlier run)."""
+
+    def take(self, offset: int, buffers: list[bytes], n: int) -> bool:
+        """Keep ``n`` bytes at ``offset`` to send, if they extend the received prefix and memory allows; when
+        False the engine writes them to the staged file instead."""
+
+    def advance(self, received_end: int) -> None:
+        """Bytes ``[0, received_end)`` are received: kept by :meth:`take` or written to the staged file."""
 
     def held_back(self, end: int) -> bool:
         """True when the download should not fetch up to ``end`` yet: the store is too far behind, and fetching
@@ -31,7 +41,7 @@ class BlobSink(Protocol):
         """Return when ``held_back(end)`` is over."""
 
     async def abort(self) -> None:
-        """The staged bytes were wrong (digest mismatch): forget what was sent."""
+        """The bytes were wrong (digest mismatch): forget what was sent."""
 
     async def close(self) -> None:
         """Stop sending (the pull failed or was cancelled); what was sent is kept for a resume."""
@@ -41,7 +51,8 @@ class Store(Protocol):
     staging_dir: Path
 
     def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
-        """A sink to stream ``staged`` into while it downloads, or None to take it whole at commit."""
+        """A sink fed while the blob downloads (out-of-order bytes wait in ``staged``), or None to take the
+        verified file whole at commit."""
 
     def begin_image(self, manifest: Manifest) -> None:
         """Called once the manifest is known, before its blobs are fetched (e.g. to unpack layers as they land)."""
@@ -56,7 +67,8 @@ class Store(Protocol):
         """True when the blob is present, complete and committed."""
 
     async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
-        """Take ownership of ``staged``, a verified file of ``desc``; visible atomically."""
+        """Take ownership of ``staged``, a verified file of ``desc`` (or, with a sink, finish the sink: the store
+        checks the digest and raises DigestMismatch); visible atomically."""
 
     async def commit_image(
         self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False

@@ -6,8 +6,10 @@ collected; the lease is dropped once the image record references the content (an
 through the same ``containerd.io/gc.ref.*`` labels containerd's own pull sets.
 
 - Blobs: Content.Write with ref ``puller-<digest>``, a STAT first (resume at the offset containerd already has),
-  data in order from the verified staged file, COMMIT with total, expected digest and labels. "Already exists"
-  is success.
+  data in order as it arrives (bytes that extend the received prefix straight from the network, bytes that came
+  early from the staged file), COMMIT with total, expected digest and labels: containerd hashes what it was sent
+  and commits only if the digest matches (a mismatch is the engine's DigestMismatch: aborted, fetched again).
+  "Already exists" is success.
 - Manifests and indexes: written the same way, labelled with gc references (index -> manifests, manifest ->
   config and layers) and ``containerd.io/distribution.source.<host>=<repo>``.
 - Unpack (default on): each layer is applied into the snapshotter through the Snapshots and Diff services as
@@ -29,14 +31,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from ..errors import StoreError
+from ..errors import DigestMismatch, StoreError
 from ..priority import PrioritySemaphore
 from ..reference import Reference
 from ..registry import manifest as mf
@@ -67,6 +71,7 @@ WRITE_MESSAGE = 1 << 20  # bytes per Write message (under gRPC's default 4 MiB m
 WRITE_DEPTH = 4  # Write messages in flight per stream: containerd handles one while the next ones travel
 MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
 MAX_AHEAD = 64 << 20  # how far a blob's download may run ahead of what containerd has taken
+MAX_KEPT = 32 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 
 GC_CONTENT = "containerd.io/gc.ref.content"
@@ -78,31 +83,46 @@ CRI_PINNED = ("io.cri-containerd.pinned", "pinned")
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 SNAPSHOT_DIFF_ID = "containerd.io/snapshot/diff-id"
 SNAPSHOT_PARENT = "containerd.io/snapshot/parent-chain-id"
+_COMMIT_DIGEST = re.compile(r"unexpected commit digest (\S+), expected (\S+)")
 
 
 class _ContainerdSink:
-    """One blob's Write stream, fed with the staged file's hashed prefix while the download goes on. containerd
-    takes data in order only; it hashes what it receives and commits only if the expected digest matches."""
+    """One blob's Write stream. containerd takes data in order only: bytes that extend the received prefix are
+    kept in memory (:meth:`take`) and sent as they are; bytes that arrived early are read from the staged file
+    when their turn comes. containerd hashes what it receives and commits only if the expected digest matches."""
 
     def __init__(self, store: ContainerdStore, desc: Descriptor, staged: Path):
         self.desc = desc
         self.staged = staged
-        self.hashed = 0
+        self.received = 0  # bytes [0, received) are kept here or staged
         self.sent = 0  # bytes containerd has been given
+        self._kept: deque[tuple[int, list[bytes], int]] = deque()  # (offset, buffers, length), in order
         self._wake = asyncio.Event()
         self._sent_moved = asyncio.Event()
         self._ref = f"puller-{desc.digest}"
         self._store = store
-        self._task = asyncio.ensure_future(self._stream())
+        self._task: asyncio.Future | None = None
 
-    def advance(self, hashed_end: int) -> None:
-        self.hashed = max(self.hashed, hashed_end)
+    async def start(self) -> int:
+        self.received = self.sent = await self._store._ingest_offset(self._ref, self.desc)
+        self._task = asyncio.ensure_future(self._stream())
+        return self.sent
+
+    def take(self, offset: int, buffers: list[bytes], n: int) -> bool:
+        if offset != self.received or self._store._kept + n > MAX_KEPT or self._task is None or self._task.done():
+            return False
+        self._kept.append((offset, buffers, n))
+        self._store._kept += n
+        return True
+
+    def advance(self, received_end: int) -> None:
+        self.received = max(self.received, received_end)
         self._wake.set()
 
     def held_back(self, end: int) -> bool:
         """More than MAX_AHEAD past what containerd has taken: where containerd's ingest is the limit (a fast
         link), downloading further only takes CPU from containerd."""
-        return end > self.sent + MAX_AHEAD and not self._task.done()
+        return end > self.sent + MAX_AHEAD and self._task is not None and not self._task.done()
 
     async def room(self, end: int) -> None:
         while self.held_back(end):
@@ -113,46 +133,78 @@ class _ContainerdSink:
         try:
             await self._stream_in_turn()
         finally:
+            self._drop_kept()
             self._sent_moved.set()  # a download held back by room() goes on (and meets the error at commit)
 
     async def _stream_in_turn(self) -> None:
-        # A slot is taken once there is something to send, lowest layer first: containerd's ingest, not the
-        # network, is the limit on a fast link, and the layer unpacked next must not share it with the layers
-        # after it. A blob waiting for a slot keeps downloading into its staged file and is sent from there.
-        while self.hashed == 0 and self.desc.size > 0:
+        # A slot is taken once there is something to send (or only the commit is left), lowest layer first:
+        # containerd's ingest, not the network, is the limit on a fast link, and the layer unpacked next must not
+        # share it with the layers after it. A blob waiting for a slot keeps downloading meanwhile.
+        while self.received == self.sent < self.desc.size:
             self._wake.clear()
             await self._wake.wait()
         async with self._store._write_slots.hold(self._store._order.get(str(self.desc.digest), 0)):
-            await self._store._write(self.desc, self._chunks, {})
+            await self._store._write(self.desc, self._chunks, {}, resume_at=self.sent)
+
+    def _drop_kept(self) -> None:
+        self._store._kept -= sum(n for _, _, n in self._kept)
+        self._kept.clear()
+
+    def _pop_kept(self, offset: int) -> bytes | None:
+        """About WRITE_MESSAGE kept bytes from ``offset`` on, or None when the bytes at ``offset`` are staged."""
+        kept = self._kept
+        while kept and kept[0][0] + kept[0][2] <= offset:  # containerd had them already
+            self._store._kept -= kept.popleft()[2]
+        if not kept or kept[0][0] > offset:
+            return None
+        start, buffers, n = kept.popleft()
+        self._store._kept -= n
+        parts, end = list(buffers), start + n
+        while kept and kept[0][0] == end and end - offset < WRITE_MESSAGE:
+            _, more, m = kept.popleft()
+            self._store._kept -= m
+            parts.extend(more)
+            end += m
+        data = b"".join(parts)
+        return data[offset - start :] if start < offset else data
 
     async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
-        fd = os.open(self.staged, os.O_RDONLY)
+        fd = -1
         try:
             while True:
                 self.sent = offset
                 self._sent_moved.set()
                 if offset >= self.desc.size:
                     break
-                if offset >= self.hashed:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                n = min(WRITE_MESSAGE, self.hashed - offset)
-                data = await asyncio.to_thread(os.pread, fd, n, offset)
-                os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)  # sent: the page cache may go
+                data = self._pop_kept(offset)
+                if data is None:
+                    staged_end = self._kept[0][0] if self._kept else self.received
+                    if offset >= staged_end:
+                        self._wake.clear()
+                        await self._wake.wait()
+                        continue
+                    if fd < 0:
+                        fd = os.open(self.staged, os.O_RDONLY)
+                    data = await asyncio.to_thread(os.pread, fd, min(WRITE_MESSAGE, staged_end - offset), offset)
+                    if not data:
+                        raise StoreError(f"staged file of {self.desc.digest} ended at {offset}")
                 yield data
                 offset += len(data)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     async def finish(self) -> None:
-        """Wait for the last bytes and containerd's commit (the engine has verified the whole file)."""
-        self.advance(self.desc.size)
+        """Wait for the last bytes and containerd's commit (raises DigestMismatch when containerd's hash of what
+        it was sent is not the expected digest)."""
+        assert self._task is not None
         await self._task
 
     async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._drop_kept()
         self._store._sinks.pop(str(self.desc.digest), None)
 
     async def abort(self) -> None:
@@ -209,7 +261,7 @@ class ContainerdStore(StoreBase):
         self.staging_dir = Path(staging_dir).absolute()
         self.lease_id = f"puller-{secrets.token_hex(8)}"
         self._channel: grpc.aio.Channel | None = None
-        self._configs: dict[str, bytes] = {}
+        self._kept = 0  # bytes the sinks keep in memory, all together
         self._sinks: dict[str, _ContainerdSink] = {}
         self._write_slots = PrioritySemaphore(MAX_WRITE_STREAMS)
         self._order: dict[str, int] = {}  # blob digest -> its place in the manifest (config, layers bottom up)
@@ -287,33 +339,14 @@ class ContainerdStore(StoreBase):
         return info is not None and info.size == desc.size
 
     def blob_sink(self, desc: Descriptor, staged: Path) -> _ContainerdSink:
-        """Stream the staged blob into containerd as it is hashed, so the copy overlaps the download."""
+        """Stream the blob into containerd as it arrives, so the copy overlaps the download."""
         sink = _ContainerdSink(self, desc, staged)
         self._sinks[str(desc.digest)] = sink
         return sink
 
     async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
-        """Finish streaming the verified staged file into containerd (or send it whole), then drop it."""
-        if desc.media_type in (mf.OCI_CONFIG, mf.DOCKER_CONFIG) and desc.size <= mf.MAX_MANIFEST_BYTES:
-            self._configs[str(desc.digest)] = await asyncio.to_thread(staged.read_bytes)
-
-        async def whole_file(offset: int) -> AsyncIterator[bytes]:
-            with open(staged, "rb") as f:
-                while data := await asyncio.to_thread(os.pread, f.fileno(), WRITE_MESSAGE, offset):
-                    yield data
-                    offset += len(data)
-
-        sink = self._sinks.pop(str(desc.digest), None)
-        if sink is None:
-            await self._write(desc, whole_file, {})
-        else:
-            try:
-                await sink.finish()
-            except StoreError as e:
-                # e.g. containerd kept an ingest of another run whose bytes do not hash right: start it over.
-                log.warning("re-sending %s to containerd: %s", desc.digest, e)
-                await self._abort(f"puller-{desc.digest}")
-                await self._write(desc, whole_file, {})
+        """Finish the blob's stream into containerd (the engine gives every blob a sink), then drop the file."""
+        await self._sinks.pop(str(desc.digest)).finish()
         staged.unlink(missing_ok=True)
         self._ready_event(str(desc.digest)).set()
 
@@ -324,6 +357,20 @@ class ContainerdStore(StoreBase):
         event = self._ready_event(str(desc.digest))  # made before the check: a commit in between still wakes us
         if not event.is_set() and not await self.has_blob(desc):
             await event.wait()
+
+    async def _ingest_offset(self, ref: str, desc: Descriptor) -> int:
+        """How many bytes of ``desc`` containerd holds in the ingest ``ref`` (0 if none or not for this blob)."""
+        try:
+            resp = await self.content.Status(content_pb2.StatusRequest(ref=ref), metadata=self._md())
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise _translate(e, f"asking for the ingest of {desc.digest}", self.address) from None
+        status = resp.status
+        if status.total not in (0, desc.size) or not 0 <= status.offset <= desc.size:
+            await self._abort(ref)
+            return 0
+        return status.offset
 
     async def _abort(self, ref: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):  # nothing to abort is fine
@@ -340,7 +387,9 @@ class ContainerdStore(StoreBase):
         elif any(info.labels.get(k) != v for k, v in labels.items()):
             await self._update_labels(str(desc.digest), labels)
 
-    async def _write(self, desc: Descriptor, chunks, labels: dict[str, str]) -> None:
+    async def _write(self, desc: Descriptor, chunks, labels: dict[str, str], resume_at: int | None = None) -> None:
+        """One Write stream: STAT, ``chunks(offset)`` from containerd's offset, COMMIT. ``resume_at``: the offset
+        the caller's chunks must start from (containerd reporting less means it lost bytes: an error)."""
         ref = f"puller-{desc.digest}"
         digest = str(desc.digest)
         call = self.content.Write(metadata=self._md())
@@ -350,6 +399,10 @@ class ContainerdStore(StoreBase):
             )
             status = await call.read()
             offset = status.offset if 0 <= status.offset <= desc.size else 0
+            if resume_at is not None and offset < resume_at:
+                raise StoreError(
+                    f"containerd's ingest of {digest} went back from {resume_at} to {offset} bytes during the pull"
+                )
             # containerd answers every message; up to WRITE_DEPTH wait for their answer, which bounds a stream's
             # memory while containerd always has the next message at hand (ingest measured 15-30% faster than
             # one at a time, containerd's own client's way).
@@ -377,6 +430,9 @@ class ContainerdStore(StoreBase):
                 if labels:
                     await self._update_labels(digest, labels)
                 return
+            mismatch = _COMMIT_DIGEST.search(e.details() or "")
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and mismatch:
+                raise DigestMismatch(digest, mismatch.group(1), what="blob (checked by containerd)") from None
             raise _translate(e, f"writing {digest}", self.address) from None
         except asyncio.InvalidStateError:
             # The stream ended under us (containerd restarted, say) while we were writing: report why.
@@ -400,8 +456,6 @@ class ContainerdStore(StoreBase):
             raise _translate(e, f"labelling {digest}", self.address) from None
 
     async def _read_all(self, digest: str) -> bytes:
-        if digest in self._configs:
-            return self._configs[digest]
         parts = []
         try:
             async for resp in self.content.Read(content_pb2.ReadContentRequest(digest=digest), metadata=self._md()):
