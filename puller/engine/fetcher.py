@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -208,18 +209,20 @@ class _BlobDownload:
         self.url: str | None = None  # the resolved (redirected) blob URL on that host, reused for every range
         self.done = RangeSet()  # bytes received: staged, or (with a sink) taken by it
         self.staged = RangeSet()  # bytes written to the staged file; what .ranges records
+        self.staged_saved = True  # .ranges records every staged byte
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
         self.range_ok: bool | None = None
         self.range_known = asyncio.Event()
         self.fd = -1
+        self.create_lock = threading.Lock()
         self.hasher: PrefixHasher | None = None
         self.sink: BlobSink | None = None
 
     async def run(self) -> None:
-        lock_fd = await self._lock()
+        lock_fd, waited = await self._lock()
         try:
-            if await self.store.has_blob(self.desc):  # another process committed it while we waited
+            if waited and await self.store.has_blob(self.desc):  # the other process committed it meanwhile
                 self.progress.state = "present"
                 return
             self.sink = self.store.blob_sink(self.desc, self.data_path)
@@ -234,7 +237,8 @@ class _BlobDownload:
                 finally:
                     if self.hasher:
                         await self.hasher.close()
-                    os.close(self.fd)
+                    if self.fd >= 0:
+                        os.close(self.fd)
                 await self.store.commit_blob(self.desc, self.data_path)
             except DigestMismatch:
                 # Never keep bad bytes: the next attempt starts from nothing.
@@ -254,8 +258,10 @@ class _BlobDownload:
             self.lock_path.unlink(missing_ok=True)
             os.close(lock_fd)
 
-    async def _lock(self) -> int:
-        """An exclusive flock on the blob's lock file; the inode check guards against a file already unlinked."""
+    async def _lock(self) -> tuple[int, bool]:
+        """An exclusive flock on the blob's lock file (the inode check guards against a file already unlinked),
+        and whether another process held it first."""
+        waited = False
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -264,6 +270,7 @@ class _BlobDownload:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
+                        waited = True
                         self.progress.state = "waiting"
                         await asyncio.sleep(LOCK_POLL_S)
                 same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
@@ -273,25 +280,19 @@ class _BlobDownload:
                 os.close(fd)
                 raise
             if same:
-                return fd
+                return fd, waited
             os.close(fd)
 
     def _open(self, held: int) -> None:
-        """Open (or create and preallocate) the staged file; ``held``: bytes the sink's store already has."""
+        """Open (or create and preallocate) the staged file; ``held``: bytes the sink's store already has.
+        With a sink the file is made only when a block first arrives ahead of the prefix (:meth:`_stage`)."""
         size = self.desc.size
         try:
             self.staged = self._load_ranges()
-            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
-            if os.fstat(self.fd).st_size != size or not self.staged:
-                os.ftruncate(self.fd, 0)
-                self.staged = RangeSet()
-                if size:
-                    try:
-                        os.posix_fallocate(self.fd, 0, size)  # fail now, not mid-pull, when the disk is full
-                    except OSError as e:
-                        if e.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystem without fallocate
-                            raise
-                        os.ftruncate(self.fd, size)
+            if self.sink and not self.staged:
+                self.data_path.unlink(missing_ok=True)
+            else:
+                self._create()
         except OSError as e:
             if self.fd >= 0:
                 os.close(self.fd)
@@ -305,6 +306,22 @@ class _BlobDownload:
         missing = list(self.done.missing(size))
         self.pending = plan_chunks(missing, chunk_size_for(sum(e - s for s, e in missing), self.f))
 
+    def _create(self) -> None:
+        """Open the staged file; unless it holds the recorded ranges, start it over, preallocated to the blob's
+        size (to fail now, not mid-pull, when the disk is full)."""
+        size = self.desc.size
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self.fd).st_size != size or not self.staged:
+            os.ftruncate(self.fd, 0)
+            self.staged = RangeSet()
+            if size:
+                try:
+                    os.posix_fallocate(self.fd, 0, size)
+                except OSError as e:
+                    if e.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystem without fallocate
+                        raise
+                    os.ftruncate(self.fd, size)
+
     def _load_ranges(self) -> RangeSet:
         try:
             record = json.loads(self.ranges_path.read_text())
@@ -317,8 +334,11 @@ class _BlobDownload:
             return RangeSet()
 
     def _save_ranges(self) -> None:
-        """Record the done ranges (temp + rename). Not fsynced: a crash of the machine may lose the record, never
-        correctness, since the whole blob is hashed before commit."""
+        """Record the staged ranges (temp + rename). Not fsynced: a crash of the machine may lose the record,
+        never correctness, since the whole blob is hashed before commit."""
+        if self.staged_saved:
+            return
+        self.staged_saved = True
         tmp = self.ranges_path.with_suffix(".ranges-tmp")
         try:
             tmp.write_text(json.dumps({"size": self.desc.size, "done": self.staged.as_list()}))
@@ -497,12 +517,13 @@ class _BlobDownload:
         start = chunk.pos
         if self.sink is None or not self.sink.take(start, buffers, n):
             try:
-                written = await loop.run_in_executor(None, os.pwritev, self.fd, buffers, start)
+                written = await loop.run_in_executor(None, self._stage, buffers, start)
             except OSError as e:
                 raise store_error(e, f"writing {self.desc.digest}") from None
             if written != n:
                 raise StoreError(f"short write of {self.desc.digest} at {start}")
             self.staged.add(start, start + n)
+            self.staged_saved = False
         chunk.pos = start + n
         self.done.add(start, start + n)
         self.progress.done += n
@@ -511,6 +532,13 @@ class _BlobDownload:
         else:
             assert self.hasher is not None
             self.hasher.advance(self.done.prefix_end())
+
+    def _stage(self, buffers: list[bytes], offset: int) -> int:
+        """Write a block to the staged file (in a worker thread), making the file first if need be."""
+        with self.create_lock:
+            if self.fd < 0:
+                self._create()
+        return os.pwritev(self.fd, buffers, offset)
 
     # ---- verifying -----------------------------------------------------------------------------------------
 

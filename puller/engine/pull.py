@@ -7,6 +7,7 @@ only after every blob is committed. Progress is kept in a :class:`PullProgress` 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -95,19 +96,23 @@ async def pull_image(
     """Pull ``ref`` into ``store``; ``pin`` asks the store to keep the image from garbage collection."""
     progress = progress or PullProgress(str(ref))
     started = time.monotonic()
+    begun: mf.Manifest | None = None
     try:
         top, target, manifest, documents = await resolve(client, ref, platform or mf.Platform.host())
         progress.digest = str(top.digest)
         progress.state = "fetching"
         missing = []
-        for desc in dict.fromkeys(store.select_blobs(manifest)):  # a blob listed twice is fetched once
+        wanted = list(dict.fromkeys(store.select_blobs(manifest)))  # a blob listed twice is fetched once
+        present = await asyncio.gather(*(store.has_blob(desc) for desc in wanted))
+        for desc, there in zip(wanted, present, strict=True):
             bp = progress.blobs.setdefault(str(desc.digest), BlobProgress(str(desc.digest), desc.size))
-            if await store.has_blob(desc):
+            if there:
                 bp.state, bp.done = "present", desc.size
             else:
                 missing.append(desc)
         await store.reserve(missing)
         store.begin_image(manifest)
+        begun = manifest
         # Blobs in manifest order (config, then layers bottom up) take connections in that order.
         await gather_or_cancel(
             [fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)], i) for i, d in enumerate(missing)]
@@ -118,6 +123,8 @@ async def pull_image(
     except BaseException:
         progress.state = "failed"
         progress.finished = time.monotonic()
+        if begun is not None:
+            await store.abandon_image(begun)
         raise
     progress.state = "done"
     progress.finished = time.monotonic()

@@ -57,6 +57,9 @@ class Store(Protocol):
     def begin_image(self, manifest: Manifest) -> None:
         """Called once the manifest is known, before its blobs are fetched (e.g. to unpack layers as they land)."""
 
+    async def abandon_image(self, manifest: Manifest) -> None:
+        """The pull begun with :meth:`begin_image` failed: drop what was started for it."""
+
     def select_blobs(self, manifest: Manifest) -> tuple[Descriptor, ...]:
         """The blobs of ``manifest`` this store keeps (all of them, unless a store reads only some)."""
 
@@ -90,6 +93,9 @@ class StoreBase:
         return None
 
     def begin_image(self, manifest: Manifest) -> None:
+        return None
+
+    async def abandon_image(self, manifest: Manifest) -> None:
         return None
 
 

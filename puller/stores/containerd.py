@@ -220,6 +220,10 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
+def _image_key(manifest: mf.Manifest) -> tuple[str, ...]:
+    return tuple(str(d.digest) for d in manifest.blobs)
+
+
 def gc_labels(doc: mf.Index | mf.Manifest) -> dict[str, str]:
     """The gc reference labels containerd's pull puts on a manifest or index."""
     if isinstance(doc, mf.Index):
@@ -266,7 +270,8 @@ class ContainerdStore(StoreBase):
         self._write_slots = PrioritySemaphore(MAX_WRITE_STREAMS)
         self._order: dict[str, int] = {}  # blob digest -> its place in the manifest (config, layers bottom up)
         self._ready: dict[str, asyncio.Event] = {}  # set when a blob is committed
-        self._unpacker: asyncio.Future | None = None
+        self._unpackers: dict[tuple[str, ...], asyncio.Future] = {}  # per image being pulled (the daemon pulls
+        # several at once through one store)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
@@ -309,9 +314,9 @@ class ContainerdStore(StoreBase):
     async def __aexit__(self, *exc: object) -> None:
         if self._channel is None:
             return
-        if self._unpacker is not None and not self._unpacker.done():  # the pull failed before its layers came
-            self._unpacker.cancel()
-            await asyncio.gather(self._unpacker, return_exceptions=True)
+        for unpacker in self._unpackers.values():  # pulls that failed before their layers came
+            unpacker.cancel()
+        await asyncio.gather(*self._unpackers.values(), return_exceptions=True)
         # Drop the lease: what the image record references stays (gc labels); the rest is collected. If this
         # fails the lease expires on its own.
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -477,10 +482,10 @@ class ContainerdStore(StoreBase):
             await self._put_bytes(desc, data, {**gc_labels(doc), **source})
             if isinstance(doc, mf.Manifest):
                 manifest = doc
-        for blob in manifest.blobs:
-            await self._update_labels(str(blob.digest), source)
-        if self._unpacker is not None:
-            await self._unpacker
+        await asyncio.gather(*(self._update_labels(str(blob.digest), source) for blob in manifest.blobs))
+        unpacker = self._unpackers.pop(_image_key(manifest), None)
+        if unpacker is not None:
+            await unpacker
         elif self.unpack:
             await self._unpack(manifest)
         labels = dict([CRI_MANAGED, CRI_PINNED] if self.pin or pin else [CRI_MANAGED])
@@ -515,8 +520,16 @@ class ContainerdStore(StoreBase):
         """Stream blobs into containerd in manifest order, and unpack each layer as soon as it and the ones below
         it are committed, while later layers download."""
         self._order.update((str(d.digest), i) for i, d in enumerate(manifest.blobs))
-        if self.unpack:
-            self._unpacker = asyncio.ensure_future(self._unpack(manifest))
+        key = _image_key(manifest)
+        if self.unpack and key not in self._unpackers:
+            self._unpackers[key] = asyncio.ensure_future(self._unpack(manifest))
+
+    async def abandon_image(self, manifest: mf.Manifest) -> None:
+        """The pull failed: stop waiting to unpack its layers."""
+        unpacker = self._unpackers.pop(_image_key(manifest), None)
+        if unpacker is not None:
+            unpacker.cancel()
+            await asyncio.gather(unpacker, return_exceptions=True)
 
     async def _unpack(self, manifest: mf.Manifest) -> None:
         await self._wait_present(manifest.config)
