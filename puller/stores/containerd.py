@@ -25,6 +25,7 @@ containerd's API v1, whose field numbers are the same from containerd 1.6 to 2.x
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import datetime
 import hashlib
@@ -33,7 +34,6 @@ import logging
 import os
 import re
 import secrets
-from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -71,7 +71,7 @@ WRITE_MESSAGE = 1 << 20  # bytes per Write message (under gRPC's default 4 MiB m
 WRITE_DEPTH = 4  # Write messages in flight per stream: containerd handles one while the next ones travel
 MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
 MAX_AHEAD = 64 << 20  # how far a blob's download may run ahead of what containerd has taken
-MAX_KEPT = 32 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
+MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 
 GC_CONTENT = "containerd.io/gc.ref.content"
@@ -87,18 +87,19 @@ _COMMIT_DIGEST = re.compile(r"unexpected commit digest (\S+), expected (\S+)")
 
 
 class _ContainerdSink:
-    """One blob's Write stream. containerd takes data in order only: bytes that extend the received prefix are
-    kept in memory (:meth:`take`) and sent as they are; bytes that arrived early are read from the staged file
-    when their turn comes. containerd hashes what it receives and commits only if the expected digest matches."""
+    """One blob's Write stream. containerd takes data in order only: received blocks are kept in memory
+    (:meth:`take`, within MAX_KEPT for all blobs) until their turn, the others are staged by the engine and read
+    back then. containerd hashes what it receives and commits only if the expected digest matches."""
 
     def __init__(self, store: ContainerdStore, desc: Descriptor, staged: Path):
         self.desc = desc
         self.staged = staged
         self.received = 0  # bytes [0, received) are kept here or staged
         self.sent = 0  # bytes containerd has been given
-        self._kept: deque[tuple[int, list[bytes], int]] = deque()  # (offset, buffers, length), in order
+        self._kept: dict[int, tuple[list[bytes], int]] = {}  # offset -> (buffers, length) of blocks in memory
+        self._kept_starts: list[int] = []  # their offsets, sorted
+        self._streaming = False  # holds a write slot
         self._wake = asyncio.Event()
-        self._sent_moved = asyncio.Event()
         self._ref = f"puller-{desc.digest}"
         self._store = store
         self._task: asyncio.Future | None = None
@@ -109,9 +110,12 @@ class _ContainerdSink:
         return self.sent
 
     def take(self, offset: int, buffers: list[bytes], n: int) -> bool:
-        if offset != self.received or self._store._kept + n > MAX_KEPT or self._task is None or self._task.done():
+        # Blobs still waiting for a write slot get a quarter of the memory: it goes first to the ones being sent.
+        limit = MAX_KEPT if self._streaming else MAX_KEPT // 4
+        if self._store._kept + n > limit or self._task is None or self._task.done():
             return False
-        self._kept.append((offset, buffers, n))
+        self._kept[offset] = (buffers, n)
+        bisect.insort(self._kept_starts, offset)
         self._store._kept += n
         return True
 
@@ -122,19 +126,20 @@ class _ContainerdSink:
     def held_back(self, end: int) -> bool:
         """More than MAX_AHEAD past what containerd has taken: where containerd's ingest is the limit (a fast
         link), downloading further only takes CPU from containerd."""
-        return end > self.sent + MAX_AHEAD and self._task is not None and not self._task.done()
+        if self._task is None or self._task.done():
+            return False
+        return end > self.sent + MAX_AHEAD
 
     async def room(self, end: int) -> None:
         while self.held_back(end):
-            self._sent_moved.clear()
-            await self._sent_moved.wait()
+            await self._store._moved.wait()
 
     async def _stream(self) -> None:
         try:
             await self._stream_in_turn()
         finally:
             self._drop_kept()
-            self._sent_moved.set()  # a download held back by room() goes on (and meets the error at commit)
+            self._store.moved()  # a download held back by room() goes on (and meets the error at commit)
 
     async def _stream_in_turn(self) -> None:
         # A slot is taken once there is something to send (or only the commit is left), lowest layer first:
@@ -144,25 +149,32 @@ class _ContainerdSink:
             self._wake.clear()
             await self._wake.wait()
         async with self._store._write_slots.hold(self._store._order.get(str(self.desc.digest), 0)):
+            self._streaming = True
+            self._store.moved()
             await self._store._write(self.desc, self._chunks, {}, resume_at=self.sent)
 
     def _drop_kept(self) -> None:
-        self._store._kept -= sum(n for _, _, n in self._kept)
+        self._store._kept -= sum(n for _, n in self._kept.values())
         self._kept.clear()
+        self._kept_starts.clear()
 
-    def _pop_kept(self, offset: int) -> bytes | None:
-        """About WRITE_MESSAGE kept bytes from ``offset`` on, or None when the bytes at ``offset`` are staged."""
-        kept = self._kept
-        while kept and kept[0][0] + kept[0][2] <= offset:  # containerd had them already
-            self._store._kept -= kept.popleft()[2]
-        if not kept or kept[0][0] > offset:
-            return None
-        start, buffers, n = kept.popleft()
+    def _pop_first_kept(self) -> tuple[int, list[bytes], int]:
+        start = self._kept_starts.pop(0)
+        buffers, n = self._kept.pop(start)
         self._store._kept -= n
-        parts, end = list(buffers), start + n
-        while kept and kept[0][0] == end and end - offset < WRITE_MESSAGE:
-            _, more, m = kept.popleft()
-            self._store._kept -= m
+        return start, buffers, n
+
+    def _kept_bytes(self, offset: int) -> bytes | None:
+        """About WRITE_MESSAGE kept bytes from ``offset`` on, or None when the bytes at ``offset`` are not kept."""
+        starts = self._kept_starts
+        while starts and starts[0] + self._kept[starts[0]][1] <= offset:  # containerd had them already
+            self._pop_first_kept()
+        if not starts or starts[0] > offset:
+            return None
+        start, parts, n = self._pop_first_kept()
+        parts, end = list(parts), start + n
+        while starts and starts[0] == end and end - offset < WRITE_MESSAGE:
+            _, more, m = self._pop_first_kept()
             parts.extend(more)
             end += m
         data = b"".join(parts)
@@ -173,12 +185,12 @@ class _ContainerdSink:
         try:
             while True:
                 self.sent = offset
-                self._sent_moved.set()
+                self._store.moved()
                 if offset >= self.desc.size:
                     break
-                data = self._pop_kept(offset)
-                if data is None:
-                    staged_end = self._kept[0][0] if self._kept else self.received
+                data = self._kept_bytes(offset)
+                if data is None:  # received bytes that are not kept are staged
+                    staged_end = min(self._kept_starts[0], self.received) if self._kept_starts else self.received
                     if offset >= staged_end:
                         self._wake.clear()
                         await self._wake.wait()
@@ -266,6 +278,7 @@ class ContainerdStore(StoreBase):
         self.lease_id = f"puller-{secrets.token_hex(8)}"
         self._channel: grpc.aio.Channel | None = None
         self._kept = 0  # bytes the sinks keep in memory, all together
+        self._moved = asyncio.Event()  # set (and cleared) when data moved on: held-back downloads look again
         self._sinks: dict[str, _ContainerdSink] = {}
         self._write_slots = PrioritySemaphore(MAX_WRITE_STREAMS)
         self._order: dict[str, int] = {}  # blob digest -> its place in the manifest (config, layers bottom up)
@@ -342,6 +355,11 @@ class ContainerdStore(StoreBase):
     async def has_blob(self, desc: Descriptor) -> bool:
         info = await self._info(str(desc.digest))
         return info is not None and info.size == desc.size
+
+    def moved(self) -> None:
+        """Wake the downloads waiting in :meth:`_ContainerdSink.room`."""
+        self._moved.set()
+        self._moved.clear()
 
     def blob_sink(self, desc: Descriptor, staged: Path) -> _ContainerdSink:
         """Stream the blob into containerd as it arrives, so the copy overlaps the download."""
