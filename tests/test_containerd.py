@@ -86,6 +86,10 @@ def test_pull_into_containerd_is_complete_and_unpacked(containerd, cdn_rig, tmp_
     snapshots = ctr(containerd, "snapshots", "--snapshotter", "overlayfs", "ls")
     for chain in chains:
         assert chain in snapshots
+    for digest in p.blobs:  # labelled as containerd's own pull labels them
+        assert f"containerd.io/distribution.source.{reg.host}=test/app" in labels[digest], labels[digest]
+    for layer, diff_id in zip(p.manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        assert f"containerd.io/uncompressed={diff_id}" in labels[layer["digest"]]
     check = ctr(containerd, "images", "check")
     line = next(line for line in check.splitlines() if line.startswith(p.ref + " "))
     n = len(p.blobs)  # ctr counts the manifest's config and layers

@@ -54,7 +54,7 @@ class Store(Protocol):
         """A sink fed while the blob downloads (out-of-order bytes wait in ``staged``), or None to take the
         verified file whole at commit."""
 
-    def begin_image(self, manifest: Manifest) -> None:
+    def begin_image(self, ref: Reference, manifest: Manifest) -> None:
         """Called once the manifest is known, before its blobs are fetched (e.g. to unpack layers as they land)."""
 
     async def abandon_image(self, manifest: Manifest) -> None:
@@ -92,7 +92,7 @@ class StoreBase:
     def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
         return None
 
-    def begin_image(self, manifest: Manifest) -> None:
+    def begin_image(self, ref: Reference, manifest: Manifest) -> None:
         return None
 
     async def abandon_image(self, manifest: Manifest) -> None:

@@ -151,7 +151,10 @@ class _ContainerdSink:
         async with self._store._write_slots.hold(self._store._order.get(str(self.desc.digest), 0)):
             self._streaming = True
             self._store.moved()
-            await self._store._write(self.desc, self._chunks, {}, resume_at=self.sent)
+            digest = str(self.desc.digest)
+            labels = self._store._sources.get(digest, {})
+            await self._store._write(self.desc, self._chunks, labels, resume_at=self.sent)
+            self._store._labelled[digest] = labels
 
     def _drop_kept(self) -> None:
         self._store._kept -= sum(n for _, n in self._kept.values())
@@ -282,6 +285,8 @@ class ContainerdStore(StoreBase):
         self._sinks: dict[str, _ContainerdSink] = {}
         self._write_slots = PrioritySemaphore(MAX_WRITE_STREAMS)
         self._order: dict[str, int] = {}  # blob digest -> its place in the manifest (config, layers bottom up)
+        self._sources: dict[str, dict[str, str]] = {}  # blob digest -> distribution source label to commit with
+        self._labelled: dict[str, dict[str, str]] = {}  # blob digest -> the labels it was committed with
         self._ready: dict[str, asyncio.Event] = {}  # set when a blob is committed
         self._unpackers: dict[tuple[str, ...], asyncio.Future] = {}  # per image being pulled (the daemon pulls
         # several at once through one store)
@@ -500,7 +505,8 @@ class ContainerdStore(StoreBase):
             await self._put_bytes(desc, data, {**gc_labels(doc), **source})
             if isinstance(doc, mf.Manifest):
                 manifest = doc
-        await asyncio.gather(*(self._update_labels(str(blob.digest), source) for blob in manifest.blobs))
+        unlabelled = [d for d in manifest.blobs if self._labelled.get(str(d.digest)) != source]  # e.g. present
+        await asyncio.gather(*(self._update_labels(str(d.digest), source) for d in unlabelled))
         unpacker = self._unpackers.pop(_image_key(manifest), None)
         if unpacker is not None:
             await unpacker
@@ -534,10 +540,12 @@ class ContainerdStore(StoreBase):
 
     # ---- unpack -------------------------------------------------------------------------------------------
 
-    def begin_image(self, manifest: mf.Manifest) -> None:
-        """Stream blobs into containerd in manifest order, and unpack each layer as soon as it and the ones below
-        it are committed, while later layers download."""
+    def begin_image(self, ref: Reference, manifest: mf.Manifest) -> None:
+        """Stream blobs into containerd in manifest order (committed with their distribution source label), and
+        unpack each layer as soon as it and the ones below it are committed, while later layers download."""
         self._order.update((str(d.digest), i) for i, d in enumerate(manifest.blobs))
+        source = {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.repository}
+        self._sources.update((str(d.digest), source) for d in manifest.blobs)
         key = _image_key(manifest)
         if self.unpack and key not in self._unpackers:
             self._unpackers[key] = asyncio.ensure_future(self._unpack(manifest))
@@ -556,12 +564,21 @@ class ContainerdStore(StoreBase):
         if len(diff_ids) != len(manifest.layers):
             raise StoreError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
         chains = chain_ids(diff_ids)
-        for i, layer in enumerate(manifest.layers):
-            await self._wait_present(layer)
-            if await self._snapshot_exists(chains[i]):
-                continue
-            await self._apply_layer(layer, diff_ids[i], chains[i], chains[i - 1] if i else "")
-            await self._update_labels(str(layer.digest), {UNCOMPRESSED: diff_ids[i]})
+        labelling: list[asyncio.Future] = []  # label updates go on while the next layers are applied
+        may_exist = True  # a chain whose parent is missing cannot exist: no need to ask
+        try:
+            for i, layer in enumerate(manifest.layers):
+                await self._wait_present(layer)
+                if may_exist and await self._snapshot_exists(chains[i]):
+                    continue
+                may_exist = False
+                await self._apply_layer(layer, diff_ids[i], chains[i], chains[i - 1] if i else "")
+                label = self._update_labels(str(layer.digest), {UNCOMPRESSED: diff_ids[i]})
+                labelling.append(asyncio.ensure_future(label))
+            await asyncio.gather(*labelling)
+        finally:
+            for task in labelling:
+                task.cancel()
         if chains:
             await self._update_labels(str(manifest.config.digest), {f"{GC_SNAPSHOT}.{self.snapshotter}": chains[-1]})
 
