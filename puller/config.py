@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
 from .engine.fetcher import DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
 from .errors import ConfigError
@@ -139,6 +137,8 @@ def load(path: str | None = None) -> Settings:
     settings = Settings()
     if not path:
         return settings
+    import yaml  # only with a config file: a plain `puller pull` starts ~20 ms sooner
+
     try:
         doc = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
