@@ -385,3 +385,42 @@ async def test_one_store_pulls_several_images_at_once(containerd, tmp_path: Path
             ).stdout
         )
         assert all(chain in snapshots for chain in chain_ids(config["rootfs"]["diff_ids"]))  # unpacked
+
+
+async def test_a_blob_waiting_for_its_bytes_leaves_the_write_streams_to_others(containerd, tmp_path: Path):
+    """containerd's ingest is the limit on a fast link, so only MAX_WRITE_STREAMS blobs send at once; a blob whose
+    next bytes are still on their way must not keep a stream from a blob whose bytes are all here."""
+    import asyncio
+
+    from puller.digest import Digest
+    from puller.registry.manifest import Descriptor
+    from puller.stores.containerd import MAX_WRITE_STREAMS, ContainerdStore
+
+    LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+    def blob(seed: int) -> tuple[Descriptor, bytes]:
+        data = os.urandom(2_000_000 + seed)
+        return Descriptor(LAYER, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()), len(data)), data
+
+    async with ContainerdStore(str(containerd.socket), "streams", staging_dir=tmp_path / "st") as store:
+        stalled = []
+        for i in range(MAX_WRITE_STREAMS):  # half of each arrives, then nothing for a while
+            desc, data = blob(i)
+            sink = store.blob_sink(desc, tmp_path / f"stalled-{i}")
+            assert await sink.start() == 0
+            assert sink.take(0, [data[: len(data) // 2]], len(data) // 2)
+            sink.advance(len(data) // 2)
+            stalled.append((desc, data, sink))
+        await asyncio.sleep(0.5)  # the stalled blobs have sent their halves
+        desc, data = blob(99)
+        ready = store.blob_sink(desc, tmp_path / "ready")
+        await ready.start()
+        assert ready.take(0, [data], len(data))
+        ready.advance(len(data))
+        await asyncio.wait_for(store.commit_blob(desc, tmp_path / "ready"), 20)  # committed while the others wait
+        assert await store.has_blob(desc)
+        for desc, data, sink in stalled:  # the rest of their bytes arrive: they finish too
+            assert sink.take(len(data) // 2, [data[len(data) // 2 :]], len(data) - len(data) // 2)
+            sink.advance(len(data))
+            await asyncio.wait_for(store.commit_blob(desc, tmp_path / "stalled"), 20)
+            assert await store.has_blob(desc)

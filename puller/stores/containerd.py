@@ -98,7 +98,9 @@ class _ContainerdSink:
         self.sent = 0  # bytes containerd has been given
         self._kept: dict[int, tuple[list[bytes], int]] = {}  # offset -> (buffers, length) of blocks in memory
         self._kept_starts: list[int] = []  # their offsets, sorted
-        self._streaming = False  # holds a write slot
+        self._streaming = False  # its Write stream is open
+        self._has_slot = False  # may send now (one of MAX_WRITE_STREAMS)
+        self._priority = store._order.get(str(desc.digest), 0)
         self._wake = asyncio.Event()
         self._ref = f"puller-{desc.digest}"
         self._store = store
@@ -138,23 +140,35 @@ class _ContainerdSink:
         try:
             await self._stream_in_turn()
         finally:
+            self._release_slot()
             self._drop_kept()
             self._store.moved()  # a download held back by room() goes on (and meets the error at commit)
 
     async def _stream_in_turn(self) -> None:
-        # A slot is taken once there is something to send (or only the commit is left), lowest layer first:
-        # containerd's ingest, not the network, is the limit on a fast link, and the layer unpacked next must not
-        # share it with the layers after it. A blob waiting for a slot keeps downloading meanwhile.
+        # A slot is held only while there is something to send, lowest layer first: containerd's ingest, not the
+        # network, is the limit on a fast link, and the layer unpacked next must not share it with the layers
+        # after it, nor wait for a layer whose bytes are still on their way. A blob waiting for a slot keeps
+        # downloading meanwhile.
         while self.received == self.sent < self.desc.size:
             self._wake.clear()
             await self._wake.wait()
-        async with self._store._write_slots.hold(self._store._order.get(str(self.desc.digest), 0)):
-            self._streaming = True
-            self._store.moved()
-            digest = str(self.desc.digest)
-            labels = self._store._sources.get(digest, {})
-            await self._store._write(self.desc, self._chunks, labels, resume_at=self.sent)
-            self._store._labelled[digest] = labels
+        await self._take_slot()
+        self._streaming = True
+        self._store.moved()
+        digest = str(self.desc.digest)
+        labels = self._store._sources.get(digest, {})
+        await self._store._write(self.desc, self._chunks, labels, resume_at=self.sent)
+        self._store._labelled[digest] = labels
+
+    async def _take_slot(self) -> None:
+        if not self._has_slot:
+            await self._store._write_slots.acquire(self._priority)
+            self._has_slot = True
+
+    def _release_slot(self) -> None:
+        if self._has_slot:
+            self._has_slot = False
+            self._store._write_slots.release()
 
     def _drop_kept(self) -> None:
         self._store._kept -= sum(n for _, n in self._kept.values())
@@ -195,8 +209,10 @@ class _ContainerdSink:
                 if data is None:  # received bytes that are not kept are staged
                     staged_end = min(self._kept_starts[0], self.received) if self._kept_starts else self.received
                     if offset >= staged_end:
+                        self._release_slot()  # nothing to send until more bytes arrive
                         self._wake.clear()
                         await self._wake.wait()
+                        await self._take_slot()
                         continue
                     if fd < 0:
                         fd = os.open(self.staged, os.O_RDONLY)
