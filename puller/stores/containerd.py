@@ -304,6 +304,7 @@ class ContainerdStore(StoreBase):
         self._sources: dict[str, dict[str, str]] = {}  # blob digest -> distribution source label to commit with
         self._labelled: dict[str, dict[str, str]] = {}  # blob digest -> the labels it was committed with
         self._ready: dict[str, asyncio.Event] = {}  # set when a blob is committed
+        self._images: dict[tuple[str, ...], int] = {}  # images between begin_image and their end -> pulls of it
         self._unpackers: dict[tuple[str, ...], asyncio.Future] = {}  # per image being pulled (the daemon pulls
         # several at once through one store)
 
@@ -534,6 +535,7 @@ class ContainerdStore(StoreBase):
             names.insert(0, f"{ref.name}:{ref.tag}")
         for name in names:
             await self._put_image(name, top, labels)
+        self._end_image(manifest)
 
     async def _put_image(self, name: str, target: Descriptor, labels: dict[str, str]) -> None:
         image = images_pb2.Image(
@@ -563,6 +565,7 @@ class ContainerdStore(StoreBase):
         source = {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.repository}
         self._sources.update((str(d.digest), source) for d in manifest.blobs)
         key = _image_key(manifest)
+        self._images[key] = self._images.get(key, 0) + 1
         if self.unpack and key not in self._unpackers:
             self._unpackers[key] = asyncio.ensure_future(self._unpack(manifest))
 
@@ -572,6 +575,21 @@ class ContainerdStore(StoreBase):
         if unpacker is not None:
             unpacker.cancel()
             await asyncio.gather(unpacker, return_exceptions=True)
+        self._end_image(manifest)
+
+    def _end_image(self, manifest: mf.Manifest) -> None:
+        """Forget what was kept per blob for this image, unless another pull in progress shares the blob (a daemon
+        runs for weeks)."""
+        key = _image_key(manifest)
+        left = self._images.get(key, 0) - 1
+        if left > 0:
+            self._images[key] = left
+            return
+        self._images.pop(key, None)
+        in_use = {digest for other in self._images for digest in other}
+        for digest in set(key) - in_use:
+            for per_blob in (self._order, self._sources, self._labelled, self._ready):
+                per_blob.pop(digest, None)
 
     async def _unpack(self, manifest: mf.Manifest) -> None:
         await self._wait_present(manifest.config)
