@@ -345,3 +345,17 @@ def test_readme_guarantees_name_tests_that_exist():
     for file, name in cited:
         defined = re.findall(r"^(?:async )?def (test_\w+)", (root / "tests" / file).read_text(), re.M)
         assert fnmatch.filter(defined, name), f"README cites {file}::{name}, which does not exist"
+
+
+def test_hand_built_containerd_write_message_is_what_protobuf_builds():
+    from puller.stores.containerd import _write_message
+    from puller.stores.containerd_api import content_pb2
+
+    for offset in (0, 1, 127, 128, 300, 5 << 30):
+        raw = _write_message(b"puller-sha256:abc", offset, [b"x" * 200, b"", b"yz"])
+        expected = content_pb2.WriteContentRequest(
+            action=content_pb2.WRITE, ref="puller-sha256:abc", offset=offset, data=b"x" * 200 + b"yz"
+        )
+        assert content_pb2.WriteContentRequest.FromString(raw) == expected
+        if offset:  # protobuf leaves a zero offset out; containerd reads both the same
+            assert raw == expected.SerializeToString()
