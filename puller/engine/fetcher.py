@@ -369,9 +369,9 @@ class _BlobDownload:
         try:
             chunk = first or self._next_chunk()
             while chunk is not None:
-                if self.sink and self.sink.held_back(chunk.end):
+                if self.sink and not self.sink.admit(chunk.pos, chunk.end):
                     conn.release()  # not held while the store catches up
-                    await self.sink.room(chunk.end)
+                    await self.sink.wait_admit(chunk.pos, chunk.end)
                 self.inflight.add(chunk)
                 try:
                     await self._fetch_chunk(chunk, conn)

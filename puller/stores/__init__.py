@@ -33,12 +33,12 @@ class BlobSink(Protocol):
     def advance(self, received_end: int) -> None:
         """Bytes ``[0, received_end)`` are received: kept by :meth:`take` or written to the staged file."""
 
-    def held_back(self, end: int) -> bool:
-        """True when the download should not fetch up to ``end`` yet: the store is too far behind, and fetching
-        further would only take the CPU the store needs."""
+    def admit(self, start: int, end: int) -> bool:
+        """False when bytes ``[start, end)`` should not be fetched yet: the store is too far behind, and fetching
+        further would only take the CPU (or disk) the store needs."""
 
-    async def room(self, end: int) -> None:
-        """Return when ``held_back(end)`` is over."""
+    async def wait_admit(self, start: int, end: int) -> None:
+        """Return when ``admit(start, end)`` is True."""
 
     async def abort(self) -> None:
         """The bytes were wrong (digest mismatch): forget what was sent."""

@@ -72,6 +72,7 @@ WRITE_DEPTH = 4  # Write messages in flight per stream: containerd handles one w
 MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
 MAX_AHEAD = 64 << 20  # how far a blob's download may run ahead of what containerd has taken
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
+MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
 LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 
 GC_CONTENT = "containerd.io/gc.ref.content"
@@ -98,6 +99,7 @@ class _ContainerdSink:
         self.sent = 0  # bytes containerd has been given
         self._kept: dict[int, tuple[list[bytes], int]] = {}  # offset -> (buffers, length) of blocks in memory
         self._kept_starts: list[int] = []  # their offsets, sorted
+        self._coming = 0  # bytes admitted while waiting for a stream (memory promised to them), not yet here
         self._streaming = False  # its Write stream is open
         self._has_slot = False  # may send now (one of MAX_WRITE_STREAMS)
         self._priority = store._order.get(str(desc.digest), 0)
@@ -112,8 +114,9 @@ class _ContainerdSink:
         return self.sent
 
     def take(self, offset: int, buffers: list[bytes], n: int) -> bool:
-        # Blobs still waiting for a write slot get a quarter of the memory: it goes first to the ones being sent.
-        limit = MAX_KEPT if self._streaming else MAX_KEPT // 4
+        self._promise(-min(n, self._coming))  # what was promised is here now
+        # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
+        limit = MAX_KEPT if self._streaming else MAX_KEPT_WAITING
         if self._store._kept + n > limit or self._task is None or self._task.done():
             return False
         self._kept[offset] = (buffers, n)
@@ -125,16 +128,30 @@ class _ContainerdSink:
         self.received = max(self.received, received_end)
         self._wake.set()
 
-    def held_back(self, end: int) -> bool:
-        """More than MAX_AHEAD past what containerd has taken: where containerd's ingest is the limit (a fast
-        link), downloading further only takes CPU from containerd."""
+    def admit(self, start: int, end: int) -> bool:
+        """Where containerd's ingest is the limit (a fast link), downloading further only takes CPU from containerd,
+        or disk to stage on: no blob fetches more than MAX_AHEAD past what containerd has taken, and a blob waiting
+        for a stream fetches only what the memory for waiting blobs can hold (its first bytes always, so that it
+        can take a stream when one is free)."""
         if self._task is None or self._task.done():
+            return True
+        if end > self.sent + MAX_AHEAD:
             return False
-        return end > self.sent + MAX_AHEAD
+        if self._streaming or start == self.received == self.sent:
+            return True
+        store = self._store
+        if store._kept + store._coming + (end - start) > MAX_KEPT_WAITING:
+            return False
+        self._promise(end - start)
+        return True
 
-    async def room(self, end: int) -> None:
-        while self.held_back(end):
+    async def wait_admit(self, start: int, end: int) -> None:
+        while not self.admit(start, end):
             await self._store._moved.wait()
+
+    def _promise(self, n: int) -> None:
+        self._coming += n
+        self._store._coming += n
 
     async def _stream(self) -> None:
         try:
@@ -174,6 +191,8 @@ class _ContainerdSink:
         self._store._kept -= sum(n for _, n in self._kept.values())
         self._kept.clear()
         self._kept_starts.clear()
+        self._promise(-self._coming)
+        self._store.moved()
 
     def _pop_first_kept(self) -> tuple[int, list[bytes], int]:
         start = self._kept_starts.pop(0)
@@ -331,6 +350,7 @@ class ContainerdStore(StoreBase):
         self.lease_id = f"puller-{secrets.token_hex(8)}"
         self._channel: grpc.aio.Channel | None = None
         self._kept = 0  # bytes the sinks keep in memory, all together
+        self._coming = 0  # bytes on their way that memory is promised to (see _ContainerdSink.admit)
         self._moved = asyncio.Event()  # set (and cleared) when data moved on: held-back downloads look again
         self._sinks: dict[str, _ContainerdSink] = {}
         self._write_slots = PrioritySemaphore(MAX_WRITE_STREAMS)
