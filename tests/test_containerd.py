@@ -427,3 +427,27 @@ async def test_a_blob_waiting_for_its_bytes_leaves_the_write_streams_to_others(c
             sink.advance(len(data))
             await asyncio.wait_for(store.commit_blob(desc, tmp_path / "stalled"), 20)
             assert await store.has_blob(desc)
+
+
+async def test_a_blob_waiting_for_a_stream_downloads_only_what_memory_holds(containerd, tmp_path: Path):
+    """On a fast link containerd's ingest is the limit: a blob whose turn to be sent has not come fetches its first
+    bytes, and beyond them only what the memory for waiting blobs can hold (else it would stage bytes on disk only
+    to read them back); what was promised is accounted when it arrives and given back when the blob ends."""
+    from puller.digest import Digest
+    from puller.registry.manifest import Descriptor
+    from puller.stores.containerd import MAX_KEPT_WAITING, ContainerdStore
+
+    mib = 1 << 20
+    desc = Descriptor("application/vnd.oci.image.layer.v1.tar", Digest.parse("sha256:" + "ab" * 32), 64 * mib)
+    async with ContainerdStore(str(containerd.socket), "admit", staging_dir=tmp_path / "st") as store:
+        sink = store.blob_sink(desc, tmp_path / "blob")
+        assert await sink.start() == 0
+        assert sink.admit(0, 8 * mib)  # its first bytes: always
+        assert sink.admit(8 * mib, 8 * mib + MAX_KEPT_WAITING // 2)  # ahead of them: memory is promised
+        assert store._coming == MAX_KEPT_WAITING // 2
+        assert not sink.admit(40 * mib, 40 * mib + MAX_KEPT_WAITING // 2 + 1)  # more than is left: waits
+        block = b"\0" * (MAX_KEPT_WAITING // 2)
+        assert sink.take(8 * mib, [block], len(block))  # the promised bytes arrive and are kept
+        assert (store._kept, store._coming) == (len(block), 0)
+        await sink.close()  # the pull ends: memory and promises are given back
+        assert (store._kept, store._coming) == (0, 0)

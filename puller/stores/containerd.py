@@ -29,6 +29,8 @@ import bisect
 import contextlib
 import datetime
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -104,6 +106,7 @@ class _ContainerdSink:
         self._has_slot = False  # may send now (one of MAX_WRITE_STREAMS)
         self._priority = store._order.get(str(desc.digest), 0)
         self._wake = asyncio.Event()
+        self._sent_moved = asyncio.Event()
         self._ref = f"puller-{desc.digest}"
         self._store = store
         self._task: asyncio.Future | None = None
@@ -114,10 +117,13 @@ class _ContainerdSink:
         return self.sent
 
     def take(self, offset: int, buffers: list[bytes], n: int) -> bool:
-        self._promise(-min(n, self._coming))  # what was promised is here now
+        promised = min(n, self._coming)
+        self._promise(-promised)  # what was promised is here now
         # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
         limit = MAX_KEPT if self._streaming else MAX_KEPT_WAITING
         if self._store._kept + n > limit or self._task is None or self._task.done():
+            if promised:
+                self._store.memory_freed()  # staged instead: the memory promised to it is free
             return False
         self._kept[offset] = (buffers, n)
         bisect.insort(self._kept_starts, offset)
@@ -146,8 +152,18 @@ class _ContainerdSink:
         return True
 
     async def wait_admit(self, start: int, end: int) -> None:
-        while not self.admit(start, end):
-            await self._store._moved.wait()
+        """Wait for this stream to move on, or in line (lowest layer first) for memory; a waiter that was served
+        hands the turn to the next, so a freed block wakes one download, not all of them."""
+        store = self._store
+        try:
+            while not self.admit(start, end):
+                if end > self.sent + MAX_AHEAD:
+                    self._sent_moved.clear()
+                    await self._sent_moved.wait()
+                else:
+                    await store.memory_turn(self._priority)
+        finally:
+            store.memory_freed()
 
     def _promise(self, n: int) -> None:
         self._coming += n
@@ -159,7 +175,8 @@ class _ContainerdSink:
         finally:
             self._release_slot()
             self._drop_kept()
-            self._store.moved()  # a download held back by room() goes on (and meets the error at commit)
+            self._sent_moved.set()  # downloads held back by admit() go on (and meet the error at commit)
+            self._store.memory_freed(everyone=True)
 
     async def _stream_in_turn(self) -> None:
         # A slot is held only while there is something to send, lowest layer first: containerd's ingest, not the
@@ -171,7 +188,7 @@ class _ContainerdSink:
             await self._wake.wait()
         await self._take_slot()
         self._streaming = True
-        self._store.moved()
+        self._store.memory_freed(everyone=True)  # its downloads are no longer bound by the memory for waiting
         digest = str(self.desc.digest)
         labels = self._store._sources.get(digest, {})
         await self._store._write(self.desc, self._chunks, labels, resume_at=self.sent)
@@ -192,12 +209,13 @@ class _ContainerdSink:
         self._kept.clear()
         self._kept_starts.clear()
         self._promise(-self._coming)
-        self._store.moved()
+        self._store.memory_freed()
 
     def _pop_first_kept(self) -> tuple[int, list[bytes], int]:
         start = self._kept_starts.pop(0)
         buffers, n = self._kept.pop(start)
         self._store._kept -= n
+        self._store.memory_freed()
         return start, buffers, n
 
     def _kept_bytes(self, offset: int) -> list[bytes] | None:
@@ -221,7 +239,7 @@ class _ContainerdSink:
         try:
             while True:
                 self.sent = offset
-                self._store.moved()
+                self._sent_moved.set()
                 if offset >= self.desc.size:
                     break
                 data = self._kept_bytes(offset)
@@ -351,7 +369,8 @@ class ContainerdStore(StoreBase):
         self._channel: grpc.aio.Channel | None = None
         self._kept = 0  # bytes the sinks keep in memory, all together
         self._coming = 0  # bytes on their way that memory is promised to (see _ContainerdSink.admit)
-        self._moved = asyncio.Event()  # set (and cleared) when data moved on: held-back downloads look again
+        self._memory_waiters: list[tuple[int, int, asyncio.Future]] = []  # downloads waiting for memory, a heap
+        self._memory_order = itertools.count()
         self._sinks: dict[str, _ContainerdSink] = {}
         self._write_slots = PrioritySemaphore(MAX_WRITE_STREAMS)
         self._order: dict[str, int] = {}  # blob digest -> its place in the manifest (config, layers bottom up)
@@ -437,10 +456,20 @@ class ContainerdStore(StoreBase):
         info = await self._info(str(desc.digest))
         return info is not None and info.size == desc.size
 
-    def moved(self) -> None:
-        """Wake the downloads waiting in :meth:`_ContainerdSink.room`."""
-        self._moved.set()
-        self._moved.clear()
+    async def memory_turn(self, priority: int) -> None:
+        """Wait, in line by ``priority``, until memory was freed (see :meth:`_ContainerdSink.wait_admit`)."""
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._memory_waiters, (priority, next(self._memory_order), waiter))
+        await waiter
+
+    def memory_freed(self, everyone: bool = False) -> None:
+        """Wake the first download waiting for memory (it hands on to the next), or ``everyone``."""
+        while self._memory_waiters:
+            _, _, waiter = heapq.heappop(self._memory_waiters)
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
     def blob_sink(self, desc: Descriptor, staged: Path) -> _ContainerdSink:
         """Stream the blob into containerd as it arrives, so the copy overlaps the download."""
