@@ -16,10 +16,10 @@ A blob is fetched like this:
    and the blob is fetched once more before the pull fails.
 5. The verified file is handed to the store's ``commit_blob``; nothing unverified is ever in the store.
 
-A store with a :class:`BlobSink` (containerd) changes steps 4-5: a block that extends the received prefix goes
-to the sink as it is (no write, no read-back); only blocks ahead of the prefix are staged, and the sink reads
-them from there in turn. The store checks size and digest at its commit; ``.ranges`` records only staged bytes,
-and a restarted pull resumes from what the store already holds (:meth:`BlobSink.start`) plus those.
+A store with a :class:`BlobSink` (containerd) changes steps 4-5: every received block is offered to the sink,
+which keeps it in memory for its turn (no write, no hash, no read-back); only the blocks it refuses are staged,
+and it reads them from there in turn. The store checks size and digest at its commit; ``.ranges`` records only
+staged bytes, and a restarted pull resumes from what the store already holds (:meth:`BlobSink.start`) plus those.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ A store never talks to a registry. The engine stages a blob in :attr:`Store.stag
 store's filesystem, so that committing is a rename), verifies it, then calls :meth:`Store.commit_blob`.
 
 A store that takes data as a stream and checks the digest itself before anything becomes visible (containerd)
-may instead return a :class:`BlobSink` from :meth:`Store.blob_sink`. The engine then hands it the bytes that
-extend the blob's received prefix straight from the network (:meth:`BlobSink.take`), stages only the bytes that
-arrive ahead of that prefix, and leaves the digest check to the store's commit: a mismatch there is handled like
-one found by the engine (nothing committed, the blob fetched once more).
+may instead return a :class:`BlobSink` from :meth:`Store.blob_sink`. The engine then offers it every received
+block straight from the network (:meth:`BlobSink.take`), stages only the blocks it refuses, and leaves the digest
+check to the store's commit: a mismatch there is handled like one found by the engine (nothing committed, the
+blob fetched once more).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class BlobSink(Protocol):
         """Begin; return how many bytes of the blob the store already holds in order (from an earlier run)."""
 
     def take(self, offset: int, buffers: list[bytes], n: int) -> bool:
-        """Keep ``n`` bytes at ``offset`` to send, if they extend the received prefix and memory allows; when
-        False the engine writes them to the staged file instead."""
+        """Keep ``n`` received bytes at ``offset`` to send in their turn, if memory allows; when False the engine
+        writes them to the staged file instead."""
 
     def advance(self, received_end: int) -> None:
         """Bytes ``[0, received_end)`` are received: kept by :meth:`take` or written to the staged file."""
