@@ -285,7 +285,7 @@ class _BlobDownload:
 
     def _open(self, held: int) -> None:
         """Open (or create and preallocate) the staged file; ``held``: bytes the sink's store already has.
-        With a sink the file is made only when a block first arrives ahead of the prefix (:meth:`_stage`)."""
+        With a sink the file is made only when the sink first refuses a block (:meth:`_stage`)."""
         size = self.desc.size
         try:
             self.staged = self._load_ranges()
@@ -335,7 +335,7 @@ class _BlobDownload:
 
     def _save_ranges(self) -> None:
         """Record the staged ranges (temp + rename). Not fsynced: a crash of the machine may lose the record,
-        never correctness, since the whole blob is hashed before commit."""
+        never correctness, since the whole blob is verified before commit (by the engine, or by the sink's store)."""
         if self.staged_saved:
             return
         self.staged_saved = True

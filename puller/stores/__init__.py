@@ -51,7 +51,7 @@ class Store(Protocol):
     staging_dir: Path
 
     def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
-        """A sink fed while the blob downloads (out-of-order bytes wait in ``staged``), or None to take the
+        """A sink fed while the blob downloads (the blocks it refuses wait in ``staged``), or None to take the
         verified file whole at commit."""
 
     def begin_image(self, ref: Reference, manifest: Manifest) -> None:

@@ -6,10 +6,10 @@ collected; the lease is dropped once the image record references the content (an
 through the same ``containerd.io/gc.ref.*`` labels containerd's own pull sets.
 
 - Blobs: Content.Write with ref ``puller-<digest>``, a STAT first (resume at the offset containerd already has),
-  data in order as it arrives (bytes that extend the received prefix straight from the network, bytes that came
-  early from the staged file), COMMIT with total, expected digest and labels: containerd hashes what it was sent
-  and commits only if the digest matches (a mismatch is the engine's DigestMismatch: aborted, fetched again).
-  "Already exists" is success.
+  data in order as it arrives (received blocks wait in memory for their turn; the few that do not fit are staged
+  by the engine and read back), COMMIT with total, expected digest and the distribution source label: containerd
+  hashes what it was sent and commits only if the digest matches (a mismatch is the engine's DigestMismatch:
+  aborted, fetched again). "Already exists" is success.
 - Manifests and indexes: written the same way, labelled with gc references (index -> manifests, manifest ->
   config and layers) and ``containerd.io/distribution.source.<host>=<repo>``.
 - Unpack (default on): each layer is applied into the snapshotter through the Snapshots and Diff services as
@@ -322,6 +322,11 @@ def _serialize_write(request: content_pb2.WriteContentRequest | bytes) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
 
 
+def _source_label(ref: Reference) -> dict[str, str]:
+    """``containerd.io/distribution.source.<host>=<repo>``, as containerd's pull labels every blob."""
+    return {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.repository}
+
+
 def _image_key(manifest: mf.Manifest) -> tuple[str, ...]:
     return tuple(str(d.digest) for d in manifest.blobs)
 
@@ -602,7 +607,7 @@ class ContainerdStore(StoreBase):
     async def commit_image(
         self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
     ) -> None:
-        source = {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.repository}
+        source = _source_label(ref)
         top = documents[0][0]
         # Children first, so that a parent's gc references never point at missing content.
         for desc, data in reversed(documents):
@@ -650,7 +655,7 @@ class ContainerdStore(StoreBase):
         """Stream blobs into containerd in manifest order (committed with their distribution source label), and
         unpack each layer as soon as it and the ones below it are committed, while later layers download."""
         self._order.update((str(d.digest), i) for i, d in enumerate(manifest.blobs))
-        source = {f"{DISTRIBUTION_SOURCE}.{ref.domain}": ref.repository}
+        source = _source_label(ref)
         self._sources.update((str(d.digest), source) for d in manifest.blobs)
         key = _image_key(manifest)
         self._images[key] = self._images.get(key, 0) + 1
