@@ -15,6 +15,7 @@ from typing import Any
 from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
 from .engine.fetcher import DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
 from .errors import ConfigError
+from .registry.bodies import DEFAULT_LOW_SPEED_LIMIT, DEFAULT_LOW_SPEED_TIME, SpeedLimit
 from .registry.client import CONNECT_TIMEOUT_S, DEFAULT_ATTEMPTS, READ_TIMEOUT_S
 from .registry.hosts import HostSettings
 from .stores.defaults import (
@@ -46,6 +47,8 @@ class Settings:
     attempts: int = DEFAULT_ATTEMPTS
     connect_timeout: float = CONNECT_TIMEOUT_S
     read_timeout: float = READ_TIMEOUT_S
+    low_speed_limit: int = DEFAULT_LOW_SPEED_LIMIT
+    low_speed_time: float = DEFAULT_LOW_SPEED_TIME
     plain_http: list[str] = field(default_factory=list)
     insecure_skip_verify: list[str] = field(default_factory=list)
     ca_file: str | None = None
@@ -74,6 +77,7 @@ class Settings:
     start_jitter: float = 0.0
     startup_taint: str | None = STARTUP_TAINT
     startup_deadline: float = 900.0
+    pull_timeout: float = 3600.0
 
     def validate(self) -> Settings:
         if self.connections < 1 or self.connections_per_host < 1:
@@ -88,7 +92,18 @@ class Settings:
             raise ConfigError("start_jitter must be zero or a positive number of seconds")
         if self.parallel_pulls < 1:
             raise ConfigError("parallel_pulls must be at least 1")
-        for name in ("watch_interval", "resolve_interval", "retry_backoff_max", "startup_deadline"):
+        if self.low_speed_limit < 0:
+            raise ConfigError("low_speed_limit must be zero (no limit) or a positive number of bytes per second")
+        for name in (
+            "watch_interval",
+            "resolve_interval",
+            "retry_backoff_max",
+            "startup_deadline",
+            "pull_timeout",
+            "low_speed_time",
+            "connect_timeout",
+            "read_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
         if not isinstance(self.mirrors, dict) or not all(
@@ -111,6 +126,10 @@ class Settings:
             self.hosts_dir,
             self.mirrors,
         )
+
+    @property
+    def speed_limit(self) -> SpeedLimit:
+        return SpeedLimit(self.low_speed_limit, self.low_speed_time)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -166,7 +185,7 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
                 raise ConfigError(f"{where}: {key} cannot be null")
             setattr(settings, name, None)
             continue
-        if name in ("chunk_size", "min_split", "bandwidth_limit"):
+        if name in ("chunk_size", "min_split", "bandwidth_limit", "low_speed_limit"):
             value = parse_size(value)
         elif name in ("plain_http", "insecure_skip_verify"):
             if isinstance(value, str):

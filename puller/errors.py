@@ -10,7 +10,8 @@
     │   ├── Forbidden              403 from the registry itself (not an expired CDN URL)
     │   └── ManifestError          unknown media type, oversize, invalid JSON, no matching platform
     │       └── PlatformNotFound
-    ├── TransportError             could not talk to the host (DNS, refused, reset, TLS, timeout)
+    ├── TransportError             could not talk to the host (DNS, refused, reset, TLS, timeout, too slow)
+    │   └── PullTimeout            daemon: an image not present within pull_timeout
     ├── VerificationError          bytes did not match their descriptor
     │   ├── DigestMismatch
     │   └── SizeMismatch
@@ -80,6 +81,10 @@ class TransportError(PullerError):
     """Network-level failure: DNS, connection refused or reset, TLS, timeout."""
 
     exit_code = 7
+
+
+class PullTimeout(TransportError):
+    """The daemon gave up on one pull after ``pull_timeout`` (it is tried again after a back-off)."""
 
 
 class VerificationError(PullerError):

@@ -20,6 +20,7 @@ from puller.stores.overlaybd import (
     file_extents,
     is_complete,
 )
+from puller.stores.safedir import SafeDir
 
 from .conftest import pushed, run_puller, start_puller
 from .rig import sha256_file
@@ -60,18 +61,23 @@ def test_config_other_cache_types_refused(tmp_path: Path, doc: dict):
         OverlaybdSettings.load(str(cfg))
 
 
+def complete(path: Path, size: int) -> bool:
+    with SafeDir.open(path.parent, create=False) as d:
+        return is_complete(d, path.name, size)
+
+
 def test_completeness_check_sees_holes_and_unwritten_extents(tmp_path: Path):
     """The negative controls for the FIEMAP check the pull tests rely on."""
     size = 1 << 20
     full = tmp_path / "full"
     full.write_bytes(os.urandom(size))
-    assert is_complete(full, size)
-    assert not is_complete(full, size + 1)
+    assert complete(full, size)
+    assert not complete(full, size + 1)
     sparse = tmp_path / "sparse"
     with open(sparse, "wb") as f:
         f.truncate(size)
         f.write(b"x" * 4096)
-    assert not is_complete(sparse, size)
+    assert not complete(sparse, size)
     unwritten = tmp_path / "unwritten"
     fd = os.open(unwritten, os.O_RDWR | os.O_CREAT)
     os.posix_fallocate(fd, 0, size)
@@ -80,7 +86,7 @@ def test_completeness_check_sees_holes_and_unwritten_extents(tmp_path: Path):
     extents = file_extents(fd)
     os.close(fd)
     assert extents is not None and any(flags & FIEMAP_EXTENT_UNWRITTEN for _, _, flags in extents)
-    assert not is_complete(unwritten, size)
+    assert not complete(unwritten, size)
 
 
 def _pull(ref: str, cache: Path, *extra: str):
@@ -105,7 +111,7 @@ def _assert_cache(cache: Path, manifest: dict):
         f = cache / layer["digest"]
         assert f.stat().st_size == layer["size"]
         assert "sha256:" + sha256_file(f) == layer["digest"]
-        assert is_complete(f, layer["size"])
+        assert complete(f, layer["size"])
         fd = os.open(f, os.O_RDONLY)
         extents = file_extents(fd)
         os.close(fd)

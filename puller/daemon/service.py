@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..config import Settings
 from ..engine.pull import PullProgress
 from ..engine.runtime import Engine
-from ..errors import PullerError
+from ..errors import PullerError, PullTimeout
 from ..metrics import DaemonMetrics
 from .imagelist import ImageListWatcher, ImageSpec
 from .node import remove_node_taint
@@ -240,7 +240,16 @@ class Daemon:
                 if not recheck:
                     st.state = PULLING
                 try:
-                    result = await self.engine.pull(ref, st.spec.platform, st.progress, st.spec.pin)
+                    # The deadline frees the slot: slow images (above the low-speed limit, yet slow) must not
+                    # keep healthy ones waiting for ever.
+                    async with asyncio.timeout(self.settings.pull_timeout):
+                        result = await self.engine.pull(ref, st.spec.platform, st.progress, st.spec.pin)
+                except TimeoutError:
+                    self.metrics.pull_finished(st.progress, "failure")
+                    raise PullTimeout(
+                        f"not present within pull_timeout ({self.settings.pull_timeout:.0f} s); "
+                        "what was fetched stays staged for the next try"
+                    ) from None
                 except asyncio.CancelledError:
                     self.metrics.pull_finished(st.progress, "cancelled")
                     raise

@@ -52,6 +52,7 @@ MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request co
 CHUNKS_PER_CONNECTION = 4
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 LOCK_POLL_S = 0.2  # while another process fetches the same blob
+MAX_RANGES_RECORD = 16 << 20  # a .ranges file larger than this was not written by puller
 VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -201,9 +202,10 @@ class _BlobDownload:
         self.store = store
         self.progress = progress
         stem = f"{desc.digest.algorithm}-{desc.digest.hex}"
-        self.data_path = store.staging_dir / f"{stem}.partial"
-        self.ranges_path = store.staging_dir / f"{stem}.ranges"
-        self.lock_path = store.staging_dir / f"{stem}.lock"
+        self.staging = store.staging  # a checked directory: no entry in it is opened through a link
+        self.data_name = f"{stem}.partial"
+        self.ranges_name = f"{stem}.ranges"
+        self.lock_name = f"{stem}.lock"
         self.endpoints = fetcher.client.endpoints(ref, PULL)  # mirrors first, then the upstream
         self.endpoint_index = 0  # the host ranges come from now; moves on when a host fails
         self.url: str | None = None  # the resolved (redirected) blob URL on that host, reused for every range
@@ -225,7 +227,7 @@ class _BlobDownload:
             if waited and await self.store.has_blob(self.desc):  # the other process committed it meanwhile
                 self.progress.state = "present"
                 return
-            self.sink = self.store.blob_sink(self.desc, self.data_path)
+            self.sink = self.store.blob_sink(self.desc, self.data_name)
             try:
                 held = await self.sink.start() if self.sink else 0
                 await asyncio.to_thread(self._open, held)
@@ -239,11 +241,11 @@ class _BlobDownload:
                         await self.hasher.close()
                     if self.fd >= 0:
                         os.close(self.fd)
-                await self.store.commit_blob(self.desc, self.data_path)
+                await self.store.commit_blob(self.desc, self.data_name)
             except DigestMismatch:
                 # Never keep bad bytes: the next attempt starts from nothing.
-                self.data_path.unlink(missing_ok=True)
-                self.ranges_path.unlink(missing_ok=True)
+                self.staging.unlink(self.data_name)
+                self.staging.unlink(self.ranges_name)
                 if self.sink:
                     await self.sink.abort()
                 raise
@@ -253,9 +255,9 @@ class _BlobDownload:
                 raise
             self.progress.state = "done"
             self.progress.finished = time.monotonic()
-            self.ranges_path.unlink(missing_ok=True)
+            self.staging.unlink(self.ranges_name)
         finally:
-            self.lock_path.unlink(missing_ok=True)
+            self.staging.unlink(self.lock_name)
             os.close(lock_fd)
 
     async def _lock(self) -> tuple[int, bool]:
@@ -263,7 +265,10 @@ class _BlobDownload:
         and whether another process held it first."""
         waited = False
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fd = self.staging.open_file(self.lock_name, os.O_RDWR | os.O_CREAT)
+            except OSError as e:
+                raise store_error(e, f"locking {self.desc.digest} in {self.staging.path}") from None
             try:
                 while True:  # polled, not a blocking flock in a thread: cancelling the wait leaves nothing behind
                     try:
@@ -273,9 +278,8 @@ class _BlobDownload:
                         waited = True
                         self.progress.state = "waiting"
                         await asyncio.sleep(LOCK_POLL_S)
-                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
-            except FileNotFoundError:
-                same = False
+                now = self.staging.stat(self.lock_name)
+                same = now is not None and os.fstat(fd).st_ino == now.st_ino
             except BaseException:
                 os.close(fd)
                 raise
@@ -290,13 +294,13 @@ class _BlobDownload:
         try:
             self.staged = self._load_ranges()
             if self.sink and not self.staged:
-                self.data_path.unlink(missing_ok=True)
+                self.staging.unlink(self.data_name)
             else:
                 self._create()
         except OSError as e:
             if self.fd >= 0:
                 os.close(self.fd)
-            self.data_path.unlink(missing_ok=True)
+            self.staging.unlink(self.data_name)
             raise store_error(e, f"preparing {self.desc.size} bytes for {self.desc.digest}") from None
         self.done = RangeSet(self.staged.as_list())
         self.done.add(0, held)
@@ -310,7 +314,7 @@ class _BlobDownload:
         """Open the staged file; unless it holds the recorded ranges, start it over, preallocated to the blob's
         size (to fail now, not mid-pull, when the disk is full)."""
         size = self.desc.size
-        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = self.staging.open_file(self.data_name, os.O_RDWR | os.O_CREAT)
         if os.fstat(self.fd).st_size != size or not self.staged:
             os.ftruncate(self.fd, 0)
             self.staged = RangeSet()
@@ -324,13 +328,13 @@ class _BlobDownload:
 
     def _load_ranges(self) -> RangeSet:
         try:
-            record = json.loads(self.ranges_path.read_text())
+            record = json.loads(self.staging.read_bytes(self.ranges_name, MAX_RANGES_RECORD))
             if record.get("size") != self.desc.size:
                 return RangeSet()
             return RangeSet(
                 (int(s), int(e)) for s, e in record.get("done", []) if 0 <= int(s) < int(e) <= self.desc.size
             )
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, StoreError):
             return RangeSet()
 
     def _save_ranges(self) -> None:
@@ -339,10 +343,9 @@ class _BlobDownload:
         if self.staged_saved:
             return
         self.staged_saved = True
-        tmp = self.ranges_path.with_suffix(".ranges-tmp")
+        record = json.dumps({"size": self.desc.size, "done": self.staged.as_list()}).encode()
         try:
-            tmp.write_text(json.dumps({"size": self.desc.size, "done": self.staged.as_list()}))
-            os.replace(tmp, self.ranges_path)
+            self.staging.write_atomic(self.ranges_name, record, mode=0o600, durable=False)
         except OSError as e:
             log.debug("could not record progress of %s: %s", self.desc.digest, e)
 
@@ -441,6 +444,10 @@ class _BlobDownload:
 
     async def _consume(self, chunk: Chunk, resp, host: str) -> None:
         size = self.desc.size
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            # Ranges and digests are about the blob's own bytes: an encoded body is neither (identity was asked).
+            raise RegistryError(f"{host} sent blob {self.desc.digest} with Content-Encoding {encoding!r}")
         if resp.status == 206:
             m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != chunk.pos:
@@ -478,12 +485,13 @@ class _BlobDownload:
     async def _copy_body(self, chunk: Chunk, resp, skip: int, host: str) -> None:
         loop = asyncio.get_running_loop()
         content = resp.content
+        guard = self.f.client.settings.speed.guard(f"{host}: blob {self.desc.digest}")
         buffers: list[bytes] = []
         buffered = 0
         received = 0
         try:
             while chunk.pos + buffered < chunk.end:
-                data = await content.readany()
+                data = await guard.readany(content)
                 if not data:
                     break
                 if skip:

@@ -54,7 +54,11 @@ class Engine:
         docker_config = Path(settings.docker_config) if settings.docker_config else None
         credentials = CredentialStore(explicit_credentials or {}, docker_config)
         client_settings = ClientSettings(
-            settings.host_settings, settings.connect_timeout, settings.read_timeout, settings.attempts
+            settings.host_settings,
+            settings.connect_timeout,
+            settings.read_timeout,
+            settings.attempts,
+            settings.speed_limit,
         )
         self.client = RegistryClient(client_settings, credentials)
         self.store = open_store(settings)

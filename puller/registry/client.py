@@ -7,6 +7,7 @@ aiohttp and OS errors are translated into :mod:`puller.errors` here and nowhere 
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -37,6 +38,7 @@ from ..errors import (
 from ..reference import Reference
 from . import manifest as mf
 from .auth import Challenge, CredentialStore, TokenCache, parse_www_authenticate
+from .bodies import SpeedLimit, read_body
 from .hosts import PULL, RESOLVE, Endpoint, HostSettings
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ USER_AGENT = "puller/0.1"
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 30.0  # between two reads of one response: a stalled connection fails after this
 MAX_ERROR_BODY = 64 * 1024
+MAX_TOKEN_BODY = 1 << 20  # a token answer: a JWT or two and a few fields
 READ_BUFSIZE = 256 * 1024  # per-connection receive buffer before aiohttp pauses the socket (default 64 KiB)
 NET_ERRORS = (aiohttp.ClientError, OSError)  # OSError covers TimeoutError
 DEFAULT_ATTEMPTS = 6  # tries per request (a manifest, a chunk) on the last host of a registry
@@ -119,6 +122,12 @@ class ClientSettings:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
     attempts: int = DEFAULT_ATTEMPTS  # tries per manifest request
+    speed: SpeedLimit = field(default_factory=SpeedLimit)  # the low-speed limit of every response body
+
+    @property
+    def headers_timeout_s(self) -> float:
+        """From sending a request to its last header line: a server that trickles headers is dropped too."""
+        return self.connect_timeout_s + self.read_timeout_s
 
 
 class RegistryClient:
@@ -144,7 +153,8 @@ class RegistryClient:
             connector=connector,
             timeout=timeout,
             auto_decompress=False,
-            headers={"User-Agent": USER_AGENT},
+            # identity: registries' gzip would hide the bytes that digests and ranges are about (bodies.py)
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             read_bufsize=READ_BUFSIZE,
         )
         return self
@@ -224,8 +234,12 @@ class RegistryClient:
             url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
             req = self.session.get(url, headers=headers, ssl=self._ssl_for(realm), allow_redirects=False)
         try:
-            async with req as resp:
-                body = await resp.content.read(MAX_ERROR_BODY)
+            async with asyncio.timeout(self.settings.headers_timeout_s):
+                resp = await req
+            async with resp:
+                body = await read_body(
+                    resp, MAX_TOKEN_BODY, self.settings.speed, f"token server {urlsplit(realm).netloc}"
+                )
                 if resp.status in (401, 403):
                     raise Unauthorized(
                         f"token server {urlsplit(realm).netloc} refused the credentials for {scope}", resp.status
@@ -236,9 +250,11 @@ class RegistryClient:
                     raise Unauthorized(f"token server {urlsplit(realm).netloc} answered {resp.status}", resp.status)
         except NET_ERRORS as e:
             raise TransportError(f"token server {urlsplit(realm).netloc}: {_describe(e)}") from None
+        if len(body) > MAX_TOKEN_BODY:
+            raise Unauthorized(f"token server answered with more than {MAX_TOKEN_BODY:,} bytes", 200)
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Unauthorized("token server answered with invalid JSON", 200) from None
         if not isinstance(payload, dict):
             raise Unauthorized("token server answered with invalid JSON", 200)
@@ -326,7 +342,10 @@ class RegistryClient:
         for _ in range(MAX_REDIRECTS + 1):
             h = {**headers, **origin_headers} if same_origin(url, origin) else dict(headers)
             try:
-                resp = await self.session.get(url, headers=h, allow_redirects=False, ssl=self._ssl_for(url, endpoint))
+                async with asyncio.timeout(self.settings.headers_timeout_s):
+                    resp = await self.session.get(
+                        url, headers=h, allow_redirects=False, ssl=self._ssl_for(url, endpoint)
+                    )
             except aiohttp.ClientConnectorCertificateError as e:
                 raise TransportError(
                     f"{urlsplit(url).netloc}: TLS certificate not trusted ({_describe(e.certificate_error)}); "
@@ -382,12 +401,9 @@ class RegistryClient:
             if length is not None and length > mf.MAX_MANIFEST_BYTES:
                 raise ManifestError(f"manifest for {ref} is {length} bytes, over the {mf.MAX_MANIFEST_BYTES} limit")
             try:
-                body = await resp.content.read(mf.MAX_MANIFEST_BYTES + 1)
-                while len(body) <= mf.MAX_MANIFEST_BYTES and not resp.content.at_eof():
-                    more = await resp.content.read(mf.MAX_MANIFEST_BYTES + 1 - len(body))
-                    if not more:
-                        break
-                    body += more
+                body = await read_body(
+                    resp, mf.MAX_MANIFEST_BYTES, self.settings.speed, f"{ep.host}: manifest of {ref}"
+                )
             except NET_ERRORS as e:
                 raise TransportError(f"{ep.host}: {_describe(e)} reading manifest") from None
             if len(body) > mf.MAX_MANIFEST_BYTES:
@@ -407,8 +423,8 @@ class RegistryClient:
 async def _raise_for_status(resp: aiohttp.ClientResponse, ref: Reference | None, url: str) -> None:
     status = resp.status
     try:
-        body = await resp.content.read(MAX_ERROR_BODY)
-    except NET_ERRORS:
+        body = (await read_body(resp, MAX_ERROR_BODY, SpeedLimit(), "error body"))[:MAX_ERROR_BODY]
+    except (*NET_ERRORS, PullerError):
         body = b""
     codes: tuple[str, ...] = ()
     detail = ""
@@ -416,7 +432,7 @@ async def _raise_for_status(resp: aiohttp.ClientResponse, ref: Reference | None,
         errors = json.loads(body).get("errors") or []
         codes = tuple(str(e.get("code")) for e in errors if isinstance(e, dict))
         detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):
         pass
     where = f"{urlsplit(url).netloc}{urlsplit(url).path}"
     what = f"{ref} " if ref else ""

@@ -1,7 +1,8 @@
 """Where verified bytes go. Every store commits atomically and can answer "have I got X?".
 
-A store never talks to a registry. The engine stages a blob in :attr:`Store.staging_dir` (a directory on the
-store's filesystem, so that committing is a rename), verifies it, then calls :meth:`Store.commit_blob`.
+A store never talks to a registry. The engine stages a blob in :attr:`Store.staging` (a checked directory on the
+store's filesystem, so that committing is a rename; see :mod:`.safedir`), verifies it, then calls
+:meth:`Store.commit_blob` with the staged file's name in that directory.
 
 A store that takes data as a stream and checks the digest itself before anything becomes visible (containerd)
 may instead return a :class:`BlobSink` from :meth:`Store.blob_sink`. The engine then offers it every received
@@ -13,13 +14,12 @@ blob fetched once more).
 from __future__ import annotations
 
 import errno
-import os
-from pathlib import Path
 from typing import Protocol
 
 from ..errors import DiskFull, StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor, Manifest
+from .safedir import SafeDir
 
 
 class BlobSink(Protocol):
@@ -48,9 +48,9 @@ class BlobSink(Protocol):
 
 
 class Store(Protocol):
-    staging_dir: Path
+    staging: SafeDir  # opened when the store is entered
 
-    def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
+    def blob_sink(self, desc: Descriptor, staged: str) -> BlobSink | None:
         """A sink fed while the blob downloads (the blocks it refuses wait in ``staged``), or None to take the
         verified file whole at commit."""
 
@@ -69,9 +69,9 @@ class Store(Protocol):
     async def has_blob(self, desc: Descriptor) -> bool:
         """True when the blob is present, complete and committed."""
 
-    async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
-        """Take ownership of ``staged``, a verified file of ``desc`` (or, with a sink, finish the sink: the store
-        checks the digest and raises DigestMismatch); visible atomically."""
+    async def commit_blob(self, desc: Descriptor, staged: str) -> None:
+        """Take ownership of ``staged`` (a name in :attr:`staging`), a verified file of ``desc`` (or, with a sink,
+        finish the sink: the store checks the digest and raises DigestMismatch); visible atomically."""
 
     async def commit_image(
         self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
@@ -89,7 +89,7 @@ class StoreBase:
     async def reserve(self, blobs: list[Descriptor]) -> None:
         return None
 
-    def blob_sink(self, desc: Descriptor, staged: Path) -> BlobSink | None:
+    def blob_sink(self, desc: Descriptor, staged: str) -> BlobSink | None:
         return None
 
     def begin_image(self, ref: Reference, manifest: Manifest) -> None:
@@ -104,43 +104,3 @@ def store_error(e: OSError, what: str) -> StoreError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left on device while {what}")
     return StoreError(f"{what}: {e.strerror or e}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rename_into_place(staged: Path, final: Path) -> None:
-    """Make a verified staged file visible as ``final``: fsync it (which also turns preallocated, unwritten
-    extents into written ones), make it world-readable, rename it over ``final``, fsync the directory."""
-    fd = os.open(staged, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(staged, 0o644)
-    os.replace(staged, final)
-    fsync_dir(final.parent)
-
-
-def write_file_atomic(path: Path, data: bytes, tmp_dir: Path, mode: int = 0o644) -> None:
-    """Write ``data`` to a temp file in ``tmp_dir`` (same filesystem), fsync, rename over ``path``,
-    fsync the directory."""
-    tmp = tmp_dir / f".{path.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

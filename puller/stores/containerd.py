@@ -66,6 +66,7 @@ from .defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 from .defaults import CONTAINERD_NAMESPACE as DEFAULT_NAMESPACE
 from .defaults import CONTAINERD_SNAPSHOTTER as DEFAULT_SNAPSHOTTER
 from .defaults import CONTAINERD_STAGING as DEFAULT_STAGING
+from .safedir import SafeDir
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class _ContainerdSink:
     (:meth:`take`, within MAX_KEPT for all blobs) until their turn, the others are staged by the engine and read
     back then. containerd hashes what it receives and commits only if the expected digest matches."""
 
-    def __init__(self, store: ContainerdStore, desc: Descriptor, staged: Path):
+    def __init__(self, store: ContainerdStore, desc: Descriptor, staged: str):
         self.desc = desc
         self.staged = staged
         self.received = 0  # bytes [0, received) are kept here or staged
@@ -252,7 +253,7 @@ class _ContainerdSink:
                         await self._take_slot()
                         continue
                     if fd < 0:
-                        fd = os.open(self.staged, os.O_RDONLY)
+                        fd = self._store.staging.open_file(self.staged, os.O_RDONLY)
                     block = await asyncio.to_thread(os.pread, fd, min(WRITE_MESSAGE, staged_end - offset), offset)
                     if not block:
                         raise StoreError(f"staged file of {self.desc.digest} ended at {offset}")
@@ -370,6 +371,7 @@ class ContainerdStore(StoreBase):
         self.unpack = unpack
         self.pin = pin
         self.staging_dir = Path(staging_dir).absolute()
+        self._staging: SafeDir | None = None
         self.lease_id = f"puller-{secrets.token_hex(8)}"
         self._channel: grpc.aio.Channel | None = None
         self._kept = 0  # bytes the sinks keep in memory, all together
@@ -400,7 +402,7 @@ class ContainerdStore(StoreBase):
                 "or as a member of the group that owns it"
             )
         try:
-            self.staging_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._staging = await asyncio.to_thread(SafeDir.open, self.staging_dir)
         except OSError as e:
             raise StoreError(f"cannot create staging directory {self.staging_dir}: {e.strerror}") from None
         self._channel = grpc.aio.insecure_channel(
@@ -429,7 +431,15 @@ class ContainerdStore(StoreBase):
             raise _translate(e, "connecting", self.address) from None
         return self
 
+    @property
+    def staging(self) -> SafeDir:
+        assert self._staging is not None, "store used outside 'async with'"
+        return self._staging
+
     async def __aexit__(self, *exc: object) -> None:
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
         if self._channel is None:
             return
         for unpacker in self._unpackers.values():  # pulls that failed before their layers came
@@ -476,16 +486,16 @@ class ContainerdStore(StoreBase):
                 if not everyone:
                     return
 
-    def blob_sink(self, desc: Descriptor, staged: Path) -> _ContainerdSink:
+    def blob_sink(self, desc: Descriptor, staged: str) -> _ContainerdSink:
         """Stream the blob into containerd as it arrives, so the copy overlaps the download."""
         sink = _ContainerdSink(self, desc, staged)
         self._sinks[str(desc.digest)] = sink
         return sink
 
-    async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
+    async def commit_blob(self, desc: Descriptor, staged: str) -> None:
         """Finish the blob's stream into containerd (the engine gives every blob a sink), then drop the file."""
         await self._sinks.pop(str(desc.digest)).finish()
-        staged.unlink(missing_ok=True)
+        self.staging.unlink(staged)
         self._ready_event(str(desc.digest)).set()
 
     def _ready_event(self, digest: str) -> asyncio.Event:

@@ -5,6 +5,9 @@
     DIR/blobs/<alg>/<hex>              verified blobs; written temp -> fsync -> rename -> fsync(dir)
     DIR/.puller/staging/               partial downloads and their done-range records (same filesystem)
 
+Every file is made through checked directory descriptors (:mod:`.safedir`): no link planted in the layout is
+ever followed.
+
 Each index.json entry names the image by its full reference (``docker.io/library/busybox:latest``) in
 ``org.opencontainers.image.ref.name`` (the OCI grammar allows ``/`` and ``:``), so images of different
 repositories with the same tag can share a store; ``io.containerd.image.name`` carries the same name, as
@@ -19,63 +22,78 @@ import asyncio
 import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 
 from ..errors import StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor
-from . import StoreBase, rename_into_place, store_error, write_file_atomic
+from . import StoreBase, store_error
 from .defaults import OCI_DIR as DEFAULT_OCI_DIR
+from .safedir import SafeDir
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 LAYOUT = {"imageLayoutVersion": "1.0.0"}
+MAX_INDEX_BYTES = 64 << 20  # index.json read back before an image is named
 
 
 class OCILayoutStore(StoreBase):
     def __init__(self, root: str | os.PathLike[str] = DEFAULT_OCI_DIR):
         self.root = Path(root).absolute()
         self.staging_dir = self.root / ".puller" / "staging"
+        self._dirs: dict[str, SafeDir] = {}  # "", ".puller", "staging", "blobs/<alg>": checked, open
 
     async def __aenter__(self) -> OCILayoutStore:
         await asyncio.to_thread(self._init)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        for d in self._dirs.values():
+            d.close()
+        self._dirs.clear()
+
+    @property
+    def staging(self) -> SafeDir:
+        return self._dirs["staging"]
 
     def _init(self) -> None:
         try:
-            self.staging_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # partial data is nobody else's
-            (self.root / "blobs").mkdir(exist_ok=True)
-            layout = self.root / "oci-layout"
-            if not layout.exists():
-                write_file_atomic(layout, json.dumps(LAYOUT).encode(), self.staging_dir)
-            if not (self.root / "index.json").exists():
+            top = self._dirs[""] = SafeDir.open(self.root, mode=0o755)
+            self._dirs[".puller"] = top.subdir(".puller")  # partial data is nobody else's
+            self._dirs["staging"] = self._dirs[".puller"].subdir("staging")
+            blobs = top.subdir("blobs", mode=0o755)
+            self._dirs["blobs/sha256"] = blobs.subdir("sha256", mode=0o755)
+            blobs.close()
+            if top.stat("oci-layout") is None:
+                top.write_atomic("oci-layout", json.dumps(LAYOUT).encode())
+            if top.stat("index.json") is None:
                 self._write_index(
                     {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
                 )
         except OSError as e:
             raise store_error(e, f"initialising OCI layout {self.root}") from None
 
+    def _blobs(self, algorithm: str) -> SafeDir:
+        key = f"blobs/{algorithm}"
+        if key not in self._dirs:
+            self._dirs[key] = SafeDir.open(self.root / "blobs" / algorithm, mode=0o755)
+        return self._dirs[key]
+
     def blob_path(self, desc: Descriptor) -> Path:
         # desc.digest is a validated Digest: algorithm from a fixed set, hex of fixed length.
         return self.root / "blobs" / desc.digest.algorithm / desc.digest.hex
 
     async def has_blob(self, desc: Descriptor) -> bool:
-        try:
-            return self.blob_path(desc).stat().st_size == desc.size
-        except FileNotFoundError:
-            return False
+        st = self._blobs(desc.digest.algorithm).stat(desc.digest.hex)
+        return st is not None and stat.S_ISREG(st.st_mode) and st.st_size == desc.size
 
-    async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
+    async def commit_blob(self, desc: Descriptor, staged: str) -> None:
         await asyncio.to_thread(self._commit_blob, desc, staged)
 
-    def _commit_blob(self, desc: Descriptor, staged: Path) -> None:
-        final = self.blob_path(desc)
+    def _commit_blob(self, desc: Descriptor, staged: str) -> None:
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            rename_into_place(staged, final)
+            self.staging.move_into(staged, self._blobs(desc.digest.algorithm), desc.digest.hex)
         except OSError as e:
             raise store_error(e, f"committing {desc.digest}") from None
 
@@ -84,10 +102,8 @@ class OCILayoutStore(StoreBase):
             await asyncio.to_thread(self._put_bytes, desc, data)
 
     def _put_bytes(self, desc: Descriptor, data: bytes) -> None:
-        final = self.blob_path(desc)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(final, data, self.staging_dir)
+            self._blobs(desc.digest.algorithm).write_atomic(desc.digest.hex, data)
         except OSError as e:
             raise store_error(e, f"writing {desc.digest}") from None
 
@@ -100,7 +116,10 @@ class OCILayoutStore(StoreBase):
 
     def _name_image(self, ref: Reference, target: Descriptor) -> None:
         name = image_name(ref)
-        lock_fd = os.open(self.root / ".puller" / "index.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            lock_fd = self._dirs[".puller"].open_file("index.lock", os.O_RDWR | os.O_CREAT)
+        except OSError as e:
+            raise store_error(e, "locking index.json") from None
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one index.json writer at a time, across processes
             index = self.read_index()
@@ -125,15 +144,15 @@ class OCILayoutStore(StoreBase):
 
     def read_index(self) -> dict:
         try:
-            index = json.loads((self.root / "index.json").read_text())
-        except (OSError, ValueError) as e:
+            index = json.loads(self._dirs[""].read_bytes("index.json", MAX_INDEX_BYTES))
+        except (OSError, ValueError, StoreError) as e:
             raise StoreError(f"cannot read {self.root / 'index.json'}: {e}") from None
         if not isinstance(index, dict):
             raise StoreError(f"{self.root / 'index.json'} is not a JSON object")
         return index
 
     def _write_index(self, index: dict) -> None:
-        write_file_atomic(self.root / "index.json", json.dumps(index, indent=2).encode(), self.staging_dir)
+        self._dirs[""].write_atomic("index.json", json.dumps(index, indent=2).encode())
 
 
 def image_name(ref: Reference) -> str:

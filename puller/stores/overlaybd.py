@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -40,13 +41,14 @@ import os
 import struct
 from pathlib import Path
 
-from ..errors import ConfigError, DiskFull
+from ..errors import ConfigError, DiskFull, StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor, Manifest
-from . import StoreBase, rename_into_place, store_error
+from . import StoreBase, store_error
 from .defaults import OVERLAYBD_CACHE_DIR as DEFAULT_CACHE_DIR
 from .defaults import OVERLAYBD_CACHE_SIZE_GB as DEFAULT_CACHE_SIZE_GB
 from .defaults import OVERLAYBD_CONFIG as DEFAULT_CONFIG
+from .safedir import SafeDir
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +130,18 @@ def file_extents(fd: int) -> list[tuple[int, int, int]] | None:
         start = out[-1][0] + out[-1][1]
 
 
-def is_complete(path: Path, size: int) -> bool:
-    """True when every byte of ``path`` is really there: right size, no holes, no extent flagged UNKNOWN or
+def is_complete(directory: SafeDir, name: str, size: int) -> bool:
+    """True when every byte of plain file ``name`` is really there: right size, no holes, no extent flagged UNKNOWN or
     UNWRITTEN. overlaybd compares the flags for equality, so an unwritten *last* extent (UNWRITTEN|LAST) passes
     its test and reads as zeros; puller tests the bits, which is stricter."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = directory.open_file(name, os.O_RDONLY)
+    except (FileNotFoundError, StoreError):
         return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link is never a complete file: the verified one is renamed over it
+            return False
+        raise
     try:
         if os.fstat(fd).st_size != size:
             return False
@@ -174,6 +180,18 @@ class OverlaybdStore(StoreBase):
         self.p2p = settings.p2p
         # Outside the cache directory (overlaybd indexes every file under it), on the same filesystem.
         self.staging_dir = Path(staging_dir).absolute() if staging_dir else self.cache_dir.parent / ".puller-staging"
+        self._cache: SafeDir | None = None
+        self._staging: SafeDir | None = None
+
+    @property
+    def staging(self) -> SafeDir:
+        assert self._staging is not None, "store used outside 'async with'"
+        return self._staging
+
+    @property
+    def cache(self) -> SafeDir:
+        assert self._cache is not None, "store used outside 'async with'"
+        return self._cache
 
     async def __aenter__(self) -> OverlaybdStore:
         await asyncio.to_thread(self._init)
@@ -186,32 +204,34 @@ class OverlaybdStore(StoreBase):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        for d in (self._cache, self._staging):
+            if d is not None:
+                d.close()
+        self._cache = self._staging = None
 
     def _init(self) -> None:
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.staging_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise store_error(e, f"creating {self.cache_dir}") from None
         if self.staging_dir == self.cache_dir or self.cache_dir in self.staging_dir.parents:
             raise ConfigError(f"staging directory {self.staging_dir} must be outside the cache directory")
-        if os.stat(self.staging_dir).st_dev != os.stat(self.cache_dir).st_dev:
+        try:
+            self._cache = SafeDir.open(self.cache_dir, mode=0o755)
+            self._staging = SafeDir.open(self.staging_dir)
+        except OSError as e:
+            raise store_error(e, f"creating {self.cache_dir}") from None
+        if os.fstat(self._staging.fd).st_dev != os.fstat(self._cache.fd).st_dev:
             raise ConfigError(
                 f"staging directory {self.staging_dir} is not on the filesystem of {self.cache_dir}: "
                 "a blob could not be renamed into place atomically"
             )
 
     def blob_path(self, desc: Descriptor) -> Path:
-        # desc.digest is validated (fixed algorithm set, fixed-length hex): safe as a file name.
-        return self.cache_dir / f"{desc.digest.algorithm}:{desc.digest.hex}"
+        return self.cache_dir / blob_name(desc)
 
     def select_blobs(self, manifest: Manifest) -> tuple[Descriptor, ...]:
         """overlaybd reads layer blobs only (for an overlaybd image, its commit/layer files); not the config."""
         return manifest.layers
 
     async def has_blob(self, desc: Descriptor) -> bool:
-        return await asyncio.to_thread(is_complete, self.blob_path(desc), desc.size)
+        return await asyncio.to_thread(is_complete, self.cache, blob_name(desc), desc.size)
 
     async def reserve(self, blobs: list[Descriptor]) -> None:
         """Refuse before any byte is written when the blobs would not fit the cache limit or the disk."""
@@ -232,16 +252,16 @@ class OverlaybdStore(StoreBase):
                 f"{free.f_bavail * free.f_frsize / 1e6:,.0f} MB free"
             )
 
-    async def commit_blob(self, desc: Descriptor, staged: Path) -> None:
+    async def commit_blob(self, desc: Descriptor, staged: str) -> None:
         await asyncio.to_thread(self._commit_blob, desc, staged)
 
-    def _commit_blob(self, desc: Descriptor, staged: Path) -> None:
-        final = self.blob_path(desc)
+    def _commit_blob(self, desc: Descriptor, staged: str) -> None:
+        name = blob_name(desc)
         try:
-            if is_complete(final, desc.size):
-                staged.unlink(missing_ok=True)  # never rewrite a complete file (overlaybd may have it open)
+            if is_complete(self.cache, name, desc.size):
+                self.staging.unlink(staged)  # never rewrite a complete file (overlaybd may have it open)
                 return
-            rename_into_place(staged, final)
+            self.staging.move_into(staged, self.cache, name)
         except OSError as e:
             raise store_error(e, f"committing {desc.digest} to {self.cache_dir}") from None
 
@@ -250,3 +270,8 @@ class OverlaybdStore(StoreBase):
     ) -> None:
         """overlaybd keeps no image records: once the layer files are in place the image is present."""
         log.info("%s: layers of %s are in %s", ref, target.digest, self.cache_dir)
+
+
+def blob_name(desc: Descriptor) -> str:
+    """overlaybd's file name for a blob; the digest is validated (fixed algorithm set, fixed-length hex)."""
+    return f"{desc.digest.algorithm}:{desc.digest.hex}"

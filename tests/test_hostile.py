@@ -1,0 +1,256 @@
+"""What a registry, a neighbour or a slow network can do to puller: links planted in shared directories,
+answers real servers send (split, gzipped), and servers that trickle. Each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from puller.errors import StoreError
+from puller.stores.safedir import SafeDir, UnsafeDirectory
+
+from .conftest import run_puller
+from .daemon_rig import Daemon
+from .hostile import Behaviour, HostileRegistry, make_image
+
+NOBODY = 65534
+
+
+def _one_line_error(r, code: int, *needles: str) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def _config(tmp_path: Path, **settings) -> str:
+    path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+# ---- 1. links planted in shared directories ----------------------------------------------------------------
+
+
+def test_planted_links_in_staging_and_store_are_never_followed(tmp_path: Path):
+    image = make_image("t/app", "v1", [300_000, 5000])
+    layer = image.layers[0]
+    hexd = layer["digest"].split(":")[1]
+    store = tmp_path / "store"
+    staging = store / ".puller" / "staging"
+    staging.mkdir(parents=True, mode=0o700)
+    (store / "blobs" / "sha256").mkdir(parents=True)
+    victims = {}
+    for name in ("partial", "lock", "ranges", "blob"):
+        v = tmp_path / f"victim-{name}"
+        v.write_bytes(b"precious " + name.encode() + b"\0" * (layer["size"] - 20))
+        v.chmod(0o600)
+        victims[name] = (v, v.read_bytes())
+    for suffix in ("partial", "lock", "ranges"):
+        (staging / f"sha256-{hexd}.{suffix}").symlink_to(victims[suffix][0])
+    (store / "blobs" / "sha256" / hexd).symlink_to(victims["blob"][0])  # same size: looks present by size
+
+    with HostileRegistry([image]) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(store))
+    assert r.returncode == 0, r.stderr
+    for v, content in victims.values():
+        assert v.read_bytes() == content and stat.S_IMODE(v.stat().st_mode) == 0o600  # untouched, not chmod-ed
+    for d, data in image.blobs.items():
+        if d == image.digest:
+            continue
+        blob = store / "blobs" / "sha256" / d.split(":")[1]
+        st = blob.lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o644
+        assert blob.read_bytes() == data
+    assert not any(p.is_symlink() for p in staging.iterdir())
+
+
+def _owned_by_nobody(p: Path) -> None:
+    p.mkdir(parents=True)
+    os.chown(p, NOBODY, NOBODY)
+
+
+def _world_writable(p: Path) -> None:
+    p.mkdir(parents=True)
+    p.chmod(0o777)
+
+
+def _link_by_nobody(p: Path) -> None:
+    elsewhere = p.parent.parent / "elsewhere"
+    p.parent.mkdir(parents=True)
+    elsewhere.mkdir(mode=0o700)
+    p.symlink_to(elsewhere)
+    os.lchown(p, NOBODY, NOBODY)
+
+
+@pytest.mark.parametrize(
+    ("where", "make", "needle"),
+    [
+        ("store/.puller/staging", _owned_by_nobody, "belongs to uid 65534"),
+        ("store", _world_writable, "writable by group or others"),
+        ("store/.puller", _link_by_nobody, "symbolic link owned by uid 65534"),
+    ],
+)
+def test_directories_others_own_or_can_write_are_refused(tmp_path: Path, where, make, needle):
+    image = make_image("t/app", "v1", [1000])
+    make(tmp_path / "w" / where)
+    with HostileRegistry([image]) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "w" / "store"))
+        assert not reg.paths("/blobs/")  # refused before any byte
+    _one_line_error(r, 9, needle)
+    elsewhere = tmp_path / "w" / "elsewhere"
+    assert not elsewhere.exists() or not any(elsewhere.iterdir())
+
+
+def test_overlaybd_cache_directory_owned_by_another_user_is_refused(tmp_path: Path):
+    image = make_image("t/app", "v1", [1000])
+    _owned_by_nobody(tmp_path / "cache")
+    with HostileRegistry([image]) as reg:
+        r = run_puller(
+            "pull",
+            f"{reg.host}/t/app:v1",
+            "--store",
+            "overlaybd",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--overlaybd-config",
+            str(tmp_path / "none.json"),
+        )
+    _one_line_error(r, 9, "belongs to uid 65534")
+
+
+def test_safedir_walk_rules(tmp_path: Path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    theirs = shared / "theirs"
+    _owned_by_nobody(theirs)
+    with pytest.raises(UnsafeDirectory, match="in a directory others can write"):
+        SafeDir.open(theirs / "sub")
+    assert not (theirs / "sub").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(mine)  # a link root made: followed
+    with SafeDir.open(tmp_path / "link" / "staging") as d:
+        fd = d.open_file("f", os.O_RDWR | os.O_CREAT)
+        os.close(fd)
+        (mine / "staging" / "planted").symlink_to(tmp_path / "victim")
+        (tmp_path / "victim").write_text("keep")
+        fd = d.open_file("planted", os.O_RDWR | os.O_CREAT)  # the link is replaced, never written through
+        os.write(fd, b"new")
+        os.close(fd)
+        assert (tmp_path / "victim").read_text() == "keep"
+        os.mkfifo(mine / "staging" / "fifo")
+        with pytest.raises(StoreError, match="not a regular file"):
+            d.read_bytes("fifo", 10)  # a planted fifo is refused, not waited on
+    assert (mine / "staging" / "f").exists() and stat.S_IMODE((mine / "staging").stat().st_mode) == 0o700
+
+
+# ---- 2. answers that real servers send ----------------------------------------------------------------------
+
+
+def test_token_answer_in_two_writes_is_read_whole(tmp_path: Path):
+    image = make_image("t/app", "v1", [5000])
+    with HostileRegistry([image], Behaviour(token_auth=True, token_split_s=0.3)) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s"))
+        assert r.returncode == 0, r.stderr
+        assert reg.paths("/token")
+
+
+def test_identity_is_asked_and_a_gzipped_manifest_is_decoded(tmp_path: Path):
+    image = make_image("t/app", "v1", [5000])
+    with HostileRegistry([image], Behaviour(gzip_manifests=True)) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s"), "--json")
+        assert r.returncode == 0, r.stderr
+        asked = {h.get("Accept-Encoding") for _, p, h in reg.requests if "/manifests/" in p or "/blobs/" in p}
+        assert asked == {"identity"}
+    assert image.digest in r.stdout  # the digest of the decoded bytes: the manifest itself
+
+
+def test_a_gzipped_blob_is_refused_with_one_line(tmp_path: Path):
+    image = make_image("t/app", "v1", [5000])
+    with HostileRegistry([image], Behaviour(gzip_blobs=True)) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s"))
+    _one_line_error(r, 3, "Content-Encoding 'gzip'")
+    assert not list((tmp_path / "s" / "blobs" / "sha256").iterdir())
+
+
+# ---- 3. servers that trickle --------------------------------------------------------------------------------
+
+
+def test_a_trickling_blob_server_is_dropped_then_the_pull_fails_with_one_line(tmp_path: Path):
+    image = make_image("t/app", "v1", [200_000])
+    cfg = _config(tmp_path, low_speed_limit=1024, low_speed_time=1.0, attempts=2)
+    with HostileRegistry([image], Behaviour(trickle_blobs_s=0.05)) as reg:
+        t0 = time.monotonic()
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s"), "--config", cfg)
+        took = time.monotonic() - t0
+    _one_line_error(r, 7, "below the low-speed limit")
+    assert took < 30, took
+
+
+def test_a_trickling_mirror_hands_its_ranges_to_the_upstream(tmp_path: Path):
+    image = make_image("t/app", "v1", [400_000])
+    with (
+        HostileRegistry([image]) as upstream,
+        HostileRegistry([image], Behaviour(trickle_blobs_s=0.05)) as mirror,
+    ):
+        cfg = _config(
+            tmp_path,
+            low_speed_limit=1024,
+            low_speed_time=1.0,
+            hosts_dir=None,
+            mirrors={upstream.host: [{"host": f"http://{mirror.host}", "capabilities": ["pull"]}]},
+        )
+        r = run_puller("pull", f"{upstream.host}/t/app:v1", "--store", str(tmp_path / "s"), "--config", cfg)
+        assert r.returncode == 0, r.stderr
+        assert mirror.paths("/blobs/") and upstream.paths("/blobs/")
+    layer = image.layers[0]["digest"]
+    blob = tmp_path / "s" / "blobs" / "sha256" / layer.split(":")[1]
+    assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == layer
+
+
+def test_a_trickling_manifest_is_dropped(tmp_path: Path):
+    image = make_image("t/app", "v1", [1000])
+    cfg = _config(tmp_path, low_speed_limit=1024, low_speed_time=1.0, attempts=2)
+    with HostileRegistry([image], Behaviour(trickle_manifests_s=0.05)) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s"), "--config", cfg)
+    _one_line_error(r, 7, "below the low-speed limit")
+
+
+def test_trickled_headers_are_dropped(tmp_path: Path):
+    cfg = _config(tmp_path, connect_timeout=1.0, read_timeout=1.0, attempts=2)
+    with HostileRegistry([], Behaviour(trickle_headers_s=0.2)) as reg:
+        t0 = time.monotonic()
+        ref = f"{reg.host}/t/app:v1"
+        r = run_puller("pull", ref, "--store", str(tmp_path / "s"), "--config", cfg, "--plain-http", timeout=60)
+        took = time.monotonic() - t0
+    _one_line_error(r, 7)
+    assert took < 20, took
+
+
+def test_slow_images_do_not_starve_healthy_ones_in_the_daemon(tmp_path: Path):
+    slow = [make_image(f"t/slow{i}", "v1", [100_000], seed=i) for i in range(4)]
+    healthy = make_image("t/ok", "v1", [5000], seed=9)
+    with (
+        HostileRegistry(slow, Behaviour(trickle_blobs_s=0.01)) as slow_reg,  # ~100 B/s: above a 0 limit
+        HostileRegistry([healthy]) as ok_reg,
+    ):
+        refs = [f"{slow_reg.host}/{i.repo}:v1" for i in slow]
+        good = f"{ok_reg.host}/t/ok:v1"
+        settings = {"parallel_pulls": 4, "pull_timeout": 2.0, "low_speed_limit": 0, "start_jitter": 0}
+        with Daemon(tmp_path / "d", settings) as d:
+            d.images.set_images(refs)
+            d.wait_for(lambda: all((i := d.image(r)) and i["state"] == "pulling" for r in refs), 30, "4 pulling")
+            d.images.set_images([*refs, good])
+            d.wait_state(good, "present", timeout=30)
+            failed = d.wait_state(refs[0], "failed", timeout=30)
+            assert "pull_timeout" in failed["error"]
