@@ -12,17 +12,32 @@ from pathlib import Path
 
 import pytest
 
-from .rig import Containerd, Image, LayoutWriter, Nginx, Registry, TokenIssuer, sha256_file, skopeo_push, tempdir
+from .rig import (
+    CONTAINERD_BINS,
+    CRICTL,
+    Containerd,
+    CRIConfig,
+    Image,
+    LayoutWriter,
+    Nginx,
+    Registry,
+    TokenIssuer,
+    sha256_file,
+    skopeo_push,
+    tempdir,
+)
 
 REQUIRED = ("docker-registry", "skopeo", "nginx", "htpasswd", "containerd", "ctr")
 MIB = 1024 * 1024
+BUSYBOX = (Path("/bin/busybox").read_bytes(), 0o755)  # busybox-static: runs in any image
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+    missing += [str(p) for p in (CONTAINERD_BINS["2.2"] / "containerd", CRICTL) if not p.exists()]
     if missing:
         # Real parts are the point of these tests: fail loudly rather than skip.
-        raise pytest.UsageError(f"missing test tools {missing}: run .ci/run or apt-get install them")
+        raise pytest.UsageError(f"missing test tools {missing}: run bash .ci/install-test")
 
 
 @dataclass
@@ -60,6 +75,9 @@ def layout(workdir: Path) -> dict[str, object]:
         "big": lw.add_image("big", [24 * MIB], seed=2),
         "multi": lw.add_index("multi", [("linux", "amd64"), ("linux", "arm64")], [MIB, 3 * MIB], seed=3),
         "small": lw.add_image("small", [300_000], seed=4),
+        # a static busybox: "pause" is the CRI sandbox image, "run" what containers run
+        "pause": lw.add_files_image("pause", {"/bin/busybox": BUSYBOX}, ("/bin/busybox", "sleep", "2147483647")),
+        "run": lw.add_files_image("run", {"/bin/busybox": BUSYBOX}),
     }
 
 
@@ -74,6 +92,7 @@ def cdn_rig(workdir: Path, layout):
         skopeo_push(path, "multi", f"{reg.host}/test/multi:v1", all_images=True)
         skopeo_push(path, "app", f"{reg.host}/test/docker:v1", fmt="v2s2")
         skopeo_push(path, "small", f"{reg.host}/test/small:v1")
+        skopeo_push(path, "pause", f"{reg.host}/test/pause:v1")
         yield reg, cdn
 
 
@@ -95,10 +114,19 @@ def slow_rig(workdir: Path, layout, tmp_path: Path):
         yield reg, cdn
 
 
-@pytest.fixture(scope="session")
-def containerd(workdir: Path):
-    """One containerd for the session, with its own root, state and socket (CRI plugin disabled)."""
-    with Containerd(workdir / "containerd") as c:
+@pytest.fixture(scope="session", params=sorted(CONTAINERD_BINS))
+def containerd(request, workdir: Path, cdn_rig):
+    """One containerd of each tested version for the session, with its own root, state and socket, and its CRI
+    plugin on (sandbox image: test/pause:v1 of cdn_rig's registry, reached over plain HTTP)."""
+    reg, _ = cdn_rig
+    root = workdir / f"containerd-{request.param}"
+    hosts = root / "certs.d"
+    (hosts / reg.host).mkdir(parents=True, exist_ok=True)
+    (hosts / reg.host / "hosts.toml").write_text(
+        f'server = "http://{reg.host}"\n[host."http://{reg.host}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    cri = CRIConfig(f"{reg.host}/test/pause:v1", hosts)
+    with Containerd(root, version=request.param, cri=cri) as c:
         yield c
 
 

@@ -183,6 +183,27 @@ class Image:
     size: int = 0
 
 
+def _tar(files: dict[str, tuple[bytes, int] | None]) -> bytes:
+    """A layer tar of ``files``, with their parent directories; None makes a whiteout of that path."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path, entry in sorted(files.items()):
+            parts = path.strip("/").split("/")
+            for i in range(1, len(parts)):
+                d = tarfile.TarInfo("/".join(parts[:i]))
+                if d.name not in tar.getnames():
+                    d.type, d.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(d)
+            if entry is None:
+                info, data = tarfile.TarInfo("/".join([*parts[:-1], ".wh." + parts[-1]])), b""
+            else:
+                (data, mode), info = entry, tarfile.TarInfo("/".join(parts))
+                info.mode = mode
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 class LayoutWriter:
     """Writes OCI image layouts for skopeo to push."""
 
@@ -232,34 +253,40 @@ class LayoutWriter:
         }
         return desc, Image("", mdigest, OCI_MANIFEST, blobs, sum(blobs.values()))
 
-    def add_files_image(self, tag: str, files: dict[str, tuple[bytes, int]]) -> Image:
+    def add_files_image(
+        self, tag: str, files: dict[str, tuple[bytes, int]], cmd: tuple[str, ...] = ("/bin/busybox", "true")
+    ) -> Image:
         """A one-layer image holding ``files`` (path -> (content, mode)), e.g. a static binary to run."""
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path, (data, mode) in sorted(files.items()):
-                parts = path.strip("/").split("/")
-                for i in range(1, len(parts)):
-                    d = tarfile.TarInfo("/".join(parts[:i]))
-                    if d.name not in tar.getnames():
-                        d.type, d.mode = tarfile.DIRTYPE, 0o755
-                        tar.addfile(d)
-                info = tarfile.TarInfo("/".join(parts))
-                info.size, info.mode = len(data), mode
-                tar.addfile(info, io.BytesIO(data))
-        raw = buf.getvalue()
-        digest, size = self.put(gzip.compress(raw, mtime=0))
+        return self.add_layers_image(tag, [files], cmd)
+
+    def add_layers_image(
+        self,
+        tag: str,
+        layers: list[dict[str, tuple[bytes, int] | None]],
+        cmd: tuple[str, ...] = ("/bin/busybox", "true"),
+    ) -> Image:
+        """An image of gzip layers, bottom first; in each, path -> (content, mode), or None for a whiteout
+        (``.wh.<name>``: the file of a lower layer is deleted)."""
+        descs, diff_ids, blobs = [], [], {}
+        for files in layers:
+            raw = _tar(files)
+            digest, size = self.put(gzip.compress(raw, mtime=0))
+            descs.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size})
+            diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+            blobs[digest] = size
         config = {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Cmd": ["/bin/busybox", "true"]},
-            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]},
+            "config": {"Cmd": list(cmd)},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }
         cdigest, csize = self.put(json.dumps(config).encode())
+        blobs[cdigest] = csize
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": csize},
-            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size}],
+            "layers": descs,
         }
         mdigest, msize = self.put(json.dumps(manifest).encode())
         self._name(
@@ -271,7 +298,7 @@ class LayoutWriter:
                 "annotations": {"org.opencontainers.image.ref.name": tag},
             },
         )
-        return Image(tag, mdigest, OCI_MANIFEST, {digest: size, cdigest: csize}, size + csize)
+        return Image(tag, mdigest, OCI_MANIFEST, blobs, sum(blobs.values()))
 
     def add_image(self, tag: str, layer_sizes: list[int], seed: int) -> Image:
         desc, image = self.manifest(layer_sizes, seed)
@@ -626,46 +653,101 @@ def tempdir(prefix: str = "puller-") -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class Containerd:
-    """containerd with its own root, state and socket under ``workdir`` (CRI plugin disabled)."""
+TEST_BIN = Path(os.environ.get("PULLER_TEST_BIN", "/opt/puller-test/bin"))  # built by .ci/build-components
+CONTAINERD_BINS = {"1.6": Path("/usr/bin"), "2.2": TEST_BIN}  # Debian's 1.6.20, and the 2.x build
+CRICTL = TEST_BIN / "crictl"
 
-    def __init__(self, workdir: Path, netns: str | None = None):
+
+@dataclass
+class CRIConfig:
+    """The CRI plugin's settings for a test containerd: the sandbox (pause) image, and a hosts directory so that
+    its own pulls reach the tests' plain-HTTP loopback registries."""
+
+    sandbox_image: str
+    hosts_dir: Path
+
+
+class Containerd:
+    """containerd of ``version`` ("1.6": Debian's; "2.2": built into /opt/puller-test/bin) with its own root,
+    state and sockets under ``workdir``. With ``cri`` the CRI plugin serves on the same socket (crictl talks to
+    it, as kubelet does); without, it is disabled. These machines withhold CAP_SYS_RESOURCE, so a pod sandbox's
+    oom_score_adj of -998 is refused; the CRI's own ``restrict_oom_score_adj`` (meant for such hosts) is set."""
+
+    def __init__(self, workdir: Path, netns: str | None = None, version: str = "1.6", cri: CRIConfig | None = None):
         self.workdir = workdir
         self.socket = workdir / "containerd.sock"
         self.netns = netns  # run in this network namespace (the benchmarks' client side)
+        self.version = version
+        self.bin = CONTAINERD_BINS[version]
+        self.cri = cri
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
     def available() -> bool:
         return bool(shutil.which("containerd") and shutil.which("ctr"))
 
-    def __enter__(self) -> Containerd:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "config.toml"
-        cfg.write_text(
-            "version = 2\n"
-            f'root = "{self.workdir}/root"\nstate = "{self.workdir}/state"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+    def _config(self) -> str:
+        w = self.workdir
+        common = (
+            f'root = "{w}/root"\nstate = "{w}/state"\n'
             f'[grpc]\n  address = "{self.socket}"\n'
             f'[ttrpc]\n  address = "{self.socket}.ttrpc"\n'
         )
+        cri = self.cri
+        if self.version == "1.6":
+            if cri is None:
+                return 'version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n' + common
+            return (
+                "version = 2\n" + common + '[plugins."io.containerd.grpc.v1.cri"]\n'
+                f'  sandbox_image = "{cri.sandbox_image}"\n  stream_server_port = "0"\n'
+                "  restrict_oom_score_adj = true\n"
+                '[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "overlayfs"\n'
+                f'[plugins."io.containerd.grpc.v1.cri".cni]\n  bin_dir = "/usr/lib/cni"\n  conf_dir = "{w}/cni"\n'
+                f'[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "{cri.hosts_dir}"\n'
+            )
+        # containerd 2.x, config version 3; NRI off (its socket is one per host)
+        disabled = ["io.containerd.nri.v1.nri"] + ([] if cri else ["io.containerd.grpc.v1.cri"])
+        text = "version = 3\n" + f"disabled_plugins = {json.dumps(disabled)}\n" + common
+        if cri is not None:
+            text += (
+                "[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'overlayfs'\n"
+                f"[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = '{cri.sandbox_image}'\n"
+                f"[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '{cri.hosts_dir}'\n"
+                "[plugins.'io.containerd.cri.v1.runtime']\n  restrict_oom_score_adj = true\n"
+                f"[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = ['/usr/lib/cni']\n  conf_dir = '{w}/cni'\n"
+                "[plugins.'io.containerd.grpc.v1.cri']\n  stream_server_port = '0'\n"
+            )
+        return text
+
+    def __enter__(self) -> Containerd:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "config.toml"
+        cfg.write_text(self._config())
         self.log = open(self.workdir / "containerd.log", "wb")
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        env = dict(os.environ)
+        if self.bin != Path("/usr/bin"):  # its own shim first
+            env["PATH"] = f"{self.bin}:{env.get('PATH', '/usr/bin:/bin')}"
         self.proc = subprocess.Popen(
-            [*prefix, "containerd", "--config", str(cfg)],
+            [*prefix, str(self.bin / "containerd"), "--config", str(cfg)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while subprocess.run(self.ctr("version"), capture_output=True).returncode != 0:
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"containerd did not start; see {self.workdir / 'containerd.log'}")
+                raise RuntimeError(f"containerd {self.version} did not start; see {self.workdir / 'containerd.log'}")
             time.sleep(0.1)
         return self
 
     def ctr(self, *args: str) -> list[str]:
-        return ["ctr", "--address", str(self.socket), *args]
+        return [str(self.bin / "ctr"), "--address", str(self.socket), *args]
+
+    def crictl(self, *args: str) -> list[str]:
+        endpoint = f"unix://{self.socket}"
+        return [str(CRICTL), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", "60s", *args]
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the daemon has used so far."""
