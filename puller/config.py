@@ -20,7 +20,9 @@ from .registry.client import CONNECT_TIMEOUT_S, DEFAULT_ATTEMPTS, READ_TIMEOUT_S
 from .registry.hosts import HostSettings
 from .stores.defaults import (
     CONTAINERD_ADDRESS,
+    CONTAINERD_LEASE_EXPIRY,
     CONTAINERD_NAMESPACE,
+    CONTAINERD_ROOT,
     CONTAINERD_SNAPSHOTTER,
     CONTAINERD_STAGING,
     OVERLAYBD_CONFIG,
@@ -62,6 +64,8 @@ class Settings:
     unpack: bool = True
     pin: bool = False
     staging_dir: str = CONTAINERD_STAGING
+    lease_expiry: float = CONTAINERD_LEASE_EXPIRY
+    containerd_root: str = CONTAINERD_ROOT
     # overlaybd store
     overlaybd_config: str = OVERLAYBD_CONFIG
     cache_dir: str | None = None
@@ -100,6 +104,7 @@ class Settings:
             "retry_backoff_max",
             "startup_deadline",
             "pull_timeout",
+            "lease_expiry",
             "low_speed_time",
             "connect_timeout",
             "read_timeout",

@@ -451,3 +451,44 @@ async def test_a_blob_waiting_for_a_stream_downloads_only_what_memory_holds(cont
         assert (store._kept, store._coming) == (len(block), 0)
         await sink.close()  # the pull ends: memory and promises are given back
         assert (store._kept, store._coming) == (0, 0)
+
+
+def test_unpacked_tree_holds_every_layer_and_whiteouts_hide_lower_files(containerd, tmp_path: Path):
+    """Layers applied in parallel (containerd 2.2: prepared without a parent, committed onto it) or one after
+    another (1.6) give the same tree: upper files win, whiteouts hide lower files."""
+    lw = LayoutWriter(tmp_path / "layout")
+    busybox = (Path("/bin/busybox").read_bytes(), 0o755)
+    lw.add_layers_image(
+        "layered",
+        [
+            {
+                "/bin/busybox": busybox,
+                "/data/a": (b"a0", 0o644),
+                "/data/b": (b"b0", 0o644),
+                "/data/keep": (b"k", 0o644),
+            },
+            {"/data/a": (b"a1", 0o644), "/data/b": None, "/data/c": (b"c1", 0o644)},
+            {"/data/d": (b"d2", 0o644), "/data/c": None},
+        ],
+    )
+    ns = f"tree-{containerd.version}"
+    with Registry(tmp_path / "registry") as reg:
+        ref = f"{reg.host}/test/layered:v1"
+        skopeo_push(tmp_path / "layout", "layered", ref)
+        r = run_puller(
+            "-v",
+            *("pull", ref, "--store", "containerd", "--containerd-address", str(containerd.socket)),
+            *("--namespace", ns, "--config", str(_config(tmp_path))),
+        )
+        assert r.returncode == 0, r.stderr
+    assert ("in parallel" in r.stderr) == (containerd.version != "1.6"), r.stderr
+    out = subprocess.run(
+        containerd.ctr(
+            "-n", ns, "run", "--rm", ref, f"tree-{os.getpid()}", "/bin/busybox", "sh", "-c", "ls /data; cat /data/a"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["a", "d", "keep", "a1"]

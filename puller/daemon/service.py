@@ -78,6 +78,7 @@ class Daemon:
         self.listed: set[str] = set()
         self.list_loaded = False
         self._slots = asyncio.Semaphore(settings.parallel_pulls)
+        self._tasks: set[asyncio.Task] = set()  # unpins
         self.metrics = DaemonMetrics(
             lambda: engine.budget.in_use, lambda: ((k, s.state) for k, s in self.images.items())
         )
@@ -141,10 +142,25 @@ class Daemon:
         if st is None:
             return
         st.sources.discard(source)
+        if source == LISTED and (self.settings.pin if st.spec.pin is None else st.spec.pin):
+            self._background(self._unpin(st))
         if not st.sources:
             del self.images[key]
             if st.task is not None:
                 st.task.cancel()  # no longer wanted; what it fetched stays staged for a later request
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unpin(self, st: ImageState) -> None:
+        """The list no longer names a pinned image: take off the pin puller set (kubelet's GC may take it)."""
+        try:
+            await self.engine.store.unpin_image(st.spec.reference, st.digest)
+            log.info("%s left the image list: unpinned", st.spec.reference)
+        except PullerError as e:
+            log.warning("%s left the image list; unpinning it failed: %s", st.spec.reference, e)
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
@@ -160,7 +176,7 @@ class Daemon:
                 self._check_gate(now)
                 await asyncio.sleep(min(TICK_S, self.settings.watch_interval))
         finally:
-            tasks = [st.task for st in self.images.values() if st.task is not None]
+            tasks = [st.task for st in self.images.values() if st.task is not None] + list(self._tasks)
             if self._gate_task is not None:
                 tasks.append(self._gate_task)
             for t in tasks:

@@ -111,7 +111,7 @@ async def pull_image(
             else:
                 missing.append(desc)
         await store.reserve(missing)
-        store.begin_image(ref, manifest)
+        await store.begin_image(ref, manifest)
         begun = manifest
         # Blobs in manifest order (config, then layers bottom up) take connections in that order.
         await gather_or_cancel(

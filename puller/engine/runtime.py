@@ -32,8 +32,9 @@ def open_store(settings: config.Settings) -> Store:
             settings.namespace,
             settings.snapshotter,
             settings.unpack,
-            settings.pin,
             settings.staging_dir,
+            settings.lease_expiry,
+            settings.containerd_root,
         )
     if spec == "overlaybd":
         from ..stores.overlaybd import OverlaybdStore

@@ -54,8 +54,9 @@ class Store(Protocol):
         """A sink fed while the blob downloads (the blocks it refuses wait in ``staged``), or None to take the
         verified file whole at commit."""
 
-    def begin_image(self, ref: Reference, manifest: Manifest) -> None:
-        """Called once the manifest is known, before its blobs are fetched (e.g. to unpack layers as they land)."""
+    async def begin_image(self, ref: Reference, manifest: Manifest) -> None:
+        """Called once the manifest is known, before its blobs are fetched (e.g. to take a lease, to unpack
+        layers as they land)."""
 
     async def abandon_image(self, manifest: Manifest) -> None:
         """The pull begun with :meth:`begin_image` failed: drop what was started for it."""
@@ -77,7 +78,11 @@ class Store(Protocol):
         self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
     ) -> None:
         """Record the image: write the manifest/index ``documents`` and name ``target`` by ``ref``; ``pin`` asks
-        a store with garbage collection (containerd) to keep it."""
+        a store with garbage collection (containerd) to keep it; without ``pin`` a pin the store set earlier is
+        taken off (never one set by others)."""
+
+    async def unpin_image(self, ref: Reference, digest: str | None) -> None:
+        """``ref`` (resolved to ``digest`` when known) is no longer wanted pinned: take off a pin puller set."""
 
 
 class StoreBase:
@@ -92,7 +97,10 @@ class StoreBase:
     def blob_sink(self, desc: Descriptor, staged: str) -> BlobSink | None:
         return None
 
-    def begin_image(self, ref: Reference, manifest: Manifest) -> None:
+    async def begin_image(self, ref: Reference, manifest: Manifest) -> None:
+        return None
+
+    async def unpin_image(self, ref: Reference, digest: str | None) -> None:
         return None
 
     async def abandon_image(self, manifest: Manifest) -> None:

@@ -37,12 +37,13 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from ..errors import DigestMismatch, StoreError
+from ..errors import DigestMismatch, DiskFull, StoreError
 from ..priority import PrioritySemaphore
 from ..reference import Reference
 from ..registry import manifest as mf
@@ -55,6 +56,8 @@ from .containerd_api import (
     diff_pb2_grpc,
     images_pb2,
     images_pb2_grpc,
+    introspection_pb2,
+    introspection_pb2_grpc,
     leases_pb2,
     leases_pb2_grpc,
     snapshots_pb2,
@@ -63,7 +66,9 @@ from .containerd_api import (
     version_pb2_grpc,
 )
 from .defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
+from .defaults import CONTAINERD_LEASE_EXPIRY as DEFAULT_LEASE_EXPIRY
 from .defaults import CONTAINERD_NAMESPACE as DEFAULT_NAMESPACE
+from .defaults import CONTAINERD_ROOT as DEFAULT_ROOT
 from .defaults import CONTAINERD_SNAPSHOTTER as DEFAULT_SNAPSHOTTER
 from .defaults import CONTAINERD_STAGING as DEFAULT_STAGING
 from .safedir import SafeDir
@@ -76,7 +81,6 @@ MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers f
 MAX_AHEAD = 64 << 20  # how far a blob's download may run ahead of what containerd has taken
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
-LEASE_EXPIRY = datetime.timedelta(hours=24)  # a crashed puller's lease expires; containerd then collects
 
 GC_CONTENT = "containerd.io/gc.ref.content"
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
@@ -84,6 +88,10 @@ DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
 UNCOMPRESSED = "containerd.io/uncompressed"
 CRI_MANAGED = ("io.cri-containerd.image", "managed")
 CRI_PINNED = ("io.cri-containerd.pinned", "pinned")
+PARALLEL_UNPACKS = 3  # layers applied at once where the snapshotter can rebase (decompression is containerd's CPU)
+SNAPSHOTTER_PLUGIN = "io.containerd.snapshotter.v1"
+UNPACK_RATIO = 3  # unpacked size / compressed size of a typical gzip layer: the space check's estimate
+PULLER_PINNED = ("puller.io/pinned", "true")  # marks a CRI pin that puller set, so that it only takes off its own
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 SNAPSHOT_DIFF_ID = "containerd.io/snapshot/diff-id"
 SNAPSHOT_PARENT = "containerd.io/snapshot/parent-chain-id"
@@ -111,6 +119,7 @@ class _ContainerdSink:
         self._ref = f"puller-{desc.digest}"
         self._store = store
         self._task: asyncio.Future | None = None
+        self._lease: _Lease | None = store._lease_for_blob(str(desc.digest))  # held until the write ends
 
     async def start(self) -> int:
         self.received = self.sent = await self._store._ingest_offset(self._ref, self.desc)
@@ -174,6 +183,7 @@ class _ContainerdSink:
         try:
             await self._stream_in_turn()
         finally:
+            self._release_lease()
             self._release_slot()
             self._drop_kept()
             self._sent_moved.set()  # downloads held back by admit() go on (and meet the error at commit)
@@ -192,7 +202,8 @@ class _ContainerdSink:
         self._store.memory_freed(everyone=True)  # its downloads are no longer bound by the memory for waiting
         digest = str(self.desc.digest)
         labels = self._store._sources.get(digest, {})
-        await self._store._write(self.desc, self._chunks, labels, resume_at=self.sent)
+        lease = self._lease.id if self._lease else None
+        await self._store._write(self.desc, self._chunks, labels, resume_at=self.sent, lease=lease)
         self._store._labelled[digest] = labels
 
     async def _take_slot(self) -> None:
@@ -270,10 +281,16 @@ class _ContainerdSink:
         assert self._task is not None
         await self._task
 
+    def _release_lease(self) -> None:
+        if self._lease is not None:
+            self._store._release(self._lease)
+            self._lease = None
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._release_lease()
         self._drop_kept()
         self._store._sinks.pop(str(self.desc.digest), None)
 
@@ -350,6 +367,8 @@ def _translate(e: grpc.aio.AioRpcError, what: str, address: str) -> StoreError:
         return StoreError(f"this containerd does not implement a call needed for {what} (too old?): {detail}")
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return StoreError(f"containerd refused {what}: permission denied")
+    if "no space left on device" in detail or "disk quota exceeded" in detail:
+        return DiskFull(f"containerd ran out of disk space while {what}: {detail}")
     return StoreError(f"containerd: {what}: {detail or code.name}")
 
 
@@ -362,17 +381,21 @@ class ContainerdStore(StoreBase):
         namespace: str = DEFAULT_NAMESPACE,
         snapshotter: str = DEFAULT_SNAPSHOTTER,
         unpack: bool = True,
-        pin: bool = False,
         staging_dir: str | os.PathLike[str] = DEFAULT_STAGING,
+        lease_expiry: float = DEFAULT_LEASE_EXPIRY,
+        root: str | os.PathLike[str] = DEFAULT_ROOT,
     ):
         self.address = address
         self.namespace = namespace
         self.snapshotter = snapshotter
         self.unpack = unpack
-        self.pin = pin
+        self.lease_expiry = lease_expiry
+        self.root = Path(root)
         self.staging_dir = Path(staging_dir).absolute()
         self._staging: SafeDir | None = None
-        self.lease_id = f"puller-{secrets.token_hex(8)}"
+        self._rebase: bool | None = None  # the snapshotter can rebase (parallel unpack); asked once
+        self._leases: dict[tuple[str, ...], _Lease] = {}  # per image being pulled
+        self._lease_drops: set[asyncio.Future] = set()
         self._channel: grpc.aio.Channel | None = None
         self._kept = 0  # bytes the sinks keep in memory, all together
         self._coming = 0  # bytes on their way that memory is promised to (see _ContainerdSink.admit)
@@ -419,13 +442,9 @@ class ContainerdStore(StoreBase):
         self.leases = leases_pb2_grpc.LeasesStub(self._channel)
         self.snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
         self.diff = diff_pb2_grpc.DiffStub(self._channel)
+        self.introspection = introspection_pb2_grpc.IntrospectionStub(self._channel)
         try:
             await version_pb2_grpc.VersionStub(self._channel).Version(empty_pb2.Empty(), timeout=10)
-            expire = (datetime.datetime.now(datetime.UTC) + LEASE_EXPIRY).strftime("%Y-%m-%dT%H:%M:%SZ")
-            await self.leases.Create(
-                leases_pb2.CreateRequest(id=self.lease_id, labels={"containerd.io/gc.expire": expire}),
-                metadata=self._md(lease=False),
-            )
         except grpc.aio.AioRpcError as e:
             await self._channel.close()
             raise _translate(e, "connecting", self.address) from None
@@ -445,16 +464,71 @@ class ContainerdStore(StoreBase):
         for unpacker in self._unpackers.values():  # pulls that failed before their layers came
             unpacker.cancel()
         await asyncio.gather(*self._unpackers.values(), return_exceptions=True)
-        # Drop the lease: what the image record references stays (gc labels); the rest is collected. If this
-        # fails the lease expires on its own.
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self.leases.Delete(leases_pb2.DeleteRequest(id=self.lease_id), metadata=self._md(lease=False))
+        for lease in list(self._leases.values()):  # pulls that ended without commit_image or abandon_image
+            lease.users = 1
+            self._release(lease)
+        await asyncio.gather(*self._lease_drops, return_exceptions=True)
         await self._channel.close()
         self._channel = None
 
-    def _md(self, lease: bool = True) -> tuple[tuple[str, str], ...]:
+    def _md(self, lease: str | None = None) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata: the namespace, and the lease that what the call creates belongs to."""
         md = (("containerd-namespace", self.namespace),)
-        return (*md, ("containerd-lease", self.lease_id)) if lease else md
+        return (*md, ("containerd-lease", lease)) if lease else md
+
+    # ---- leases: one per image being pulled, as containerd's own client makes one per pull -----------------
+
+    async def _hold_lease(self, key: tuple[str, ...]) -> _Lease:
+        """The lease of image ``key``'s pulls, made by the first of them; held (``users``) until released."""
+        lease = self._leases.get(key)
+        if lease is None:
+            lease = self._leases[key] = _Lease(f"puller-{secrets.token_hex(8)}")
+            lease.created = asyncio.ensure_future(self._create_lease(lease.id))
+        lease.users += 1
+        assert lease.created is not None
+        try:
+            await asyncio.shield(lease.created)
+        except BaseException:
+            self._release(lease)
+            raise
+        return lease
+
+    async def _create_lease(self, lease_id: str) -> None:
+        """A lease that expires on its own (``lease_expiry``) if puller dies before dropping it."""
+        expire = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.lease_expiry)
+        labels = {"containerd.io/gc.expire": expire.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        try:
+            await self.leases.Create(leases_pb2.CreateRequest(id=lease_id, labels=labels), metadata=self._md())
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e, "creating a lease", self.address) from None
+
+    def _lease_for_blob(self, digest: str) -> _Lease | None:
+        """The lease a blob's write is made under: that of an image being pulled that has the blob. The write
+        holds it, so that a pull that ends (or fails) first does not drop the lease under another's write."""
+        for key, lease in self._leases.items():
+            if digest in key and lease.users > 0:
+                lease.users += 1
+                return lease
+        return None
+
+    def _release(self, lease: _Lease) -> None:
+        """One user fewer; the last drops the lease: what image records reference stays (gc labels), the rest
+        goes to containerd's garbage collector."""
+        lease.users -= 1
+        if lease.users > 0:
+            return
+        for key, held in list(self._leases.items()):
+            if held is lease:
+                del self._leases[key]
+        drop = asyncio.ensure_future(self._drop_lease(lease))
+        self._lease_drops.add(drop)
+        drop.add_done_callback(self._lease_drops.discard)
+
+    async def _drop_lease(self, lease: _Lease) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, StoreError):  # else it expires on its own
+            if lease.created is not None:
+                await lease.created
+            await self.leases.Delete(leases_pb2.DeleteRequest(id=lease.id), metadata=self._md())
 
     # ---- content ------------------------------------------------------------------------------------------
 
@@ -466,6 +540,38 @@ class ContainerdStore(StoreBase):
                 return None
             raise _translate(e, f"looking up {digest}", self.address) from None
         return resp.info
+
+    async def reserve(self, blobs: list[Descriptor]) -> None:
+        """Refuse, before any byte, a pull that cannot fit on containerd's filesystem: the blobs, plus (with
+        unpack) an estimate of their unpacked size (UNPACK_RATIO times a compressed layer)."""
+        if not blobs:
+            return
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.root)
+        except OSError as e:
+            log.warning("cannot check free space of containerd's root %s (%s): set containerd_root", self.root, e)
+            return
+        free = st.f_bavail * st.f_frsize
+        download = sum(d.size for d in blobs)
+        unpacked = sum(_unpacked_estimate(d) for d in blobs) if self.unpack else 0
+        if download + unpacked > free:
+            raise DiskFull(
+                f"image needs about {(download + unpacked) / 1e6:,.0f} MB on {self.root} ({download / 1e6:,.0f} MB "
+                f"to download + about {unpacked / 1e6:,.0f} MB unpacked), which has {free / 1e6:,.0f} MB free"
+            )
+
+    async def _raise_if_full(self, what: str, wanted: int) -> None:
+        """DiskFull when containerd's root filesystem has less than ``wanted`` bytes free."""
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.root)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < wanted:
+            raise DiskFull(
+                f"containerd ran out of disk space while {what}: {self.root} has {free / 1e6:,.1f} MB free, "
+                f"{wanted / 1e6:,.1f} MB more were to be written"
+            )
 
     async def has_blob(self, desc: Descriptor) -> bool:
         info = await self._info(str(desc.digest))
@@ -524,25 +630,33 @@ class ContainerdStore(StoreBase):
         with contextlib.suppress(grpc.aio.AioRpcError):  # nothing to abort is fine
             await self.content.Abort(content_pb2.AbortRequest(ref=ref), metadata=self._md())
 
-    async def _put_bytes(self, desc: Descriptor, data: bytes, labels: dict[str, str]) -> None:
+    async def _put_bytes(self, desc: Descriptor, data: bytes, labels: dict[str, str], lease: str | None) -> None:
         async def chunks(offset: int) -> AsyncIterator[list[bytes]]:
             for i in range(offset, len(data), WRITE_MESSAGE):
                 yield [data[i : i + WRITE_MESSAGE]]
 
         info = await self._info(str(desc.digest))
         if info is None:
-            await self._write(desc, chunks, labels)
+            await self._write(desc, chunks, labels, lease=lease)
         elif any(info.labels.get(k) != v for k, v in labels.items()):
             await self._update_labels(str(desc.digest), labels)
 
-    async def _write(self, desc: Descriptor, chunks, labels: dict[str, str], resume_at: int | None = None) -> None:
+    async def _write(
+        self,
+        desc: Descriptor,
+        chunks,
+        labels: dict[str, str],
+        resume_at: int | None = None,
+        lease: str | None = None,
+    ) -> None:
         """One Write stream: STAT, ``chunks(offset)`` (lists of buffers) from containerd's offset, COMMIT.
         ``resume_at``: the offset the caller's chunks must start from (containerd reporting less means it lost
         bytes: an error)."""
         ref = f"puller-{desc.digest}"
         ref_bytes = ref.encode()
         digest = str(desc.digest)
-        call = self._content_write(metadata=self._md())
+        call = self._content_write(metadata=self._md(lease))
+        offset = 0
         try:
             await call.write(
                 content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=desc.size, expected=digest)
@@ -578,6 +692,10 @@ class ContainerdStore(StoreBase):
                 if labels:
                     await self._update_labels(digest, labels)
                 return
+            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                # The stream broke on our side first (containerd's own status is lost then): a full disk is the
+                # usual cause, and one that must say so (exit 10).
+                await self._raise_if_full(f"writing {digest}", desc.size - offset)
             mismatch = _COMMIT_DIGEST.search(e.details() or "")
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and mismatch:
                 raise DigestMismatch(digest, mismatch.group(1), what="blob (checked by containerd)") from None
@@ -619,58 +737,101 @@ class ContainerdStore(StoreBase):
     ) -> None:
         source = _source_label(ref)
         top = documents[0][0]
+        parsed = [(desc, data, mf.parse(data, desc.media_type)) for desc, data in documents]
+        manifest = next(doc for _, _, doc in parsed if isinstance(doc, mf.Manifest))
+        held = self._leases.get(_image_key(manifest))
+        lease = held.id if held else None
         # Children first, so that a parent's gc references never point at missing content.
-        for desc, data in reversed(documents):
-            doc = mf.parse(data, desc.media_type)
-            await self._put_bytes(desc, data, {**gc_labels(doc), **source})
-            if isinstance(doc, mf.Manifest):
-                manifest = doc
+        for desc, data, doc in reversed(parsed):
+            await self._put_bytes(desc, data, {**gc_labels(doc), **source}, lease)
         unlabelled = [d for d in manifest.blobs if self._labelled.get(str(d.digest)) != source]  # e.g. present
         await asyncio.gather(*(self._update_labels(str(d.digest), source) for d in unlabelled))
         unpacker = self._unpackers.pop(_image_key(manifest), None)
         if unpacker is not None:
             await unpacker
         elif self.unpack:
-            await self._unpack(manifest)
-        labels = dict([CRI_MANAGED, CRI_PINNED] if self.pin or pin else [CRI_MANAGED])
-        names = [f"{ref.name}@{top.digest}"]
-        if ref.tag:
-            names.insert(0, f"{ref.name}:{ref.tag}")
-        for name in names:
-            await self._put_image(name, top, labels)
+            await self._unpack(manifest, lease)
+        for name in _image_names(ref, str(top.digest)):
+            await self._put_image(name, top, pin, lease)
         self._end_image(manifest)
 
-    async def _put_image(self, name: str, target: Descriptor, labels: dict[str, str]) -> None:
+    async def _put_image(self, name: str, target: Descriptor, pin: bool, lease: str | None) -> None:
+        """Create or update image record ``name``. ``pin`` pins it for the CRI (kubelet's image GC skips it),
+        marked as puller's pin unless someone else had pinned it already; without ``pin``, only a pin puller
+        set is taken off."""
+        labels = dict([CRI_MANAGED, CRI_PINNED, PULLER_PINNED] if pin else [CRI_MANAGED])
         image = images_pb2.Image(
             name=name,
             labels=labels,
             target=types_pb2.Descriptor(media_type=target.media_type, digest=str(target.digest), size=target.size),
         )
         try:
-            await self.images.Create(images_pb2.CreateImageRequest(image=image), metadata=self._md())
+            await self.images.Create(images_pb2.CreateImageRequest(image=image), metadata=self._md(lease))
             return
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise _translate(e, f"creating image {name}", self.address) from None
         # The name exists (the tag moved, or a re-pull): point it at this target, keep its other labels.
-        mask = field_mask_pb2.FieldMask(paths=["target", *(f"labels.{k}" for k in labels)])
+        existing = await self._labels(name)
+        ours = existing.get(PULLER_PINNED[0]) == PULLER_PINNED[1]
+        theirs = existing.get(CRI_PINNED[0]) == CRI_PINNED[1] and not ours
+        if pin and theirs:
+            del labels[PULLER_PINNED[0]]  # pinned by someone else: it stays their pin
+        paths = ["target", *(f"labels.{k}" for k in labels)]
+        if not pin and ours:
+            paths += [f"labels.{CRI_PINNED[0]}", f"labels.{PULLER_PINNED[0]}"]  # absent from labels: removed
+        mask = field_mask_pb2.FieldMask(paths=paths)
         try:
             await self.images.Update(images_pb2.UpdateImageRequest(image=image, update_mask=mask), metadata=self._md())
         except grpc.aio.AioRpcError as e:
             raise _translate(e, f"updating image {name}", self.address) from None
 
+    async def _get_image(self, name: str) -> images_pb2.Image | None:
+        try:
+            found = await self.images.Get(images_pb2.GetImageRequest(name=name), metadata=self._md())
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _translate(e, f"looking up image {name}", self.address) from None
+        return found.image
+
+    async def _labels(self, name: str) -> dict[str, str]:
+        """The labels of image record ``name`` ({} when there is none)."""
+        image = await self._get_image(name)
+        return dict(image.labels) if image is not None else {}
+
+    async def unpin_image(self, ref: Reference, digest: str | None) -> None:
+        """Take off the CRI pin of ``ref``'s records (by tag, and by ``digest`` when known), where puller set it;
+        a pin someone else set stays."""
+        mask = field_mask_pb2.FieldMask(paths=[f"labels.{CRI_PINNED[0]}", f"labels.{PULLER_PINNED[0]}"])
+        for name in _image_names(ref, digest):
+            image = await self._get_image(name)
+            if image is None or image.labels.get(PULLER_PINNED[0]) != PULLER_PINNED[1]:
+                continue
+            image.labels.pop(CRI_PINNED[0], None)
+            image.labels.pop(PULLER_PINNED[0], None)
+            # The whole record goes back, target included: containerd 2.2.9 dies on an Update without one.
+            try:
+                await self.images.Update(
+                    images_pb2.UpdateImageRequest(image=image, update_mask=mask), metadata=self._md()
+                )
+            except grpc.aio.AioRpcError as e:
+                raise _translate(e, f"unpinning image {name}", self.address) from None
+
     # ---- unpack -------------------------------------------------------------------------------------------
 
-    def begin_image(self, ref: Reference, manifest: mf.Manifest) -> None:
-        """Stream blobs into containerd in manifest order (committed with their distribution source label), and
-        unpack each layer as soon as it and the ones below it are committed, while later layers download."""
+    async def begin_image(self, ref: Reference, manifest: mf.Manifest) -> None:
+        """Take a lease for the pull; stream blobs into containerd in manifest order (committed with their
+        distribution source label), and unpack each layer as soon as it and the ones below it are committed,
+        while later layers download."""
+        key = _image_key(manifest)
+        lease = await self._hold_lease(key)
         self._order.update((str(d.digest), i) for i, d in enumerate(manifest.blobs))
         source = _source_label(ref)
         self._sources.update((str(d.digest), source) for d in manifest.blobs)
-        key = _image_key(manifest)
         self._images[key] = self._images.get(key, 0) + 1
         if self.unpack and key not in self._unpackers:
-            self._unpackers[key] = asyncio.ensure_future(self._unpack(manifest))
+            self._unpackers[key] = asyncio.ensure_future(self._unpack(manifest, lease.id))
 
     async def abandon_image(self, manifest: mf.Manifest) -> None:
         """The pull failed: stop waiting to unpack its layers."""
@@ -682,8 +843,11 @@ class ContainerdStore(StoreBase):
 
     def _end_image(self, manifest: mf.Manifest) -> None:
         """Forget what was kept per blob for this image, unless another pull in progress shares the blob (a daemon
-        runs for weeks)."""
+        runs for weeks), and let go of the pull's lease."""
         key = _image_key(manifest)
+        lease = self._leases.get(key)
+        if lease is not None:
+            self._release(lease)
         left = self._images.get(key, 0) - 1
         if left > 0:
             self._images[key] = left
@@ -694,30 +858,59 @@ class ContainerdStore(StoreBase):
             for per_blob in (self._order, self._sources, self._labelled, self._ready):
                 per_blob.pop(digest, None)
 
-    async def _unpack(self, manifest: mf.Manifest) -> None:
+    async def _unpack(self, manifest: mf.Manifest, lease: str | None) -> None:
+        """Apply every layer whose snapshot is missing, each as soon as its blob is committed: one after another
+        on its parent, or, where the snapshotter can rebase (overlayfs in containerd 2.2+), several at once,
+        each prepared without a parent and committed onto it in layer order (containerd's parallel unpack)."""
         await self._wait_present(manifest.config)
         config = json.loads(await self._read_all(str(manifest.config.digest)))
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
         if len(diff_ids) != len(manifest.layers):
             raise StoreError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
         chains = chain_ids(diff_ids)
+        first = 0  # layers below the first missing snapshot are there (a chain cannot exist without its parent)
+        while first < len(chains) and await self._snapshot_exists(chains[first]):
+            first += 1
+        layers = [
+            _Layer(layer, diff_ids[i], chains[i], chains[i - 1] if i else "") for i, layer in enumerate(manifest.layers)
+        ][first:]
+        parallel = len(layers) > 1 and await self._can_rebase()
+        if parallel:
+            log.info("unpacking %d layers in parallel (%s can rebase)", len(layers), self.snapshotter)
+        applying: list[asyncio.Future] = []
         labelling: list[asyncio.Future] = []  # label updates go on while the next layers are applied
-        may_exist = True  # a chain whose parent is missing cannot exist: no need to ask
+        committed: set[str] = set()
         try:
-            for i, layer in enumerate(manifest.layers):
-                await self._wait_present(layer)
-                if may_exist and await self._snapshot_exists(chains[i]):
-                    continue
-                may_exist = False
-                await self._apply_layer(layer, diff_ids[i], chains[i], chains[i - 1] if i else "")
-                label = self._update_labels(str(layer.digest), {UNCOMPRESSED: diff_ids[i]})
+            if parallel:
+                slots = asyncio.Semaphore(PARALLEL_UNPACKS)
+                applying = [asyncio.ensure_future(self._prepare_apply(x, lease, slots, rebase=True)) for x in layers]
+            for i, x in enumerate(layers):
+                key = await (applying[i] if parallel else self._prepare_apply(x, lease, None, rebase=False))
+                committed.add(key)  # by _commit_layer, or removed by it on failure
+                await self._commit_layer(x, key, lease, onto_parent=parallel)
+                label = self._update_labels(str(x.desc.digest), {UNCOMPRESSED: x.diff_id})
                 labelling.append(asyncio.ensure_future(label))
             await asyncio.gather(*labelling)
         finally:
-            for task in labelling:
+            for task in [*applying, *labelling]:
                 task.cancel()
+            for key in await asyncio.gather(*applying, return_exceptions=True):
+                if isinstance(key, str) and key not in committed:
+                    await self._remove_snapshot(key)  # applied, but a layer below it failed
         if chains:
             await self._update_labels(str(manifest.config.digest), {f"{GC_SNAPSHOT}.{self.snapshotter}": chains[-1]})
+
+    async def _can_rebase(self) -> bool:
+        """Whether the snapshotter advertises the "rebase" capability (Introspection; containerd 2.2+)."""
+        if self._rebase is None:
+            request = introspection_pb2.PluginsRequest(filters=[f"type=={SNAPSHOTTER_PLUGIN},id=={self.snapshotter}"])
+            try:
+                found = await self.introspection.Plugins(request, metadata=self._md())
+                self._rebase = any("rebase" in p.capabilities for p in found.plugins)
+            except grpc.aio.AioRpcError as e:
+                log.debug("introspection: %s; unpacking one layer at a time", e.details())
+                self._rebase = False
+        return self._rebase
 
     async def _snapshot_exists(self, chain_id: str) -> bool:
         try:
@@ -735,44 +928,62 @@ class ContainerdStore(StoreBase):
             return StoreError(f"containerd has no snapshotter {self.snapshotter!r} (set it with --snapshotter)")
         return _translate(e, what, self.address)
 
-    async def _apply_layer(self, layer: Descriptor, diff_id: str, chain_id: str, parent: str) -> None:
-        key = f"extract-{secrets.token_hex(6)} {chain_id}"
-        labels = {SNAPSHOT_REF: chain_id, SNAPSHOT_DIFF_ID: diff_id}
-        if parent:
-            labels[SNAPSHOT_PARENT] = parent
-        md = self._md()
+    async def _prepare_apply(self, x: _Layer, lease: str | None, slots: asyncio.Semaphore | None, rebase: bool) -> str:
+        """Prepare an active snapshot for layer ``x`` (without a parent when ``rebase``) and apply the layer into
+        it once its blob is committed; returns the snapshot key (removed again on failure)."""
+        await self._wait_present(x.desc)
+        key = f"extract-{secrets.token_hex(6)} {x.chain_id}"
+        md = self._md(lease)
+        parent = "" if rebase else x.parent
         try:
             prepared = await self.snapshots.Prepare(
                 snapshots_pb2.PrepareSnapshotRequest(
-                    snapshotter=self.snapshotter, key=key, parent=parent, labels=labels
+                    snapshotter=self.snapshotter, key=key, parent=parent, labels=x.labels
                 ),
                 metadata=md,
             )
         except grpc.aio.AioRpcError as e:
-            raise self._snapshot_error(e, f"preparing a snapshot for {layer.digest}") from None
+            raise self._snapshot_error(e, f"preparing a snapshot for {x.desc.digest}") from None
+        mounts = list(prepared.mounts)
+        if rebase and x.parent:
+            mounts = [_bind_to_overlay(m) for m in mounts]  # so that the differ writes whiteouts as overlayfs does
         try:
-            applied = await self.diff.Apply(
-                diff_pb2.ApplyRequest(
-                    diff=types_pb2.Descriptor(media_type=layer.media_type, digest=str(layer.digest), size=layer.size),
-                    mounts=prepared.mounts,
-                ),
-                metadata=md,
-            )
-            if applied.applied.digest != diff_id:
-                raise StoreError(
-                    f"layer {layer.digest} unpacked to {applied.applied.digest}, but the image config says {diff_id}"
+            async with slots or contextlib.nullcontext():
+                applied = await self.diff.Apply(
+                    diff_pb2.ApplyRequest(
+                        diff=types_pb2.Descriptor(
+                            media_type=x.desc.media_type, digest=str(x.desc.digest), size=x.desc.size
+                        ),
+                        mounts=mounts,
+                    ),
+                    metadata=md,
                 )
-            await self.snapshots.Commit(
-                snapshots_pb2.CommitSnapshotRequest(
-                    snapshotter=self.snapshotter, name=chain_id, key=key, labels=labels
-                ),
-                metadata=md,
-            )
+            if applied.applied.digest != x.diff_id:
+                raise StoreError(
+                    f"layer {x.desc.digest} unpacked to {applied.applied.digest}, but the image config says {x.diff_id}"
+                )
+        except grpc.aio.AioRpcError as e:
+            await self._remove_snapshot(key)
+            raise self._snapshot_error(e, f"unpacking {x.desc.digest}") from None
+        except BaseException:
+            await self._remove_snapshot(key)
+            raise
+        return key
+
+    async def _commit_layer(self, x: _Layer, key: str, lease: str | None, onto_parent: bool) -> None:
+        """Commit the applied snapshot ``key`` as the layer's chain ID (onto its parent, for a rebased one)."""
+        request = snapshots_pb2.CommitSnapshotRequest(
+            snapshotter=self.snapshotter, name=x.chain_id, key=key, labels=x.labels
+        )
+        if onto_parent:
+            request.parent = x.parent
+        try:
+            await self.snapshots.Commit(request, metadata=self._md(lease))
         except grpc.aio.AioRpcError as e:
             await self._remove_snapshot(key)
             if e.code() == grpc.StatusCode.ALREADY_EXISTS:
                 return  # unpacked by someone else meanwhile
-            raise self._snapshot_error(e, f"unpacking {layer.digest}") from None
+            raise self._snapshot_error(e, f"committing the snapshot of {x.desc.digest}") from None
         except BaseException:
             await self._remove_snapshot(key)
             raise
@@ -782,3 +993,54 @@ class ContainerdStore(StoreBase):
             await self.snapshots.Remove(
                 snapshots_pb2.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), metadata=self._md()
             )
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A containerd lease for the pulls of one image, and for the blob writes made under it."""
+
+    id: str
+    users: int = 0  # pulls of the image in progress + blob writes under it; the last drops the lease
+    created: asyncio.Future | None = None  # the Create call
+
+
+def _unpacked_estimate(desc: Descriptor) -> int:
+    """About how many bytes a layer takes once unpacked (0 for what is not a layer)."""
+    if "gzip" in desc.media_type or "zstd" in desc.media_type:
+        return desc.size * UNPACK_RATIO
+    return desc.size if "tar" in desc.media_type else 0
+
+
+def _image_names(ref: Reference, digest: str | None) -> list[str]:
+    """The records of an image, as the CRI expects them: ``NAME:TAG`` and ``NAME@DIGEST``."""
+    names = [f"{ref.name}:{ref.tag}"] if ref.tag else []
+    if digest:
+        names.append(f"{ref.name}@{digest}")
+    return names
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One layer to unpack: its blob, its diff ID (uncompressed digest), its chain ID and its parent's."""
+
+    desc: Descriptor
+    diff_id: str
+    chain_id: str
+    parent: str
+
+    @property
+    def labels(self) -> dict[str, str]:
+        labels = {SNAPSHOT_REF: self.chain_id, SNAPSHOT_DIFF_ID: self.diff_id}
+        if self.parent:
+            labels[SNAPSHOT_PARENT] = self.parent
+        return labels
+
+
+def _bind_to_overlay(mount: types_pb2.Mount) -> types_pb2.Mount:
+    """A snapshot prepared without a parent is a bind mount of its directory; given to the differ as an overlay
+    mount with that directory as upperdir, it is applied as an upper layer (whiteouts as overlayfs writes them),
+    as containerd's parallel unpacker does."""
+    if mount.type != "bind":
+        return mount
+    options = [o for o in mount.options if o != "rbind"] + [f"upperdir={mount.source}"]
+    return types_pb2.Mount(type="overlay", source="overlay", options=options)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from puller.stores.containerd_api import types_pb2 as puller_dot_stores_dot_containerd__api_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,puller/stores/containerd_api/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a(puller/stores/containerd_api/types.proto\"\xcf\x01\n\x16PrepareSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12T\n\x06labels\x18\x04 \x03(\x0b\x32\x44.containerd.services.snapshots.v1.PrepareSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x17PrepareSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"\xcb\x01\n\x15\x43ommitSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12S\n\x06labels\x18\x04 \x03(\x0b\x32\x43.containerd.services.snapshots.v1.CommitSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x15RemoveSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"7\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\xad\x02\n\x04Info\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.containerd.services.snapshots.v1.Kind\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.containerd.services.snapshots.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x14StatSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info*8\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04VIEW\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\r\n\tCOMMITTED\x10\x03\x32\xb8\x03\n\tSnapshots\x12~\n\x07Prepare\x12\x38.containerd.services.snapshots.v1.PrepareSnapshotRequest\x1a\x39.containerd.services.snapshots.v1.PrepareSnapshotResponse\x12Y\n\x06\x43ommit\x12\x37.containerd.services.snapshots.v1.CommitSnapshotRequest\x1a\x16.google.protobuf.Empty\x12Y\n\x06Remove\x12\x37.containerd.services.snapshots.v1.RemoveSnapshotRequest\x1a\x16.google.protobuf.Empty\x12u\n\x04Stat\x12\x35.containerd.services.snapshots.v1.StatSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.StatSnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,puller/stores/containerd_api/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a(puller/stores/containerd_api/types.proto\"\xcf\x01\n\x16PrepareSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12T\n\x06labels\x18\x04 \x03(\x0b\x32\x44.containerd.services.snapshots.v1.PrepareSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x17PrepareSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"\xdb\x01\n\x15\x43ommitSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12S\n\x06labels\x18\x04 \x03(\x0b\x32\x43.containerd.services.snapshots.v1.CommitSnapshotRequest.LabelsEntry\x12\x0e\n\x06parent\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x15RemoveSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"7\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\xad\x02\n\x04Info\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.containerd.services.snapshots.v1.Kind\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x42\n\x06labels\x18\x06 \x03(\x0b\x32\x32.containerd.services.snapshots.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x14StatSnapshotResponse\x12\x34\n\x04info\x18\x01 \x01(\x0b\x32&.containerd.services.snapshots.v1.Info*8\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04VIEW\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\r\n\tCOMMITTED\x10\x03\x32\xb8\x03\n\tSnapshots\x12~\n\x07Prepare\x12\x38.containerd.services.snapshots.v1.PrepareSnapshotRequest\x1a\x39.containerd.services.snapshots.v1.PrepareSnapshotResponse\x12Y\n\x06\x43ommit\x12\x37.containerd.services.snapshots.v1.CommitSnapshotRequest\x1a\x16.google.protobuf.Empty\x12Y\n\x06Remove\x12\x37.containerd.services.snapshots.v1.RemoveSnapshotRequest\x1a\x16.google.protobuf.Empty\x12u\n\x04Stat\x12\x35.containerd.services.snapshots.v1.StatSnapshotRequest\x1a\x36.containerd.services.snapshots.v1.StatSnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITSNAPSHOTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_INFO_LABELSENTRY']._loaded_options = None
   _globals['_INFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_KIND']._serialized_start=1168
-  _globals['_KIND']._serialized_end=1224
+  _globals['_KIND']._serialized_start=1184
+  _globals['_KIND']._serialized_end=1240
   _globals['_PREPARESNAPSHOTREQUEST']._serialized_start=187
   _globals['_PREPARESNAPSHOTREQUEST']._serialized_end=394
   _globals['_PREPARESNAPSHOTREQUEST_LABELSENTRY']._serialized_start=349
@@ -49,19 +49,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPARESNAPSHOTRESPONSE']._serialized_start=396
   _globals['_PREPARESNAPSHOTRESPONSE']._serialized_end=462
   _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=465
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=668
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=684
   _globals['_COMMITSNAPSHOTREQUEST_LABELSENTRY']._serialized_start=349
   _globals['_COMMITSNAPSHOTREQUEST_LABELSENTRY']._serialized_end=394
-  _globals['_REMOVESNAPSHOTREQUEST']._serialized_start=670
-  _globals['_REMOVESNAPSHOTREQUEST']._serialized_end=727
-  _globals['_STATSNAPSHOTREQUEST']._serialized_start=729
-  _globals['_STATSNAPSHOTREQUEST']._serialized_end=784
-  _globals['_INFO']._serialized_start=787
-  _globals['_INFO']._serialized_end=1088
+  _globals['_REMOVESNAPSHOTREQUEST']._serialized_start=686
+  _globals['_REMOVESNAPSHOTREQUEST']._serialized_end=743
+  _globals['_STATSNAPSHOTREQUEST']._serialized_start=745
+  _globals['_STATSNAPSHOTREQUEST']._serialized_end=800
+  _globals['_INFO']._serialized_start=803
+  _globals['_INFO']._serialized_end=1104
   _globals['_INFO_LABELSENTRY']._serialized_start=349
   _globals['_INFO_LABELSENTRY']._serialized_end=394
-  _globals['_STATSNAPSHOTRESPONSE']._serialized_start=1090
-  _globals['_STATSNAPSHOTRESPONSE']._serialized_end=1166
-  _globals['_SNAPSHOTS']._serialized_start=1227
-  _globals['_SNAPSHOTS']._serialized_end=1667
+  _globals['_STATSNAPSHOTRESPONSE']._serialized_start=1106
+  _globals['_STATSNAPSHOTRESPONSE']._serialized_end=1182
+  _globals['_SNAPSHOTS']._serialized_start=1243
+  _globals['_SNAPSHOTS']._serialized_end=1683
 # @@protoc_insertion_point(module_scope)
