@@ -11,8 +11,11 @@ Peers, measured alternately in each run (the order rotates), medians reported:
   puller          puller pull REF --store oci:DIR                    (defaults: 32 connections)
   skopeo          skopeo copy docker://REF oci:DIR:x
   ctr             ctr content fetch --plain-http REF (a private containerd; its CPU is counted too)
-  ctr-pull        ctr images pull --plain-http REF: fetch and unpack (opt-in: --tools)
-  puller-ctrd     puller pull --store containerd: fetch, stream into containerd and unpack (opt-in: --tools)
+  ctr-pull        ctr images pull --plain-http REF: fetch and unpack, containerd 1.6 (opt-in: --tools)
+  puller-ctrd     puller pull --store containerd: fetch, stream into containerd 1.6 and unpack (opt-in: --tools)
+  ctr2-pull@CFG   ctr images pull of containerd 2.2 (its transfer service), with transfer settings CFG (a key of
+                  TRANSFER; plain ctr2-pull: --ctr2-config) (opt-in: --tools)
+  puller-ctrd2    puller pull --store containerd into containerd 2.2 (parallel unpack) (opt-in: --tools)
   oras-py         oras.client.OrasClient(...).pull(REF) (layers one after another, one stream each)
   curl-1          curl, one stream per blob, one blob after another (what a single-stream puller can do)
   curl-16         curl --parallel, each blob cut into 16 ranges, 16 at a time: the physical reference
@@ -73,8 +76,55 @@ IMAGES = {
     # 200 layers, 512 MiB in all, sizes falling off as 1/rank (a few big layers, a long tail of small ones).
     "layers200": [max(64 * 1024, int(512 * MIB / (i + 1) / sum(1 / (k + 1) for k in range(200)))) for i in range(200)],
 }
+REAL_IMAGES = ("real2g",)  # made from this machine's files by benchmarks/realistic.py
 CURL_RANGES = 16
-KNOWN_TOOLS = ("curl-16", "curl-sync", "puller", "ctr", "skopeo", "curl-1", "oras-py", "ctr-pull", "puller-ctrd")
+KNOWN_TOOLS = (
+    "curl-16",
+    "curl-sync",
+    "puller",
+    "ctr",
+    "skopeo",
+    "curl-1",
+    "oras-py",
+    "ctr-pull",
+    "puller-ctrd",
+    "ctr2-pull",
+    "puller-ctrd2",
+)
+# containerd 2.2's transfer service (what `ctr images pull` uses): max_concurrent_downloads (also the ranges per
+# layer when concurrent_layer_fetch_buffer, the bytes per range, is set), max_concurrent_unpacks (parallel unpack
+# where the snapshotter can rebase). "default" is containerd's own default.
+TRANSFER = {
+    "default": (3, 0, 1),
+    "d16-c8m-u1": (16, 8 * MIB, 1),
+    "d32-c8m-u4": (32, 8 * MIB, 4),
+    "d32-c32m-u4": (32, 32 * MIB, 4),
+    "d64-c4m-u8": (64, 4 * MIB, 8),
+}
+
+
+def transfer_config(name: str) -> str:
+    downloads, buffer, unpacks = TRANSFER[name]
+    return (
+        "[plugins.'io.containerd.transfer.v1.local']\n"
+        f"  max_concurrent_downloads = {downloads}\n"
+        f"  concurrent_layer_fetch_buffer = {buffer}\n"
+        f"  max_concurrent_unpacks = {unpacks}\n"
+    )
+
+
+def ctrd_version(tool: str) -> str | None:
+    """The containerd a tool needs (a fresh one per sample), or None."""
+    if tool in ("ctr", "ctr-pull", "puller-ctrd"):
+        return "1.6"
+    if tool.startswith("ctr2-pull") or tool == "puller-ctrd2":
+        return "2.2"
+    return None
+
+
+def known_tool(tool: str) -> bool:
+    name, _, cfg = tool.partition("@")
+    return name in KNOWN_TOOLS and (not cfg or (name == "ctr2-pull" and cfg in TRANSFER))
 
 
 @dataclass
@@ -166,7 +216,7 @@ class Bench:
         if tool == "ctr":
             assert ctrd
             return ctrd.ctr("-n", "bench", "content", "fetch", "--plain-http", ref), ctrd.cpu_seconds
-        if tool == "puller-ctrd":
+        if tool in ("puller-ctrd", "puller-ctrd2"):
             assert ctrd
             return [
                 sys.executable,
@@ -185,7 +235,7 @@ class Bench:
                 str(out / "staging"),
                 "--plain-http",
             ], ctrd.cpu_seconds
-        if tool == "ctr-pull":
+        if tool == "ctr-pull" or tool.startswith("ctr2-pull"):
             assert ctrd
             return ctrd.ctr("-n", "bench", "images", "pull", "--plain-http", ref), ctrd.cpu_seconds
         if tool == "oras-py":
@@ -239,14 +289,19 @@ class Bench:
             pass
         if a.tools:
             tools = a.tools.split(",")
-            unknown = set(tools) - set(KNOWN_TOOLS)
+            unknown = {t for t in tools if not known_tool(t)}
             if unknown:
                 raise SystemExit(f"unknown tools {sorted(unknown)}; known: {', '.join(KNOWN_TOOLS)}")
         generate = list(dict.fromkeys(images + (["fat256", "fat2g"] if a.rss else [])))
         print(f"generating images {generate} ...", flush=True)
         lw = LayoutWriter(work / "layout")
         for name in generate:
-            lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
+            if name in REAL_IMAGES:
+                from benchmarks.realistic import add_real_image
+
+                add_real_image(lw, name)
+            else:
+                lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
         with contextlib.ExitStack() as stack:
             veth = None
             if a.link == "veth":
@@ -294,12 +349,16 @@ class Bench:
                     out.mkdir()
                     with contextlib.ExitStack() as stack:
                         # containerd shares content across namespaces: a fresh one per sample, started untimed.
-                        needs_ctrd = tool in ("ctr", "ctr-pull", "puller-ctrd")
+                        version = ctrd_version(tool)
                         netns = self.veth.ns if self.veth else None
-                        ctrd = stack.enter_context(Containerd(self.work / "ctrd", netns)) if needs_ctrd else None
+                        ctrd = None
+                        if version:
+                            cfg = tool.partition("@")[2] or self.args.ctr2_config
+                            extra = transfer_config(cfg) if version != "1.6" else ""
+                            ctrd = stack.enter_context(Containerd(self.work / "ctrd", netns, version, None, extra))
                         cmd, extra = self.commands(tool, ref, urls, out, ctrd)
                         # ctr asks containerd (in the clients' namespace) to fetch; every other tool fetches itself
-                        fetches_itself = tool not in ("ctr", "ctr-pull")
+                        fetches_itself = tool not in ("ctr", "ctr-pull") and not tool.startswith("ctr2-pull")
                         prefix = self.veth.prefix() if self.veth and fetches_itself else []
                         sample = run_measured([*prefix, *cmd], extra)
                     shutil.rmtree(self.work / "ctrd", ignore_errors=True)
@@ -411,6 +470,7 @@ def main() -> int:
     )
     ap.add_argument("--images", default="fat256,layers20")
     ap.add_argument("--tools", default="", help="comma-separated subset")
+    ap.add_argument("--ctr2-config", default="d32-c8m-u4", choices=sorted(TRANSFER), help="for plain ctr2-pull")
     ap.add_argument("--rss", action="store_true", help="also measure puller's peak RSS at 256 MiB and 2 GiB")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--name", default="pullers", help="file name stem of the results")

@@ -673,13 +673,21 @@ class Containerd:
     it, as kubelet does); without, it is disabled. These machines withhold CAP_SYS_RESOURCE, so a pod sandbox's
     oom_score_adj of -998 is refused; the CRI's own ``restrict_oom_score_adj`` (meant for such hosts) is set."""
 
-    def __init__(self, workdir: Path, netns: str | None = None, version: str = "1.6", cri: CRIConfig | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        netns: str | None = None,
+        version: str = "1.6",
+        cri: CRIConfig | None = None,
+        extra_config: str = "",
+    ):
         self.workdir = workdir
         self.socket = workdir / "containerd.sock"
         self.netns = netns  # run in this network namespace (the benchmarks' client side)
         self.version = version
         self.bin = CONTAINERD_BINS[version]
         self.cri = cri
+        self.extra_config = extra_config  # more TOML (e.g. the transfer service's settings for the benchmarks)
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -722,7 +730,7 @@ class Containerd:
     def __enter__(self) -> Containerd:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "config.toml"
-        cfg.write_text(self._config())
+        cfg.write_text(self._config() + self.extra_config)
         self.log = open(self.workdir / "containerd.log", "wb")
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         env = dict(os.environ)

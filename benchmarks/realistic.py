@@ -1,0 +1,136 @@
+"""A realistic image for the benchmarks: layers tarred from real trees of this machine, gzip level 6.
+
+Random layers are incompressible and unpack to one file each; real layers are about 2-3x compressible and
+unpack to thousands of files of every size, which is what containerd's decompression and snapshotter work on.
+``real2g`` is about 2 GiB unpacked in 8 layers, the lowest about 1 GiB (an OS and runtime base), then smaller
+ones (libraries, the application, configuration), as images are built.
+
+Files are taken in sorted order from the trees below, each layer filled up to its size; symbolic links and
+special files are skipped. The layers are cached under ``$PULLER_BENCH_CACHE`` (default
+/var/tmp/puller-bench-cache), keyed by the recipe, so a second run does not tar and gzip 2 GiB again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+MIB = 1 << 20
+TREES = ("/usr/lib", "/usr/share", "/usr/local", "/usr/bin", "/root/.rustup", "/opt")
+RECIPES = {"real2g": [1024, 384, 256, 160, 96, 64, 32, 16]}  # MiB unpacked per layer, bottom first
+GZIP_LEVEL = 6  # what docker and buildkit use
+CACHE = Path(os.environ.get("PULLER_BENCH_CACHE", "/var/tmp/puller-bench-cache"))
+
+
+def _files() -> Iterator[Path]:
+    for tree in TREES:
+        for root, dirs, files in os.walk(tree):
+            dirs.sort()
+            for name in sorted(files):
+                p = Path(root, name)
+                if p.is_file() and not p.is_symlink():
+                    yield p
+
+
+class _Hashing:
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        self.n += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _layers(name: str) -> list[dict]:
+    """[{path, digest, size, diff_id}] of the recipe's layers, made once and cached."""
+    recipe = RECIPES[name]
+    key = hashlib.sha256(json.dumps([recipe, TREES, GZIP_LEVEL]).encode()).hexdigest()[:16]
+    cache = CACHE / f"{name}-{key}"
+    index = cache / "layers.json"
+    if index.exists():
+        return json.loads(index.read_text())
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    files = _files()
+    out = []
+    for i, mib in enumerate(recipe):
+        path = cache / f"layer{i}.tar.gz"
+        with open(path, "wb") as raw:
+            gz_sink = _Hashing(raw)
+            with gzip.GzipFile(fileobj=gz_sink, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
+                tar_sink = _Hashing(gz)
+                with tarfile.open(fileobj=tar_sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    budget = mib * MIB
+                    for f in files:
+                        try:
+                            info = tar.gettarinfo(str(f), arcname=str(f).lstrip("/"))
+                            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                            with open(f, "rb") as src:
+                                tar.addfile(info, src)
+                        except OSError:
+                            continue
+                        budget -= info.size
+                        if budget <= 0:
+                            break
+        out.append(
+            {
+                "path": str(path),
+                "digest": "sha256:" + gz_sink.h.hexdigest(),
+                "size": gz_sink.n,
+                "diff_id": "sha256:" + tar_sink.h.hexdigest(),
+                "unpacked": tar_sink.n,
+            }
+        )
+        print(f"  {name} layer {i}: {tar_sink.n / MIB:.0f} MiB -> {gz_sink.n / MIB:.0f} MiB gzip", flush=True)
+    index.write_text(json.dumps(out))
+    return out
+
+
+def add_real_image(lw, name: str) -> int:
+    """Put image ``name`` (a key of RECIPES) into LayoutWriter ``lw``; returns its unpacked size."""
+    from tests.rig import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST  # the layout's media types
+
+    layers = _layers(name)
+    blobs_dir = lw.root / "blobs" / "sha256"
+    for layer in layers:
+        target = blobs_dir / layer["digest"][7:]
+        if not target.exists():
+            os.link(layer["path"], target) if _same_fs(layer["path"], blobs_dir) else shutil.copy(layer["path"], target)
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [x["diff_id"] for x in layers]},
+    }
+    cdigest, csize = lw.put(json.dumps(config).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": csize},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": x["digest"], "size": x["size"]} for x in layers],
+    }
+    mdigest, msize = lw.put(json.dumps(manifest).encode())
+    lw._name(
+        name,
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": mdigest,
+            "size": msize,
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        },
+    )
+    return sum(x["unpacked"] for x in layers)
+
+
+def _same_fs(a: str, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
