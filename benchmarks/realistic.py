@@ -38,21 +38,9 @@ def _files() -> Iterator[Path]:
                     yield p
 
 
-class _Hashing:
-    def __init__(self, f):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.h.update(data)
-        self.n += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def _layers(name: str) -> list[dict]:
     """[{path, digest, size, diff_id}] of the recipe's layers, made once and cached."""
+    from tests.rig import _HashingWriter
     recipe = RECIPES[name]
     key = hashlib.sha256(json.dumps([recipe, TREES, GZIP_LEVEL]).encode()).hexdigest()[:16]
     cache = CACHE / f"{name}-{key}"
@@ -66,9 +54,9 @@ def _layers(name: str) -> list[dict]:
     for i, mib in enumerate(recipe):
         path = cache / f"layer{i}.tar.gz"
         with open(path, "wb") as raw:
-            gz_sink = _Hashing(raw)
+            gz_sink = _HashingWriter(raw)
             with gzip.GzipFile(fileobj=gz_sink, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
-                tar_sink = _Hashing(gz)
+                tar_sink = _HashingWriter(gz)
                 with tarfile.open(fileobj=tar_sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                     budget = mib * MIB
                     for f in files:
