@@ -14,6 +14,9 @@ from typing import Any
 
 from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
 from .engine.fetcher import DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
+from .engine.pull import DEFAULT_MAX_BLOB_SIZE
+from .engine.staging import DEFAULT_MAX_AGE_S as DEFAULT_STAGING_MAX_AGE
+from .engine.staging import DEFAULT_MAX_BYTES as DEFAULT_STAGING_MAX_BYTES
 from .errors import ConfigError
 from .registry.bodies import DEFAULT_LOW_SPEED_LIMIT, DEFAULT_LOW_SPEED_TIME, SpeedLimit
 from .registry.client import CONNECT_TIMEOUT_S, DEFAULT_ATTEMPTS, READ_TIMEOUT_S
@@ -45,6 +48,9 @@ class Settings:
     connections_per_host: int = DEFAULT_MAX_PER_HOST
     chunk_size: int = DEFAULT_CHUNK_SIZE
     bandwidth_limit: int | None = None
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE
+    staging_max_bytes: int = DEFAULT_STAGING_MAX_BYTES
+    staging_max_age: float = DEFAULT_STAGING_MAX_AGE
     min_split: int = DEFAULT_MIN_SPLIT
     attempts: int = DEFAULT_ATTEMPTS
     connect_timeout: float = CONNECT_TIMEOUT_S
@@ -82,6 +88,8 @@ class Settings:
     startup_taint: str | None = STARTUP_TAINT
     startup_deadline: float = 900.0
     pull_timeout: float = 3600.0
+    api_max_images: int = 1000
+    api_forget_after: float = 3600.0
 
     def validate(self) -> Settings:
         if self.connections < 1 or self.connections_per_host < 1:
@@ -94,6 +102,10 @@ class Settings:
             raise ConfigError("bandwidth_limit must be at least 64KiB (bytes per second), or null for none")
         if self.start_jitter < 0:
             raise ConfigError("start_jitter must be zero or a positive number of seconds")
+        if self.max_blob_size < 1 or self.staging_max_bytes < 0:
+            raise ConfigError("max_blob_size must be positive and staging_max_bytes zero or positive")
+        if self.api_max_images < 1:
+            raise ConfigError("api_max_images must be at least 1")
         if self.parallel_pulls < 1:
             raise ConfigError("parallel_pulls must be at least 1")
         if self.low_speed_limit < 0:
@@ -105,6 +117,8 @@ class Settings:
             "startup_deadline",
             "pull_timeout",
             "lease_expiry",
+            "api_forget_after",
+            "staging_max_age",
             "low_speed_time",
             "connect_timeout",
             "read_timeout",
@@ -190,7 +204,14 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
                 raise ConfigError(f"{where}: {key} cannot be null")
             setattr(settings, name, None)
             continue
-        if name in ("chunk_size", "min_split", "bandwidth_limit", "low_speed_limit"):
+        if name in (
+            "chunk_size",
+            "min_split",
+            "bandwidth_limit",
+            "low_speed_limit",
+            "max_blob_size",
+            "staging_max_bytes",
+        ):
             value = parse_size(value)
         elif name in ("plain_http", "insecure_skip_verify"):
             if isinstance(value, str):

@@ -76,8 +76,10 @@ class Behaviour:
 class HostileRegistry:
     """``with HostileRegistry([image, ...]) as reg``: ``reg.host`` is ``127.0.0.1:PORT`` (plain HTTP)."""
 
-    def __init__(self, images: list[MemImage], behaviour: Behaviour | None = None):
+    def __init__(self, images: list[MemImage], behaviour: Behaviour | None = None, tags: int = 1):
+        """``tags``: each image is also served as ``<tag>-1`` ... ``<tag>-<tags-1>``."""
         self.images = {(i.repo, i.tag): i for i in images} | {(i.repo, i.digest): i for i in images}
+        self.images |= {(i.repo, f"{i.tag}-{n}"): i for i in images for n in range(1, tags)}
         self.blobs = {d: b for i in images for d, b in i.blobs.items()} | {i.digest: i.manifest for i in images}
         self.behaviour = behaviour or Behaviour()
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import yaml
 from puller.errors import StoreError
 from puller.stores.safedir import SafeDir, UnsafeDirectory
 
-from .conftest import run_puller
+from .conftest import run_puller, start_puller
 from .daemon_rig import Daemon
 from .hostile import Behaviour, HostileRegistry, make_image
 
@@ -114,16 +115,8 @@ def test_overlaybd_cache_directory_owned_by_another_user_is_refused(tmp_path: Pa
     image = make_image("t/app", "v1", [1000])
     _owned_by_nobody(tmp_path / "cache")
     with HostileRegistry([image]) as reg:
-        r = run_puller(
-            "pull",
-            f"{reg.host}/t/app:v1",
-            "--store",
-            "overlaybd",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--overlaybd-config",
-            str(tmp_path / "none.json"),
-        )
+        cache = ("--cache-dir", str(tmp_path / "cache"), "--overlaybd-config", str(tmp_path / "none.json"))
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", "overlaybd", *cache)
     _one_line_error(r, 9, "belongs to uid 65534")
 
 
@@ -254,3 +247,101 @@ def test_slow_images_do_not_starve_healthy_ones_in_the_daemon(tmp_path: Path):
             d.wait_state(good, "present", timeout=30)
             failed = d.wait_state(refs[0], "failed", timeout=30)
             assert "pull_timeout" in failed["error"]
+
+
+# ---- 5. many pulls of one image at once ---------------------------------------------------------------------
+
+
+def test_many_pulls_of_one_image_in_one_process_and_in_several(tmp_path: Path):
+    """64 tags of one image pulled at once through one engine (as the daemon does), then 8 processes at once:
+    every pull succeeds, index.json names every tag, no temp file is left."""
+    import asyncio
+    import json
+
+    from puller import config
+    from puller.engine.runtime import Engine
+    from puller.reference import Reference
+
+    image = make_image("t/app", "v1", [200_000, 3000])
+    store = tmp_path / "store"
+    with HostileRegistry([image], tags=73) as reg:
+        refs = [f"{reg.host}/t/app:v1-{n}" for n in range(1, 65)]
+
+        async def pull_all() -> list:
+            settings = config.apply(config.Settings(), {"store": f"oci:{store}", "plain_http": [reg.host]})
+            async with Engine(settings) as engine:
+                return await asyncio.gather(*(engine.pull(Reference.parse(r)) for r in refs), return_exceptions=True)
+
+        results = asyncio.run(pull_all())
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        procs = [
+            start_puller("pull", f"{reg.host}/t/app:v1-{n}", "--store", str(store), stderr=subprocess.PIPE, text=True)
+            for n in range(65, 73)
+        ]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, errors
+    names = {
+        m["annotations"]["org.opencontainers.image.ref.name"]
+        for m in json.loads((store / "index.json").read_text())["manifests"]
+    }
+    assert names == {f"{reg.host}/t/app:v1-{n}" for n in range(1, 73)}
+    leftovers = [p.name for p in store.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".partial")]
+    assert leftovers == []
+
+
+# ---- 6. an API that callers cannot grow without bound -------------------------------------------------------
+
+
+def test_api_tracks_a_bounded_number_of_requested_images_and_forgets_them(tmp_path: Path):
+    images = [make_image(f"t/img{i}", "v1", [1000], seed=i) for i in range(4)]
+    with HostileRegistry(images) as reg:
+        refs = [f"{reg.host}/t/img{i}:v1" for i in range(4)]
+        settings = {"api_max_images": 3, "api_forget_after": 1.0, "plain_http": [reg.host]}
+        with Daemon(tmp_path / "d", settings) as d:
+            status, body = d.post("/v1/pull", {"images": refs[:3], "wait": True, "timeout": 60})
+            assert status == 200, body
+            status, body = d.post("/v1/pull", {"images": [refs[3]]})
+            assert status == 429 and "api_max_images" in body["error"], body
+            status, body = d.post("/v1/pull", {"images": [refs[0]]})  # one already tracked: asked again is fine
+            assert status == 202, body
+            status, body = d.post("/v1/pull", raw=b"[" * 30_000 + b"]" * 30_000)
+            assert status == 400 and "nested" in body["error"], body
+            d.wait_for(lambda: d.get("/v1/images")[1]["images"] == [], 30, "requested images forgotten")
+            metrics = d.get("/metrics")[1]
+            assert "t/img1" not in metrics  # their series go with them
+            status, body = d.post("/v1/pull", {"images": [refs[3]], "wait": True, "timeout": 60})
+            assert status == 200, body
+            assert d.stop() == 0
+
+
+# ---- 4. disk kept by failures -------------------------------------------------------------------------------
+
+
+def test_a_blob_larger_than_max_blob_size_is_refused_before_any_byte(tmp_path: Path):
+    image = make_image("t/app", "v1", [5000])
+    cfg = _config(tmp_path, max_blob_size=4096)
+    with HostileRegistry([image]) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s"), "--config", cfg)
+        assert not reg.paths("/blobs/")
+    _one_line_error(r, 6, "over max_blob_size")
+
+
+def test_failed_pulls_hold_only_what_they_received_and_are_collected(tmp_path: Path):
+    big = make_image("t/big", "v1", [8 << 20])
+    ok = make_image("t/ok", "v1", [1000], seed=3)
+    store = tmp_path / "s"
+    staging = store / ".puller" / "staging"
+    hexd = big.layers[0]["digest"].split(":")[1]
+    fail = _config(tmp_path, low_speed_limit=1024, low_speed_time=1.0, attempts=1)
+    with HostileRegistry([big], Behaviour(trickle_blobs_s=0.01)) as slow, HostileRegistry([ok]) as good:
+        r = run_puller("pull", f"{slow.host}/t/big:v1", "--store", str(store), "--config", fail)
+        assert r.returncode == 7, r.stderr
+        partial = staging / f"sha256-{hexd}.partial"
+        assert partial.stat().st_size == 8 << 20 and partial.stat().st_blocks * 512 < 1 << 20  # not preallocated
+        r = run_puller("pull", f"{good.host}/t/ok:v1", "--store", str(store))
+        assert r.returncode == 0 and partial.exists()  # within the bounds: kept, so the next pull resumes
+        r = run_puller(
+            "pull", f"{good.host}/t/ok:v1", "--store", str(store), "--config", _config(tmp_path, staging_max_bytes=0)
+        )
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in staging.iterdir()) == []  # collected

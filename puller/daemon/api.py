@@ -8,7 +8,9 @@
   missing), ``/metrics`` (Prometheus).
 
 Every request is validated: JSON only, known fields only, at most ``MAX_BODY`` bytes and ``MAX_IMAGES_PER_REQUEST``
-images, references parsed before anything is pulled; errors are 4xx with ``{"error": message}``. With
+images, references parsed before anything is pulled, JSON nested too deeply refused; at most ``api_max_images``
+images asked for through the API are tracked at once (429 beyond), each forgotten ``api_forget_after`` seconds
+after it was last asked for (unless listed); errors are 4xx with ``{"error": message}``. With
 ``api_token_file`` set, /v1/* needs ``Authorization: Bearer <token>``; probes and metrics stay open.
 """
 
@@ -94,10 +96,19 @@ async def pull(request: web.Request) -> web.Response:
         body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _error(web.HTTPBadRequest, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise _error(web.HTTPBadRequest, "body is nested too deeply") from None
     try:
         specs, wait, timeout = parse_pull_request(body)
     except ValueError as e:
         raise _error(web.HTTPBadRequest, str(e)) from None
+    new = sum(1 for s in specs if s.key not in daemon.images)
+    if daemon.requested_count() + new > daemon.settings.api_max_images:
+        raise _error(
+            web.HTTPTooManyRequests,
+            f"this daemon tracks at most {daemon.settings.api_max_images} images asked for through the API "
+            "(api_max_images); they are forgotten api_forget_after seconds after the last request",
+        )
     states = daemon.request(specs)
     log.info("API: pull %s", ", ".join(str(s.reference) for s in specs))
     if not wait:

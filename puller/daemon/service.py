@@ -31,6 +31,7 @@ ABSENT, PULLING, PRESENT, FAILED = "absent", "pulling", "present", "failed"
 BACKOFF_BASE_S = 2.0
 TICK_S = 1.0
 GATE_RETRY_S = 10.0
+COLLECT_INTERVAL_S = 600.0  # how often failed pulls' staged files are collected (staging_max_age/_bytes)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ImageState:
     failures: int = 0
     next_attempt: float = 0.0  # monotonic time before which a failed image is not retried
     checked: float | None = None  # monotonic time the image was last found present and current
+    requested: float = 0.0  # monotonic time the API last asked for it
     task: asyncio.Task | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set while no pull or check runs
 
@@ -78,7 +80,8 @@ class Daemon:
         self.listed: set[str] = set()
         self.list_loaded = False
         self._slots = asyncio.Semaphore(settings.parallel_pulls)
-        self._tasks: set[asyncio.Task] = set()  # unpins
+        self._tasks: set[asyncio.Task] = set()  # unpins, staging collection
+        self._next_collect = time.monotonic() + COLLECT_INTERVAL_S  # the engine collected when it started
         self.metrics = DaemonMetrics(
             lambda: engine.budget.in_use, lambda: ((k, s.state) for k, s in self.images.items())
         )
@@ -121,6 +124,7 @@ class Daemon:
         for spec in specs:
             st = self.images.setdefault(spec.key, ImageState(spec))
             st.sources.add(REQUESTED)
+            st.requested = time.monotonic()
             if st.task is None:
                 st.next_attempt, st.checked = 0.0, None
                 self._start(st)
@@ -136,6 +140,17 @@ class Daemon:
             for w in waits:
                 w.cancel()
         return not pending
+
+    def requested_count(self) -> int:
+        """Images tracked only because the API asked for them (what ``api_max_images`` bounds)."""
+        return sum(1 for st in self.images.values() if st.sources == {REQUESTED})
+
+    def _forget_requests(self, now: float) -> None:
+        """Forget images asked for through the API and not listed, once ``api_forget_after`` passed since the
+        last request and no pull of them runs: a daemon that runs for weeks does not grow with its callers."""
+        for key, st in list(self.images.items()):
+            if REQUESTED in st.sources and st.task is None and now - st.requested > self.settings.api_forget_after:
+                self._drop_source(key, REQUESTED)
 
     def _drop_source(self, key: str, source: str) -> None:
         st = self.images.get(key)
@@ -170,6 +185,10 @@ class Daemon:
             while True:
                 self._reload()
                 now = time.monotonic()
+                self._forget_requests(now)
+                if now >= self._next_collect:
+                    self._next_collect = now + COLLECT_INTERVAL_S
+                    self._background(self.engine.collect_staging())
                 for st in list(self.images.values()):
                     if st.task is None and self._due(st, now):
                         self._start(st)

@@ -4,7 +4,7 @@ One :class:`BlobFetcher` per process serves every pull: the same digest wanted t
 and every chunk request of every blob takes a slot of one :class:`ConnectionBudget`.
 
 A blob is fetched like this:
-1. ``staging/<alg>-<hex>.partial`` is opened (created and preallocated to the blob's size) under an exclusive
+1. ``staging/<alg>-<hex>.partial`` is opened (created sparse, the blob's size) under an exclusive
    lock file, so two processes never write the same blob; ``<alg>-<hex>.ranges`` records which byte ranges are
    already on disk, so a killed pull resumes where it stopped.
 2. The first chunk's request also resolves the redirect: the registry's 307 to a CDN is followed without
@@ -311,20 +311,15 @@ class _BlobDownload:
         self.pending = plan_chunks(missing, chunk_size_for(sum(e - s for s, e in missing), self.f))
 
     def _create(self) -> None:
-        """Open the staged file; unless it holds the recorded ranges, start it over, preallocated to the blob's
-        size (to fail now, not mid-pull, when the disk is full)."""
+        """Open the staged file; unless it holds the recorded ranges, start it over: sparse, the blob's size.
+        Not preallocated: a failed pull then holds only the bytes it received (the store's ``reserve`` checks the
+        space up front instead)."""
         size = self.desc.size
         self.fd = self.staging.open_file(self.data_name, os.O_RDWR | os.O_CREAT)
         if os.fstat(self.fd).st_size != size or not self.staged:
             os.ftruncate(self.fd, 0)
             self.staged = RangeSet()
-            if size:
-                try:
-                    os.posix_fallocate(self.fd, 0, size)
-                except OSError as e:
-                    if e.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystem without fallocate
-                        raise
-                    os.ftruncate(self.fd, size)
+            os.ftruncate(self.fd, size)
 
     def _load_ranges(self) -> RangeSet:
         try:

@@ -11,11 +11,14 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from ..errors import ManifestError
 from ..reference import Reference
 from ..registry import manifest as mf
 from ..registry.client import RegistryClient
 from ..stores import Store
 from .fetcher import BlobFetcher, BlobProgress, gather_or_cancel
+
+DEFAULT_MAX_BLOB_SIZE = 64 << 30  # a descriptor larger than this is refused before any byte (max_blob_size)
 
 
 @dataclass(slots=True)
@@ -92,8 +95,10 @@ async def pull_image(
     platform: mf.Platform | None = None,
     progress: PullProgress | None = None,
     pin: bool = False,
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
 ) -> PullResult:
-    """Pull ``ref`` into ``store``; ``pin`` asks the store to keep the image from garbage collection."""
+    """Pull ``ref`` into ``store``; ``pin`` asks the store to keep the image from garbage collection. A blob
+    larger than ``max_blob_size`` is refused before any byte (a registry's descriptor may lie)."""
     progress = progress or PullProgress(str(ref))
     started = time.monotonic()
     begun: mf.Manifest | None = None
@@ -103,6 +108,11 @@ async def pull_image(
         progress.state = "fetching"
         missing = []
         wanted = list(dict.fromkeys(store.select_blobs(manifest)))  # a blob listed twice is fetched once
+        for desc in wanted:
+            if desc.size > max_blob_size:
+                raise ManifestError(
+                    f"{ref}: blob {desc.digest} is {desc.size:,} bytes, over max_blob_size ({max_blob_size:,})"
+                )
         present = await asyncio.gather(*(store.has_blob(desc) for desc in wanted))
         for desc, there in zip(wanted, present, strict=True):
             bp = progress.blobs.setdefault(str(desc.digest), BlobProgress(str(desc.digest), desc.size))

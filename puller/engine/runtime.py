@@ -4,6 +4,8 @@ the daemon makes many, concurrently, under the same budget)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from ..stores.oci_layout import OCILayoutStore
 from .budget import BandwidthCap, ConnectionBudget
 from .fetcher import BlobFetcher, FetchSettings
 from .pull import PullProgress, PullResult, pull_image
+from .staging import collect
+
+log = logging.getLogger(__name__)
 
 
 def open_store(settings: config.Settings) -> Store:
@@ -74,7 +79,16 @@ class Engine:
             await stack.enter_async_context(self.client)
             await stack.enter_async_context(self.store)
             self._stack = stack.pop_all()
+        await self.collect_staging()
         return self
+
+    async def collect_staging(self) -> None:
+        """Remove what failed pulls left staged beyond staging_max_age / staging_max_bytes (engine/staging.py)."""
+        s = self.settings
+        try:
+            await asyncio.to_thread(collect, self.store.staging, s.staging_max_bytes, s.staging_max_age)
+        except OSError as e:
+            log.warning("could not collect the staging directory: %s", e)
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
@@ -93,5 +107,12 @@ class Engine:
     ) -> PullResult:
         pinned = self.settings.pin if pin is None else pin
         return await pull_image(
-            ref, self.client, self.fetcher, self.store, self.platform_for(platform), progress, pin=pinned
+            ref,
+            self.client,
+            self.fetcher,
+            self.store,
+            self.platform_for(platform),
+            progress,
+            pin=pinned,
+            max_blob_size=self.settings.max_blob_size,
         )

@@ -14,6 +14,7 @@ blob fetched once more).
 from __future__ import annotations
 
 import errno
+import os
 from typing import Protocol
 
 from ..errors import DiskFull, StoreError
@@ -105,6 +106,22 @@ class StoreBase:
 
     async def abandon_image(self, manifest: Manifest) -> None:
         return None
+
+
+def check_space(staging: SafeDir, blobs: list[Descriptor]) -> None:
+    """DiskFull when ``blobs`` (less what is staged of them: ``<alg>-<hex>.partial``) exceed the free space of
+    the staging directory's filesystem."""
+    needed = 0
+    for d in blobs:
+        st = staging.stat(f"{d.digest.algorithm}-{d.digest.hex}.partial")
+        needed += max(0, d.size - (st.st_blocks * 512 if st is not None else 0))
+    vfs = os.fstatvfs(staging.fd)
+    free = vfs.f_bavail * vfs.f_frsize
+    if needed > free:
+        raise DiskFull(
+            f"no space left on device for this image: it needs {needed / 1e6:,.1f} MB more, "
+            f"{staging.path} has {free / 1e6:,.1f} MB free"
+        )
 
 
 def store_error(e: OSError, what: str) -> StoreError:

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor
-from . import StoreBase, store_error
+from . import StoreBase, check_space, store_error
 from .defaults import OCI_DIR as DEFAULT_OCI_DIR
 from .safedir import SafeDir
 
@@ -83,6 +83,10 @@ class OCILayoutStore(StoreBase):
     def blob_path(self, desc: Descriptor) -> Path:
         # desc.digest is a validated Digest: algorithm from a fixed set, hex of fixed length.
         return self.root / "blobs" / desc.digest.algorithm / desc.digest.hex
+
+    async def reserve(self, blobs: list[Descriptor]) -> None:
+        """Refuse, before any byte, blobs that cannot fit (what is staged of them already counts)."""
+        await asyncio.to_thread(check_space, self.staging, blobs)
 
     async def has_blob(self, desc: Descriptor) -> bool:
         st = self._blobs(desc.digest.algorithm).stat(desc.digest.hex)
