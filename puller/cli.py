@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -106,6 +107,17 @@ async def run_warmup(args: argparse.Namespace, output: str) -> None:
         await warmup.run(args.wait, args.timeout, show)
 
 
+def _seconds(text: str) -> float:
+    """A finite, positive number of seconds (``nan`` or ``inf`` would never end a wait)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite, positive number of seconds, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puller", description="Pull whole container images, fast.")
     parser.add_argument("--version", action="version", version=f"puller {__version__}")
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("warmup", help="ask every node's daemon to pull images now; with --wait, wait for all")
     w.add_argument("images", nargs="+", metavar="IMAGE", help="image references")
     w.add_argument("--wait", action="store_true", help="wait until every node reports every image present")
-    w.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
+    w.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait with --wait (default 600)")
     w.add_argument("--platform", help="os/arch[/variant] for every image (default: each node's own)")
     found = w.add_argument_group("finding the daemons (default: the Kubernetes API)")
     found.add_argument("--endpoints", help="comma-separated daemon URLs, e.g. http://10.0.0.5:8470")

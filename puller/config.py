@@ -7,6 +7,7 @@ silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ DAEMON_IMAGES_FILE = "/etc/puller/images.yaml"
 DAEMON_LISTEN = "0.0.0.0:8470"
 STARTUP_TAINT = "puller.io/prefetch"
 HOSTS_DIR = "/etc/containerd/certs.d"
+MAX_SIZE = 1 << 60  # no setting of puller's is larger (and a float of 1e999 is not a size)
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -132,8 +134,8 @@ class Settings:
         for registry in self.mirrors:
             self.host_settings.endpoints(registry)  # parse every entry now: a bad one is a ConfigError at start
         host, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ConfigError(f"listen must be HOST:PORT, not {self.listen!r}")
+        if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+            raise ConfigError(f"listen must be HOST:PORT with a port from 1 to 65535, not {self.listen!r}")
         return self
 
     @property
@@ -163,10 +165,16 @@ def parse_size(value: Any) -> int:
     text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
     try:
         if text and text[-1] in _UNITS:
-            return int(float(text[:-1]) * _UNITS[text[-1]])
-        return int(text)
-    except ValueError:
+            size = float(text[:-1]) * _UNITS[text[-1]]
+            if not math.isfinite(size) or size > MAX_SIZE:
+                raise ValueError
+            return int(size)
+        size = int(text)
+    except (ValueError, OverflowError):
         raise ConfigError(f"invalid size {value!r}: use bytes or a number with KiB/MiB/GiB") from None
+    if size > MAX_SIZE:
+        raise ConfigError(f"invalid size {value!r}: larger than {MAX_SIZE} bytes")
+    return size
 
 
 def load(path: str | None = None) -> Settings:

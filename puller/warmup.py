@@ -39,14 +39,19 @@ class NodeStatus:
         if view is None:
             return self.error or "asked"
         state = view["state"]
-        if state == "pulling" and view.get("total"):
-            return f"pulling {100 * view['done'] // view['total']}%"
+        done, total = view.get("done"), view.get("total")
+        if state == "pulling" and _count(done) and _count(total) and total:
+            return f"pulling {100 * min(done, total) // total}%"
         if state == "failed":
             return f"failed: {view.get('error', '')}"[:80]
         return state
 
     def done(self, keys: list[str]) -> bool:
         return all(self.images.get(k, {}).get("state") == "present" for k in keys)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def image_key(reference: str, platform: str | None) -> str:
@@ -77,13 +82,14 @@ class Warmup:
             async with session.post(f"{node.pod.url}/v1/pull", json={"images": self.entries}) as resp:
                 body = await resp.json(content_type=None)
                 if resp.status != 202:
-                    node.error = f"HTTP {resp.status}: {body.get('error', body) if isinstance(body, dict) else body}"
+                    why = body.get("error", body) if isinstance(body, dict) else body
+                    node.error = f"HTTP {resp.status}: {str(why)[:200]}"
                     return
-        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-            node.error = str(e) or type(e).__name__
+        except (TimeoutError, aiohttp.ClientError, ValueError, RecursionError) as e:
+            node.error = str(e)[:200] or type(e).__name__
             return
-        node.accepted, node.error = True, None
-        self._take(node, body)
+        if self._take(node, body):
+            node.accepted, node.error = True, None
 
     async def poll(self, session: aiohttp.ClientSession, node: NodeStatus) -> None:
         if not node.accepted:
@@ -93,19 +99,33 @@ class Warmup:
             async with session.get(f"{node.pod.url}/v1/images") as resp:
                 body = await resp.json(content_type=None)
                 resp.raise_for_status()
-        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-            node.error = str(e) or type(e).__name__
+        except (TimeoutError, aiohttp.ClientError, ValueError, RecursionError) as e:
+            node.error = str(e)[:200] or type(e).__name__
             node.images.clear()
             node.accepted = False  # a restarted daemon may have forgotten the request: ask again
             return
-        node.error = None
-        self._take(node, body)
+        if self._take(node, body):
+            node.error = None
 
-    def _take(self, node: NodeStatus, body: dict) -> None:
-        views = {image_key(v["reference"], v.get("platform")): v for v in body.get("images", [])}
+    def _take(self, node: NodeStatus, body: object) -> bool:
+        """Take a daemon's answer; False (and the node's error says so) when it is not of the API's shape."""
+        images = body.get("images") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(images, list):
+            node.error = "the daemon's answer is not of the API's shape"
+            node.images.clear()
+            return False
+        views = {
+            image_key(v["reference"], v.get("platform")): v
+            for v in images
+            if isinstance(v, dict)
+            and isinstance(v.get("reference"), str)
+            and isinstance(v.get("platform"), str | None)
+            and isinstance(v.get("state"), str)
+        }
         node.images = {k: views[k] for k in self.keys if k in views}
-        if body.get("node"):
-            node.pod = DaemonPod(body["node"], node.pod.url)
+        if isinstance(body.get("node"), str) and body["node"]:
+            node.pod = DaemonPod(body["node"][:253], node.pod.url)
+        return True
 
     def describe(self, nodes: list[NodeStatus]) -> str:
         """``node (what it lacks), ...`` for an error message."""

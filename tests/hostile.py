@@ -8,11 +8,13 @@ Every request is recorded (path, headers) so tests can assert what puller asked 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -70,6 +72,9 @@ class Behaviour:
     trickle_blobs_s: float | None = None  # one byte of blob body per this many seconds
     trickle_manifests_s: float | None = None
     trickle_headers_s: float | None = None  # raw socket: one header byte per this many seconds
+    blob_redirect: str | None = None  # blob GETs answer 307 to this Location, whatever it is
+    realm: str | None = None  # the Bearer challenge's realm, whatever it is
+    token_value: str | None = None  # the token the token server hands out
     extra: dict = field(default_factory=dict)
 
 
@@ -140,7 +145,7 @@ class HostileRegistry:
         return not self.behaviour.token_auth or request.headers.get("Authorization") == f"Bearer {self.token}"
 
     def _challenge(self) -> web.Response:
-        realm = f"http://{self.host}/token"
+        realm = self.behaviour.realm or f"http://{self.host}/token"
         return web.json_response(
             {"errors": [{"code": "UNAUTHORIZED"}]},
             status=401,
@@ -153,7 +158,8 @@ class HostileRegistry:
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self._record(request)
-        body = json.dumps({"token": self.token, "expires_in": 300, "padding": "x" * 3000}).encode()
+        token = self.behaviour.token_value or self.token
+        body = json.dumps({"token": token, "expires_in": 300, "padding": "x" * 3000}).encode()
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.content_length = len(body)
         await resp.prepare(request)
@@ -189,6 +195,8 @@ class HostileRegistry:
         data = self.blobs.get(request.match_info["digest"])
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        if self.behaviour.blob_redirect is not None:
+            return web.Response(status=307, headers={"Location": self.behaviour.blob_redirect})
         headers = {"Content-Type": "application/octet-stream"}
         status = 200
         rng = request.http_range
@@ -229,3 +237,33 @@ class HostileRegistry:
             pass
         finally:
             writer.close()
+
+
+@contextlib.contextmanager
+def serve_json(status: int, answer) -> Iterator[str]:
+    """A stand-in daemon that answers every request with ``status`` and ``answer`` (JSON, or text as it is):
+    for clients that must survive malformed answers. Yields its URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    body = answer if isinstance(answer, str) else json.dumps(answer)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=body, content_type="application/json")
+
+    async def start() -> tuple[web.AppRunner, int]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    runner, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

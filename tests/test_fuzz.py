@@ -91,3 +91,58 @@ def test_manifest_parser_bytes(body: bytes):
 def test_www_authenticate_parser(header: str):
     challenge = parse_www_authenticate(header)
     assert challenge is None or challenge.scheme in ("bearer", "basic")
+
+
+@given(st.text(max_size=120) | st.builds(lambda h, p: f"http://{h}:{p}/x", st.text(max_size=20), st.text(max_size=8)))
+def test_redirect_and_realm_urls(text: str):
+    from puller.registry.client import checked_url
+
+    try:
+        assert checked_url(text, "url") == text
+    except PullerError:
+        return
+
+
+@given(JSON)
+def test_token_answers(payload):
+    from puller.registry.auth import TokenCache
+
+    try:
+        TokenCache().put(("realm", "service", "scope"), payload) if isinstance(payload, dict) else None
+    except PullerError:
+        return
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON | st.fixed_dictionaries({"manifests": JSON}))
+def test_index_json_shapes(doc):
+    import asyncio
+    import tempfile
+
+    from puller.stores.oci_layout import OCILayoutStore
+
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o700)
+
+        async def go() -> None:
+            async with OCILayoutStore(d) as store:
+                with open(os.path.join(d, "index.json"), "w") as f:
+                    json.dump(doc, f)
+                store.read_index()
+
+        with contextlib.suppress(PullerError):
+            asyncio.run(go())
+
+
+@given(JSON | st.fixed_dictionaries({"auths": JSON, "credHelpers": JSON}))
+def test_docker_config_shapes(doc):
+    import tempfile
+    from pathlib import Path
+
+    from puller.registry.auth import CredentialStore
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "config.json"
+        path.write_text(json.dumps(doc))
+        with contextlib.suppress(PullerError):
+            CredentialStore(config_path=path).lookup("example.com")

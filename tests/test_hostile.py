@@ -4,9 +4,11 @@ answers real servers send (split, gzipped), and servers that trickle. Each test 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -345,3 +347,139 @@ def test_failed_pulls_hold_only_what_they_received_and_are_collected(tmp_path: P
         )
         assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in staging.iterdir()) == []  # collected
+
+
+# ---- 7. one line, the documented exit code, never a traceback ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "code", "needle"),
+    [
+        (Behaviour(blob_redirect="http://127.0.0.1:99999/blob"), 3, "redirect target is not a valid"),
+        (Behaviour(blob_redirect="http://[::1/blob"), 3, "redirect target is not a valid"),
+        (Behaviour(token_auth=True, realm="::not a url"), 5, "token realm is not a valid"),
+        (Behaviour(token_auth=True, token_value="abc\r\nX-Injected: 1"), 5, "malformed token"),
+    ],
+)
+def test_malformed_registry_answers_are_one_line_errors(tmp_path: Path, behaviour, code, needle):
+    image = make_image("t/app", "v1", [1000])
+    cfg = _config(tmp_path, attempts=1)
+    with HostileRegistry([image], behaviour) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s"), "--config", cfg)
+    _one_line_error(r, code, needle)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--chunk-size", "1e999M"], "invalid size"),
+        (["--platform", "foo"], "invalid platform"),
+    ],
+)
+def test_bad_flags_are_exit_2(tmp_path: Path, args, needle):
+    r = run_puller("pull", "127.0.0.1:1/t/app:v1", "--store", str(tmp_path / "s"), *args)
+    _one_line_error(r, 2, needle)
+
+
+def test_non_ascii_tags_and_bad_listen_ports_are_exit_2(tmp_path: Path):
+    _one_line_error(run_puller("pull", "127.0.0.1:1/t/app:vé", "--store", str(tmp_path / "s")), 2)
+    r = run_puller("daemon", "--listen", ":99999", "--config", _config(tmp_path, images_file=str(tmp_path / "l")))
+    _one_line_error(r, 2, "port from 1 to 65535")
+
+
+def test_manifest_parser_refuses_odd_shapes():
+    from puller.errors import ManifestError
+    from puller.registry import manifest as mf
+
+    index = {
+        "schemaVersion": 2,
+        "mediaType": mf.OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": mf.OCI_MANIFEST,
+                "digest": "sha256:" + "a" * 64,
+                "size": 10,
+                "platform": {"os": "linux", "architecture": "amd64", "variant": 5},
+            }
+        ],
+    }
+    with pytest.raises(ManifestError, match="variant"):
+        mf.parse(json.dumps(index).encode(), None)
+    layer = {"mediaType": "x", "digest": "sha256:" + "b" * 64, "size": 10}
+    twice = {"schemaVersion": 2, "mediaType": mf.OCI_MANIFEST, "config": layer, "layers": [{**layer, "size": 11}]}
+    with pytest.raises(ManifestError, match="twice"):
+        mf.parse(json.dumps(twice).encode(), None)
+    with pytest.raises(ManifestError, match="nested"):
+        mf.parse(b"[" * 100_000 + b"]" * 100_000, None)
+
+
+def test_wrong_shapes_of_index_json_and_docker_config_are_one_line(tmp_path: Path):
+    image = make_image("t/app", "v1", [1000])
+    store = tmp_path / "s"
+    store.mkdir()
+    (store / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": {"a": 1}}))
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"auths": ["not", "a", "map"]}))
+    with HostileRegistry([image]) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(store))
+        _one_line_error(r, 9, "not a list of descriptors")
+    with HostileRegistry([image], Behaviour(token_auth=True)) as reg:
+        r = run_puller(
+            "pull", f"{reg.host}/t/app:v1", "--store", str(tmp_path / "s2"), env={"DOCKER_CONFIG": str(docker)}
+        )
+        _one_line_error(r, 2, "must be objects")
+
+
+def test_a_thousand_layers_fit_a_small_open_files_limit(tmp_path: Path):
+    image = make_image("t/many", "v1", [100 + i for i in range(300)])
+    with HostileRegistry([image]) as reg:
+        cmd = f"ulimit -n 384; exec {sys.executable} -m puller.cli pull {reg.host}/t/many:v1 --store {tmp_path / 's'}"
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_read_only_store_is_one_line(tmp_path: Path):
+    image = make_image("t/app", "v1", [1000])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    try:
+        with HostileRegistry([image]) as reg:
+            r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(ro / "store"))
+        _one_line_error(r, 9, "Read-only")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_warmup_survives_malformed_daemon_answers_and_refuses_nan(tmp_path: Path):
+    from .hostile import serve_json
+
+    for answer in ([1, 2], {"images": "x"}, {"images": [{"reference": 5}], "node": ["x"]}, "[" * 5000):
+        with serve_json(202, answer) as url:
+            r = run_puller("warmup", "127.0.0.1:1/t/app:v1", "--endpoints", url, "--wait", "--timeout", "1")
+        assert r.returncode == 12 and "Traceback" not in r.stderr, (answer, r.stderr)
+    r = run_puller("warmup", "127.0.0.1:1/t/app:v1", "--endpoints", "http://127.0.0.1:1", "--timeout", "nan")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "finite" in r.stderr, r.stderr
+
+
+# ---- 8. presence is verified, not assumed ---------------------------------------------------------------------
+
+
+def test_a_same_size_blob_puller_did_not_write_is_hashed_before_it_is_trusted(tmp_path: Path):
+    image = make_image("t/app", "v1", [5000])
+    layer = image.layers[0]
+    store = tmp_path / "s"
+    cache = tmp_path / "cache"
+    for path in (store / "blobs" / "sha256" / layer["digest"][7:], cache / layer["digest"]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * layer["size"])  # right size, wrong bytes
+    with HostileRegistry([image]) as reg:
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", str(store))
+        assert r.returncode == 0, r.stderr
+        cache_args = ("--cache-dir", str(cache), "--overlaybd-config", str(tmp_path / "none.json"))
+        r = run_puller("pull", f"{reg.host}/t/app:v1", "--store", "overlaybd", *cache_args)
+        assert r.returncode == 0, r.stderr
+    want = image.blobs[layer["digest"]]
+    assert (store / "blobs" / "sha256" / layer["digest"][7:]).read_bytes() == want
+    assert (cache / layer["digest"]).read_bytes() == want

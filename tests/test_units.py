@@ -107,7 +107,8 @@ def _desc(digest: str = f"sha256:{H}", size: int = 10, **extra) -> dict:
 
 
 def test_manifest_parse_and_limits():
-    m = {"schemaVersion": 2, "mediaType": mf.OCI_MANIFEST, "config": _desc(), "layers": [_desc(size=5)]}
+    config = _desc(digest="sha256:" + "c" * 64)  # one digest with two sizes is a manifest of its own (refused)
+    m = {"schemaVersion": 2, "mediaType": mf.OCI_MANIFEST, "config": config, "layers": [_desc(size=5)]}
     parsed = mf.parse(json.dumps(m).encode(), None)
     assert isinstance(parsed, mf.Manifest) and parsed.layers[0].size == 5
     with pytest.raises(ManifestError, match="over the"):

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, InvalidReference, ManifestError
+from ..errors import ConfigError, InvalidReference
 from ..reference import Reference
 from ..registry.manifest import Platform
 
@@ -55,7 +55,7 @@ def parse_entry(entry: Any, where: str) -> ImageSpec:
             raise ConfigError(f"{where}: 'platform' must be a string like linux/amd64")
         try:
             Platform.parse(platform)
-        except ManifestError as e:
+        except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     if pin is not None and not isinstance(pin, bool):
         raise ConfigError(f"{where}: 'pin' must be true or false")

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import DigestMismatch, RegistryError, SizeMismatch, StoreError, TransportError
+from ..priority import PrioritySemaphore
 from ..reference import Reference
 from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, ExpiredURL, RegistryClient, retrying
 from ..registry.hosts import PULL
@@ -53,6 +54,7 @@ CHUNKS_PER_CONNECTION = 4
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 LOCK_POLL_S = 0.2  # while another process fetches the same blob
 MAX_RANGES_RECORD = 16 << 20  # a .ranges file larger than this was not written by puller
+MAX_OPEN_BLOBS = 64  # blobs with open files at once (at least twice the connections)
 VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -128,6 +130,8 @@ class BlobFetcher:
         self.bandwidth = bandwidth
         self.settings = settings or FetchSettings()
         self._inflight: dict[tuple[int, str], _Shared] = {}
+        # Blobs whose files are open at once: 1,000 layers must not take 2,000 descriptors (lock + data each).
+        self._open_blobs = PrioritySemaphore(max(MAX_OPEN_BLOBS, 2 * budget.total))
 
     async def fetch(
         self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress, priority: int = 0
@@ -160,7 +164,8 @@ class BlobFetcher:
     ) -> None:
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
             try:
-                await _BlobDownload(self, ref, desc, store, progress, priority).run()
+                async with self._open_blobs.hold(priority):
+                    await _BlobDownload(self, ref, desc, store, progress, priority).run()
                 return
             except DigestMismatch as e:
                 log.warning("%s: %s (attempt %d of %d)", ref, e, attempt, VERIFY_ATTEMPTS)

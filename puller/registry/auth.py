@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ from ..reference import DEFAULT_DOMAIN, DOCKER_HUB_API_HOST
 
 DOCKER_HUB_CONFIG_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
 TOKEN_EXPIRY_MARGIN_S = 30.0
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 b64token, what a Bearer header may carry
 DEFAULT_TOKEN_LIFETIME_S = 60.0  # the distribution token spec's default when expires_in is absent
 CREDENTIAL_HELPER_TIMEOUT_S = 30.0
 
@@ -109,10 +111,12 @@ class CredentialStore:
         if host in (DEFAULT_DOMAIN, DOCKER_HUB_API_HOST):
             keys += DOCKER_HUB_CONFIG_KEYS
         helpers = cfg.get("credHelpers") or {}
+        auths = cfg.get("auths") or {}
+        if not isinstance(helpers, dict) or not isinstance(auths, dict):
+            raise ConfigError(f"docker config {self._config_path}: 'credHelpers' and 'auths' must be objects")
         for key in keys:
             if key in helpers:
                 return _run_helper(str(helpers[key]), key)
-        auths = cfg.get("auths") or {}
         for key in keys:
             entry = auths.get(key) or auths.get(f"https://{key}") or auths.get(f"http://{key}")
             if isinstance(entry, dict):
@@ -130,7 +134,7 @@ class CredentialStore:
 def _from_auth_entry(entry: dict, host: str) -> Credentials | None:
     if entry.get("auth"):
         try:
-            user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            user, sep, password = base64.b64decode(str(entry["auth"])).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             raise ConfigError(f"docker config: invalid 'auth' value for {host}") from None
         if sep:
@@ -190,9 +194,13 @@ class TokenCache:
         value = payload.get("token") or payload.get("access_token")
         if not value or not isinstance(value, str):
             raise Unauthorized("token server answered without a token")
+        if not _TOKEN.fullmatch(value):  # it goes into a header: no CR/LF, spaces or other bytes
+            raise Unauthorized("token server answered with a malformed token")
         try:
             lifetime = float(payload.get("expires_in") or DEFAULT_TOKEN_LIFETIME_S)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            lifetime = DEFAULT_TOKEN_LIFETIME_S
+        if not math.isfinite(lifetime):
             lifetime = DEFAULT_TOKEN_LIFETIME_S
         self._tokens[key] = _Token(value, time.monotonic() + max(0.0, lifetime - TOKEN_EXPIRY_MARGIN_S))
         return value

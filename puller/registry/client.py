@@ -116,6 +116,18 @@ def same_origin(a: str, b: str) -> bool:
     return (sa.scheme, sa.hostname, sa.port) == (sb.scheme, sb.hostname, sb.port)
 
 
+def checked_url(url: str, what: str) -> str:
+    """``url`` if it is an http(s) URL with a host and a valid port (what a registry sends may be anything)."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        valid = False
+    if not valid or any(c in url for c in "\r\n\x00 "):
+        raise RegistryError(f"{what} is not a valid http(s) URL: {url[:200]!r}")
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
     hosts: HostSettings = field(default_factory=HostSettings)
@@ -212,6 +224,10 @@ class RegistryClient:
         realm = challenge.params.get("realm")
         if not realm:
             raise Unauthorized(f"{endpoint.host} sent a Bearer challenge without a realm", 401)
+        try:
+            checked_url(realm, f"{endpoint.host}'s token realm")
+        except RegistryError as e:
+            raise Unauthorized(str(e), 401) from None
         scope = f"repository:{ref.repository}:pull"
         key = (realm, challenge.params.get("service", ""), scope)
         token = self._tokens.get(key)
@@ -359,10 +375,12 @@ class RegistryClient:
             except NET_ERRORS as e:
                 raise TransportError(f"{urlsplit(url).netloc}: {_describe(e)}") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                url = urljoin(url, resp.headers["Location"])
                 resp.release()
-                if urlsplit(url).scheme not in ("http", "https"):
-                    raise RegistryError(f"redirect to unsupported URL scheme {urlsplit(url).scheme!r}")
+                try:
+                    url = urljoin(url, resp.headers["Location"])
+                except ValueError:
+                    url = resp.headers["Location"]
+                checked_url(url, "redirect target")
                 continue
             return resp, url
         raise RegistryError(f"more than {MAX_REDIRECTS} redirects fetching {urlsplit(origin).path}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..digest import Digest
-from ..errors import InvalidDigest, ManifestError, PlatformNotFound
+from ..errors import ConfigError, InvalidDigest, ManifestError, PlatformNotFound
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -35,7 +35,7 @@ class Platform:
     def parse(cls, text: str) -> Platform:
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
-            raise ManifestError(f"invalid platform {text!r}: expected os/arch[/variant]")
+            raise ConfigError(f"invalid platform {text!r}: expected os/arch[/variant]")  # user input: exit 2
         return cls(*_normalize_arch(parts[0].lower(), parts[1].lower(), parts[2].lower() if len(parts) == 3 else None))
 
     @classmethod
@@ -89,7 +89,10 @@ class Descriptor:
         plat = None
         p = obj.get("platform")
         if isinstance(p, dict) and isinstance(p.get("os"), str) and isinstance(p.get("architecture"), str):
-            plat = Platform(*_normalize_arch(p["os"], p["architecture"], p.get("variant") or None))
+            variant = p.get("variant") or None
+            if variant is not None and not isinstance(variant, str):
+                raise ManifestError(f"{where}: platform variant of {digest} is not a string")
+            plat = Platform(*_normalize_arch(p["os"], p["architecture"], variant))
         return cls(media_type, digest, size, plat)
 
 
@@ -119,6 +122,8 @@ def parse(body: bytes, content_type: str | None) -> Index | Manifest:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ManifestError(f"manifest is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ManifestError("manifest JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")
     media_type = doc.get("mediaType") or (content_type or "").split(";")[0].strip()
@@ -141,7 +146,12 @@ def parse(body: bytes, content_type: str | None) -> Index | Manifest:
         if len(layers) > MAX_DESCRIPTORS:
             raise ManifestError(f"manifest has {len(layers)} layers, over the limit of {MAX_DESCRIPTORS}")
         config = Descriptor.from_json(doc.get("config"), "manifest config")
-        return Manifest(media_type, config, tuple(Descriptor.from_json(layer, "manifest layer") for layer in layers))
+        manifest = Manifest(media_type, config, tuple(Descriptor.from_json(x, "manifest layer") for x in layers))
+        sizes: dict[Digest, int] = {}
+        for d in manifest.blobs:
+            if sizes.setdefault(d.digest, d.size) != d.size:
+                raise ManifestError(f"manifest lists {d.digest} twice, with sizes {sizes[d.digest]} and {d.size}")
+        return manifest
     raise ManifestError(f"unsupported manifest media type {media_type[:200]!r}")
 
 

@@ -13,7 +13,9 @@ blob fetched once more).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
 from typing import Protocol
 
@@ -124,8 +126,45 @@ def check_space(staging: SafeDir, blobs: list[Descriptor]) -> None:
         )
 
 
+VERIFIED_XATTR = "user.puller.digest"  # set on files puller verified: present blobs are then trusted by size
+
+
+def mark_verified(fd: int, desc: Descriptor) -> None:
+    """Record on the open file that its bytes were verified as ``desc`` (where the filesystem has xattrs)."""
+    with contextlib.suppress(OSError):
+        os.setxattr(fd, VERIFIED_XATTR, str(desc.digest).encode())
+
+
+def verified_present(directory: SafeDir, name: str, desc: Descriptor) -> bool:
+    """True when plain file ``name`` holds ``desc``: by puller's mark, or else (a file puller did not write, or a
+    filesystem without xattrs) by hashing it once, and marking it when it matches."""
+    try:
+        fd = directory.open_file(name, os.O_RDONLY)
+    except (OSError, StoreError):
+        return False
+    try:
+        if os.fstat(fd).st_size != desc.size:
+            return False
+        with contextlib.suppress(OSError):
+            if os.getxattr(fd, VERIFIED_XATTR) == str(desc.digest).encode():
+                return True
+        h = hashlib.new(desc.digest.algorithm)
+        while block := os.read(fd, 1 << 20):
+            h.update(block)
+        if h.hexdigest() != desc.digest.hex:
+            return False
+        mark_verified(fd, desc)
+        return True
+    finally:
+        os.close(fd)
+
+
 def store_error(e: OSError, what: str) -> StoreError:
     """Translate an OSError from store IO into the project's error types."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left on device while {what}")
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return StoreError(f"too many open files while {what}: raise the limit (ulimit -n)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreError(f"{what}: {e.strerror} (is the store read-only or not puller's?)")
     return StoreError(f"{what}: {e.strerror or e}")

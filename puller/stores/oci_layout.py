@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import os
 import stat
@@ -28,7 +29,7 @@ from pathlib import Path
 from ..errors import StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor
-from . import StoreBase, check_space, store_error
+from . import StoreBase, check_space, mark_verified, store_error, verified_present
 from .defaults import OCI_DIR as DEFAULT_OCI_DIR
 from .safedir import SafeDir
 
@@ -89,15 +90,19 @@ class OCILayoutStore(StoreBase):
         await asyncio.to_thread(check_space, self.staging, blobs)
 
     async def has_blob(self, desc: Descriptor) -> bool:
+        """Present with the right size and verified: by puller's mark, or hashed once (a file it did not write)."""
         st = self._blobs(desc.digest.algorithm).stat(desc.digest.hex)
-        return st is not None and stat.S_ISREG(st.st_mode) and st.st_size == desc.size
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != desc.size:
+            return False
+        return await asyncio.to_thread(verified_present, self._blobs(desc.digest.algorithm), desc.digest.hex, desc)
 
     async def commit_blob(self, desc: Descriptor, staged: str) -> None:
         await asyncio.to_thread(self._commit_blob, desc, staged)
 
     def _commit_blob(self, desc: Descriptor, staged: str) -> None:
         try:
-            self.staging.move_into(staged, self._blobs(desc.digest.algorithm), desc.digest.hex)
+            mark = functools.partial(mark_verified, desc=desc)
+            self.staging.move_into(staged, self._blobs(desc.digest.algorithm), desc.digest.hex, before=mark)
         except OSError as e:
             raise store_error(e, f"committing {desc.digest}") from None
 
@@ -107,7 +112,8 @@ class OCILayoutStore(StoreBase):
 
     def _put_bytes(self, desc: Descriptor, data: bytes) -> None:
         try:
-            self._blobs(desc.digest.algorithm).write_atomic(desc.digest.hex, data)
+            mark = functools.partial(mark_verified, desc=desc)
+            self._blobs(desc.digest.algorithm).write_atomic(desc.digest.hex, data, before=mark)
         except OSError as e:
             raise store_error(e, f"writing {desc.digest}") from None
 
@@ -149,10 +155,15 @@ class OCILayoutStore(StoreBase):
     def read_index(self) -> dict:
         try:
             index = json.loads(self._dirs[""].read_bytes("index.json", MAX_INDEX_BYTES))
-        except (OSError, ValueError, StoreError) as e:
+        except (OSError, ValueError, RecursionError, StoreError) as e:
             raise StoreError(f"cannot read {self.root / 'index.json'}: {e}") from None
         if not isinstance(index, dict):
             raise StoreError(f"{self.root / 'index.json'} is not a JSON object")
+        manifests = index.get("manifests", [])
+        if not isinstance(manifests, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("annotations", {}), dict) for m in manifests
+        ):
+            raise StoreError(f"{self.root / 'index.json'}: 'manifests' is not a list of descriptors")
         return index
 
     def _write_index(self, index: dict) -> None:

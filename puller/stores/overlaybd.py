@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 from ..errors import ConfigError, DiskFull, StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor, Manifest
-from . import StoreBase, store_error
+from . import StoreBase, mark_verified, store_error, verified_present
 from .defaults import OVERLAYBD_CACHE_DIR as DEFAULT_CACHE_DIR
 from .defaults import OVERLAYBD_CACHE_SIZE_GB as DEFAULT_CACHE_SIZE_GB
 from .defaults import OVERLAYBD_CONFIG as DEFAULT_CONFIG
@@ -231,7 +232,13 @@ class OverlaybdStore(StoreBase):
         return manifest.layers
 
     async def has_blob(self, desc: Descriptor) -> bool:
-        return await asyncio.to_thread(is_complete, self.cache, blob_name(desc), desc.size)
+        return await asyncio.to_thread(self._present, desc)
+
+    def _present(self, desc: Descriptor) -> bool:
+        """Complete by FIEMAP, and verified: by puller's mark, or hashed once (a file overlaybd or anyone else
+        wrote)."""
+        name = blob_name(desc)
+        return is_complete(self.cache, name, desc.size) and verified_present(self.cache, name, desc)
 
     async def reserve(self, blobs: list[Descriptor]) -> None:
         """Refuse before any byte is written when the blobs would not fit the cache limit or the disk."""
@@ -258,10 +265,10 @@ class OverlaybdStore(StoreBase):
     def _commit_blob(self, desc: Descriptor, staged: str) -> None:
         name = blob_name(desc)
         try:
-            if is_complete(self.cache, name, desc.size):
+            if self._present(desc):
                 self.staging.unlink(staged)  # never rewrite a complete file (overlaybd may have it open)
                 return
-            self.staging.move_into(staged, self.cache, name)
+            self.staging.move_into(staged, self.cache, name, before=functools.partial(mark_verified, desc=desc))
         except OSError as e:
             raise store_error(e, f"committing {desc.digest} to {self.cache_dir}") from None
 

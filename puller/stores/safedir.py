@@ -22,6 +22,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StoreError
@@ -154,7 +155,14 @@ class SafeDir:
             raise StoreError(f"{self.path / name} is larger than {limit} bytes")
         return bytes(data)
 
-    def write_atomic(self, name: str, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    def write_atomic(
+        self,
+        name: str,
+        data: bytes,
+        mode: int = 0o644,
+        durable: bool = True,
+        before: Callable[[int], None] | None = None,
+    ) -> None:
         """Replace ``name`` with ``data``: a temp file unique to this write (``O_EXCL``), written, fsynced when
         ``durable``, renamed over ``name``; the directory fsynced when ``durable``."""
         tmp = f".{name}.{secrets.token_hex(8)}.tmp"
@@ -164,6 +172,8 @@ class SafeDir:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if before is not None:
+                before(fd)
             if durable:
                 os.fsync(fd)
             os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -175,11 +185,21 @@ class SafeDir:
         if durable:
             os.fsync(self.fd)
 
-    def move_into(self, name: str, target: SafeDir, target_name: str, mode: int = 0o644) -> None:
+    def move_into(
+        self,
+        name: str,
+        target: SafeDir,
+        target_name: str,
+        mode: int = 0o644,
+        before: Callable[[int], None] | None = None,
+    ) -> None:
         """Make staged file ``name`` visible as ``target/target_name``: fsync it (which also turns preallocated,
-        unwritten extents into written ones), set ``mode``, rename (never follows a link), fsync the target."""
+        unwritten extents into written ones), set ``mode``, call ``before(fd)`` (e.g. to mark it), rename (never
+        follows a link), fsync the target."""
         fd = self.open_file(name, os.O_RDONLY)
         try:
+            if before is not None:
+                before(fd)
             os.fsync(fd)
             os.fchmod(fd, mode)
         finally:
