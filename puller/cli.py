@@ -29,12 +29,18 @@ log = logging.getLogger("puller")
 
 async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials | None, output: str) -> PullResult:
     # SIGTERM (what Kubernetes sends) stops the pull like Ctrl-C: cancelled at a clean point, progress kept.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _current_task().cancel)
     explicit = {ref.domain: creds, ref.api_host: creds} if creds else {}
     async with Engine(settings, explicit) as engine:
         progress = PullProgress(str(ref))
         async with show(progress, output):
             return await engine.pull(ref, progress=progress)
+
+
+def _current_task() -> asyncio.Task:
+    task = asyncio.current_task()
+    assert task is not None, "called outside a task"
+    return task
 
 
 def _read_token(path: str | None) -> str | None:
@@ -58,7 +64,7 @@ async def run_daemon(settings: config.Settings) -> None:
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, asyncio.current_task().cancel)
+        loop.add_signal_handler(sig, _current_task().cancel)
     node = settings.node_name or os.environ.get("NODE_NAME")
     token = _read_token(settings.api_token_file)
     async with Engine(settings) as engine:
@@ -89,7 +95,7 @@ async def run_warmup(args: argparse.Namespace, output: str) -> None:
     from .daemon.node import DaemonPod, find_daemon_pods
     from .warmup import Warmup, display, resolve_service
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _current_task().cancel)
     for image in args.images:
         Reference.parse(image)  # a bad reference is exit 2 before any daemon is looked for
     token = _read_token(args.token_file)

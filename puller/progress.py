@@ -37,6 +37,7 @@ async def _rich(progress: PullProgress) -> None:
         BarColumn,
         DownloadColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
@@ -52,7 +53,7 @@ async def _rich(progress: PullProgress) -> None:
     )
     with Progress(*columns, transient=False, refresh_per_second=10) as bars:
         total_id = bars.add_task(f"[bold]{progress.reference}", total=None, state=progress.state)
-        ids: dict[str, int] = {}
+        ids: dict[str, TaskID] = {}
 
         def sync() -> None:
             for digest, b in progress.blobs.items():

@@ -65,7 +65,7 @@ async def resolve_service(name: str, port: int) -> list[DaemonPod]:
         infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise WarmupError(f"cannot resolve service {name}: {e.strerror}") from None
-    addrs = sorted({info[4][0] for info in infos})
+    addrs = sorted({str(info[4][0]) for info in infos})
     return [DaemonPod(a, f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}") for a in addrs]
 
 

@@ -99,15 +99,18 @@ class ImageListWatcher:
             with open(self.path, "rb") as f:
                 data = f.read(MAX_LIST_BYTES + 1)
         except OSError as e:
-            return self._refuse(data=None, why=f"cannot read image list {self.path}: {e.strerror}")
+            self._refuse(data=None, why=f"cannot read image list {self.path}: {e.strerror}")
+            return None
         if data == self._last:
             return None
         if len(data) > MAX_LIST_BYTES:
-            return self._refuse(data, f"image list {self.path} is larger than {MAX_LIST_BYTES} bytes")
+            self._refuse(data, f"image list {self.path} is larger than {MAX_LIST_BYTES} bytes")
+            return None
         try:
             specs = parse_list(data.decode("utf-8", "replace"), str(self.path))
         except ConfigError as e:
-            return self._refuse(data, str(e))
+            self._refuse(data, str(e))
+            return None
         self._last, self.error = data, None
         self.loaded += 1
         return specs

@@ -42,7 +42,8 @@ async def kube_api() -> AsyncIterator:
 
 def _api_error(e: Exception, what: str) -> KubernetesError:
     status = getattr(e, "status", None)
-    hint = {401: "unauthorized", 403: "forbidden: check the RBAC rules in deploy/", 404: "not found"}.get(status, "")
+    hints = {401: "unauthorized", 403: "forbidden: check the RBAC rules in deploy/", 404: "not found"}
+    hint = hints.get(status, "") if isinstance(status, int) else ""
     return KubernetesError(f"{what}: {status or ''} {hint or e}".strip())
 
 

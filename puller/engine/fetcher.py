@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -144,7 +145,7 @@ class BlobFetcher:
         if shared is None:
             shared = _Shared(asyncio.ensure_future(self._fetch_verified(ref, desc, store, progress, priority)))
             self._inflight[key] = shared
-            shared.future.add_done_callback(lambda f: (self._inflight.pop(key, None), _retrieve(f)))
+            shared.future.add_done_callback(functools.partial(self._fetch_done, key))
         else:
             progress.state = "fetching"
         shared.waiters += 1
@@ -158,6 +159,10 @@ class BlobFetcher:
             raise
         progress.state = "done"
         progress.done = desc.size
+
+    def _fetch_done(self, key: tuple[int, str], future: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        _retrieve(future)
 
     async def _fetch_verified(
         self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress, priority: int
@@ -307,7 +312,7 @@ class _BlobDownload:
                 os.close(self.fd)
             self.staging.unlink(self.data_name)
             raise store_error(e, f"preparing {self.desc.size} bytes for {self.desc.digest}") from None
-        self.done = RangeSet(self.staged.as_list())
+        self.done = RangeSet((s, e) for s, e in self.staged.as_list())
         self.done.add(0, held)
         if self.sink:
             self.sink.advance(self.done.prefix_end())

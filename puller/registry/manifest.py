@@ -76,8 +76,11 @@ class Descriptor:
     def from_json(cls, obj: Any, where: str) -> Descriptor:
         if not isinstance(obj, dict):
             raise ManifestError(f"{where}: descriptor is not an object")
+        raw = obj.get("digest")
+        if not isinstance(raw, str):
+            raise ManifestError(f"{where}: descriptor has no digest string")
         try:
-            digest = Digest.parse(obj.get("digest"))
+            digest = Digest.parse(raw)
         except InvalidDigest as e:
             raise ManifestError(f"{where}: {e}") from None
         size = obj.get("size")

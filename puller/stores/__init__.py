@@ -51,7 +51,13 @@ class BlobSink(Protocol):
 
 
 class Store(Protocol):
-    staging: SafeDir  # opened when the store is entered
+    @property
+    def staging(self) -> SafeDir:
+        """The checked staging directory, opened when the store is entered."""
+
+    async def __aenter__(self) -> Store: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
 
     def blob_sink(self, desc: Descriptor, staged: str) -> BlobSink | None:
         """A sink fed while the blob downloads (the blocks it refuses wait in ``staged``), or None to take the

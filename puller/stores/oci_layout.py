@@ -25,6 +25,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from ..errors import StoreError
 from ..reference import Reference
@@ -133,7 +134,7 @@ class OCILayoutStore(StoreBase):
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one index.json writer at a time, across processes
             index = self.read_index()
-            entry = {
+            entry: dict[str, Any] = {
                 "mediaType": target.media_type,
                 "digest": str(target.digest),
                 "size": target.size,

@@ -84,7 +84,7 @@ class OverlaybdSettings:
             raise ConfigError(f"cannot read overlaybd config {path}: {e}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"overlaybd config {path} is not a JSON object")
-        cache = doc.get("cacheConfig") if isinstance(doc.get("cacheConfig"), dict) else {}
+        cache: dict = doc["cacheConfig"] if isinstance(doc.get("cacheConfig"), dict) else {}
         if cache.get("cacheType"):
             cache_type = str(cache["cacheType"])
             cache_dir = str(cache.get("cacheDir") or DEFAULT_CACHE_DIR)
@@ -100,7 +100,7 @@ class OverlaybdSettings:
             )
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise ConfigError(f"overlaybd config {path}: invalid cache size {size!r}")
-        p2p = doc.get("p2pConfig") if isinstance(doc.get("p2pConfig"), dict) else {}
+        p2p: dict = doc["p2pConfig"] if isinstance(doc.get("p2pConfig"), dict) else {}
         return cls(cache_dir, size, bool(p2p.get("enable")))
 
 
