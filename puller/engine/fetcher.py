@@ -7,9 +7,9 @@ A blob is fetched like this:
 1. ``staging/<alg>-<hex>.partial`` is opened (created sparse, the blob's size) under an exclusive
    lock file, so two processes never write the same blob; ``<alg>-<hex>.ranges`` records which byte ranges are
    already on disk, so a killed pull resumes where it stopped.
-2. The first chunk's request also resolves the redirect: the registry's 307 to a CDN is followed without
-   credentials and the final URL is reused for every other range of the blob (resolved again on 401/403/410).
-   If the server answers the Range with 200, the blob is streamed whole over that one connection.
+2. Ranges are read through a :class:`~puller.registry.blobs.BlobReader` (the HTTP half: the redirect resolved
+   once and reused, expiry, Content-Range checks, mirror failover). If the server answers the Range with 200,
+   the blob is streamed whole over that one connection.
 3. Other chunks go out in parallel; when none are left, the slowest streaming range is split (tail split).
 4. Each received block is written with ``os.pwritev`` at its offset; the contiguous prefix is hashed as it
    grows (:class:`PrefixHasher`). At the end size and digest are checked; a mismatch deletes the staged data
@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ from dataclasses import dataclass, field
 from ..errors import DigestMismatch, RegistryError, SizeMismatch, StoreError, TransportError
 from ..priority import PrioritySemaphore
 from ..reference import Reference
-from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, ExpiredURL, RegistryClient, retrying
-from ..registry.hosts import PULL
+from ..registry.blobs import BlobReader, RangeBody
+from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, RegistryClient, retrying
 from ..registry.manifest import Descriptor
 from ..stores import BlobSink, Store, store_error
 from .budget import BandwidthCap, Connection, ConnectionBudget
@@ -57,7 +56,6 @@ LOCK_POLL_S = 0.2  # while another process fetches the same blob
 MAX_RANGES_RECORD = 16 << 20  # a .ranges file larger than this was not written by puller
 MAX_OPEN_BLOBS = 64  # blobs with open files at once (at least twice the connections)
 VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class TruncatedBody(TransportError):
@@ -216,9 +214,7 @@ class _BlobDownload:
         self.data_name = f"{stem}.partial"
         self.ranges_name = f"{stem}.ranges"
         self.lock_name = f"{stem}.lock"
-        self.endpoints = fetcher.client.endpoints(ref, PULL)  # mirrors first, then the upstream
-        self.endpoint_index = 0  # the host ranges come from now; moves on when a host fails
-        self.url: str | None = None  # the resolved (redirected) blob URL on that host, reused for every range
+        self.reader = BlobReader(fetcher.client, ref, desc)  # the HTTP half: hosts, redirects, range checks
         self.done = RangeSet()  # bytes received: staged, or (with a sink) taken by it
         self.staged = RangeSet()  # bytes written to the staged file; what .ranges records
         self.staged_saved = True  # .ranges records every staged byte
@@ -403,18 +399,14 @@ class _BlobDownload:
         the chunk, and every range after it, continue from the next host. The bytes already written stay:
         the blob is verified as one, whoever served its parts."""
         while True:
-            index = self.endpoint_index
-            last = index == len(self.endpoints) - 1
+            index, last = self.reader.index, self.reader.on_last_host
             try:
                 await self._fetch_chunk_from(chunk, conn, self.f.settings.attempts if last else MIRROR_ATTEMPTS)
                 return
             except (RegistryError, TransportError) as e:
                 if last:
                     raise
-                if self.endpoint_index == index:  # the first worker to see the failure moves everyone on
-                    self.endpoint_index, self.url = index + 1, None
-                    nxt = self.endpoints[index + 1].host
-                    log.warning("%s: %s: %s; continuing from %s", self.desc.digest, self.endpoints[index].host, e, nxt)
+                self.reader.fail_over(index, e)
 
     async def _fetch_chunk_from(self, chunk: Chunk, conn: Connection, attempts: int) -> None:
         async for attempt in retrying(attempts):
@@ -431,52 +423,18 @@ class _BlobDownload:
     async def _stream(self, chunk: Chunk) -> None:
         if chunk.pos >= chunk.end:
             return
-        headers = {"Range": f"bytes={chunk.pos}-{chunk.end - 1}", "Accept-Encoding": "identity"}
-        endpoint = self.endpoints[self.endpoint_index]
-        if self.url:
-            try:
-                async with self.f.client.url_get(self.url, headers) as resp:
-                    await self._consume(chunk, resp, endpoint.host)
-            except ExpiredURL:
-                self.url = None  # resolve through the registry again on the next attempt
-                raise
-        else:
-            path = f"blobs/{self.desc.digest}"
-            async with self.f.client.registry_get(self.ref, path, headers, endpoint) as (resp, final_url):
-                if final_url != self.f.client.endpoint_url(endpoint, self.ref, path):
-                    self.url = final_url
-                await self._consume(chunk, resp, endpoint.host)
-
-    async def _consume(self, chunk: Chunk, resp, host: str) -> None:
-        size = self.desc.size
-        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("identity", ""):
-            # Ranges and digests are about the blob's own bytes: an encoded body is neither (identity was asked).
-            raise RegistryError(f"{host} sent blob {self.desc.digest} with Content-Encoding {encoding!r}")
-        if resp.status == 206:
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != chunk.pos:
-                raise TransportError(f"bad Content-Range {resp.headers.get('Content-Range')!r} for {chunk.pos}-")
-            if m.group(3) != "*" and int(m.group(3)) != size:
-                raise SizeMismatch(size, int(m.group(3)), what=f"blob {self.desc.digest}")
+        async with self.reader.open(chunk.pos, chunk.end) as body:
             skip = 0
-            self._set_range_support(True)
-        elif resp.status == 200:
-            # Range ignored: the body is the whole blob. Stream it over this one connection.
-            length = resp.content_length
-            if length is not None and length != size:
-                raise SizeMismatch(size, length, what=f"blob {self.desc.digest}")
-            self._set_range_support(False)
-            chunk.pos = next(iter(self.done.missing(size)), (size, size))[0]
-            chunk.end = size
-            skip = chunk.pos
-        else:
-            raise TransportError(f"unexpected HTTP {resp.status} for a blob range")
-        chunk.streaming = True
-        try:
-            await self._copy_body(chunk, resp, skip, host)
-        finally:
-            chunk.streaming = False
+            self._set_range_support(not body.whole)
+            if body.whole:  # Range ignored: the body is the whole blob; stream what is missing over this one
+                size = self.desc.size
+                chunk.pos = skip = next(iter(self.done.missing(size)), (size, size))[0]
+                chunk.end = size
+            chunk.streaming = True
+            try:
+                await self._copy_body(chunk, body, skip)
+            finally:
+                chunk.streaming = False
 
     def _set_range_support(self, ok: bool) -> None:
         if self.range_ok is None or not ok:
@@ -487,16 +445,15 @@ class _BlobDownload:
                 other.end = other.pos  # stop the others; the whole-body stream covers their bytes
         self.range_known.set()
 
-    async def _copy_body(self, chunk: Chunk, resp, skip: int, host: str) -> None:
+    async def _copy_body(self, chunk: Chunk, body: RangeBody, skip: int) -> None:
         loop = asyncio.get_running_loop()
-        content = resp.content
-        guard = self.f.client.settings.speed.guard(f"{host}: blob {self.desc.digest}")
+        host = body.host
         buffers: list[bytes] = []
         buffered = 0
         received = 0
         try:
             while chunk.pos + buffered < chunk.end:
-                data = await guard.readany(content)
+                data = await body.read()
                 if not data:
                     break
                 if skip:
