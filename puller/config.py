@@ -1,7 +1,7 @@
 """One settings model: defaults here, overridden by a YAML file, overridden by command-line flags.
 
 Every option is documented in config/puller.yaml. Unknown keys are refused, so a typo is an error, not a
-silently ignored setting.
+silently ignored setting; so is a value of the wrong type (``true`` is not 1, ``3.9`` not 3, ``"2"`` not 2).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class Settings:
     def validate(self) -> Settings:
         if self.connections < 1 or self.connections_per_host < 1:
             raise ConfigError("connections and connections_per_host must be at least 1")
+        if self.min_split < 64 * 1024:
+            raise ConfigError("min_split must be at least 64KiB")
         if self.chunk_size < 64 * 1024:
             raise ConfigError("chunk_size must be at least 64KiB")
         if self.attempts < 1:
@@ -160,7 +162,9 @@ class Settings:
 
 def parse_size(value: Any) -> int:
     """``8388608``, ``"8MiB"``, ``"8M"``, ``"512k"`` -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"invalid size {value!r}: use bytes or a number with KiB/MiB/GiB")
+    if isinstance(value, int):
         return value
     text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
     try:
@@ -220,7 +224,10 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
             "max_blob_size",
             "staging_max_bytes",
         ):
-            value = parse_size(value)
+            try:
+                value = parse_size(value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {key}: {e}") from None
         elif name in ("plain_http", "insecure_skip_verify"):
             if isinstance(value, str):
                 value = [value]
@@ -229,11 +236,13 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
         elif known[name].type == "bool":
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: {key} must be true or false")
-        elif known[name].type in ("int", "float"):
-            try:
-                value = int(value) if known[name].type == "int" else float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}: {key} must be a number") from None
+        elif known[name].type == "int":
+            if not isinstance(value, int) or isinstance(value, bool):  # true is not 1, 3.9 is not 3, "2" not 2
+                raise ConfigError(f"{where}: {key} must be a whole number, not {value!r}")
+        elif known[name].type == "float":
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{where}: {key} must be a finite number of seconds, not {value!r}")
+            value = float(value)
         elif str(known[name].type).startswith("str") and not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string")
         setattr(settings, name, value)

@@ -360,3 +360,32 @@ def test_hand_built_containerd_write_message_is_what_protobuf_builds():
         assert content_pb2.WriteContentRequest.FromString(raw) == expected
         if offset:  # protobuf leaves a zero offset out; containerd reads both the same
             assert raw == expected.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("connections", True),
+        ("connections", 3.9),
+        ("connections", "2"),
+        ("parallel_pulls", "4"),
+        ("watch_interval", "2"),
+        ("watch_interval", float("nan")),
+        ("chunk_size", True),
+        ("chunk_size", [1]),
+        ("min_split", 10),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused_by_name(key, value):
+    from puller import config
+
+    with pytest.raises(ConfigError, match=key):
+        config.apply(config.Settings(), {key: value}, where="puller.yaml")
+
+
+def test_python_dash_m_puller_runs():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "puller", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("puller "), r.stderr

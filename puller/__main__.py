@@ -1,0 +1,7 @@
+"""``python -m puller``: the same command line as ``puller``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
