@@ -329,3 +329,26 @@ def test_startup_gate_with_the_in_cluster_service_account(direct_registry, tmp_p
             assert not kube.unexpected
     finally:
         shutil.rmtree(created, ignore_errors=True)
+
+
+def test_metrics_move_while_a_pull_runs(slow_rig, tmp_path):
+    """Bytes and a per-image progress gauge while the pull runs (not only when it ends); process metrics; no
+    _created series."""
+    reg, _ = slow_rig
+    p = pushed(reg, "test/big", "v1")
+    with Daemon(tmp_path / "d", {"connections": 2}) as d:  # 2 MB/s: about 12 s for the 24 MiB layer
+        d.images.set_images([p.ref])
+
+        def counted_while_pulling():
+            m = d.metrics()
+            done = [v for (name, _), v in m.items() if name == "puller_pull_done_bytes"]
+            pulling = (d.image(p.ref) or {}).get("state") == "pulling"
+            return pulling and fetched_bytes(m) > 0 and done and done[0] > 0 and m
+
+        m = d.wait_for(counted_while_pulling, 60, "bytes counted while the pull runs")
+        assert ("process_resident_memory_bytes", ()) in m
+        assert not [name for name, _ in m if name.endswith("_created")]
+        d.wait_state(p.ref, "present", timeout=120)
+        final = d.metrics()
+        assert fetched_bytes(final) >= sum(p.blobs.values())
+        assert not [v for (name, _), v in final.items() if name == "puller_pull_done_bytes"]  # none in flight

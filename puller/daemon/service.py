@@ -83,7 +83,9 @@ class Daemon:
         self._tasks: set[asyncio.Task] = set()  # unpins, staging collection
         self._next_collect = time.monotonic() + COLLECT_INTERVAL_S  # the engine collected when it started
         self.metrics = DaemonMetrics(
-            lambda: engine.budget.in_use, lambda: ((k, s.state) for k, s in self.images.items())
+            lambda: engine.budget.in_use,
+            lambda: ((k, s.state) for k, s in self.images.items()),
+            lambda: ((k, s.progress) for k, s in self.images.items() if s.task is not None and s.progress),
         )
 
     # ---- what the API and the gate read ---------------------------------------------------------------------
@@ -293,6 +295,7 @@ class Daemon:
                     raise
             if recheck and result.digest == st.digest and result.fetched_bytes == 0:
                 self.metrics.checks.inc()
+                self.metrics.account(st.progress)
             else:
                 self.metrics.pull_finished(st.progress, "success")
                 hosts = ", ".join(f"{h} {n / 1e6:.1f} MB" for h, n in result.by_host.items()) or "nothing fetched"

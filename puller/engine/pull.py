@@ -29,6 +29,7 @@ class PullProgress:
     blobs: dict[str, BlobProgress] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    accounted: bool = False  # its bytes and retries are in the daemon's totals (metrics)
 
     @property
     def total(self) -> int:
