@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, config
+from . import __version__, config, logs
 from .engine.pull import PullProgress, PullResult
 from .engine.runtime import Engine
 from .errors import ConfigError, PullerError
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images-file", help=f"the image list to keep present (default {config.DAEMON_IMAGES_FILE})")
     d.add_argument("--listen", help=f"HOST:PORT of the HTTP API (default {config.DAEMON_LISTEN})")
     d.add_argument("--store", help="oci:DIR, containerd or overlaybd (default: from the config)")
+    d.add_argument("--log-format", choices=logs.FORMATS, help="text (default) or json: one object per line")
     w = sub.add_parser("warmup", help="ask every node's daemon to pull images now; with --wait, wait for all")
     w.add_argument("images", nargs="+", metavar="IMAGE", help="image references")
     w.add_argument("--wait", action="store_true", help="wait until every node reports every image present")
@@ -191,7 +192,7 @@ def _pull_parser(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else (logging.INFO if args.command == "daemon" else logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("text", level)
     json_errors = getattr(args, "json", False)
     try:
         return {"pull": _pull, "daemon": _daemon, "warmup": _warmup}[args.command](args)
@@ -244,7 +245,9 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _daemon(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
-    settings = config.apply(settings, {"images_file": args.images_file, "listen": args.listen, "store": args.store})
+    flags = {"images_file": args.images_file, "listen": args.listen, "store": args.store, "log_format": args.log_format}
+    settings = config.apply(settings, flags)
+    logs.configure(settings.log_format, logging.getLogger().level)
     _run(run_daemon(settings))
     return 0
 

@@ -89,6 +89,7 @@ class Settings:
     start_jitter: float = 0.0
     startup_taint: str | None = STARTUP_TAINT
     startup_deadline: float = 900.0
+    log_format: str = "text"
     pull_timeout: float = 3600.0
     api_max_images: int = 1000
     api_forget_after: float = 3600.0
@@ -108,6 +109,8 @@ class Settings:
             raise ConfigError("start_jitter must be zero or a positive number of seconds")
         if self.max_blob_size < 1 or self.staging_max_bytes < 0:
             raise ConfigError("max_blob_size must be positive and staging_max_bytes zero or positive")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.api_max_images < 1:
             raise ConfigError("api_max_images must be at least 1")
         if self.parallel_pulls < 1:

@@ -352,3 +352,23 @@ def test_metrics_move_while_a_pull_runs(slow_rig, tmp_path):
         final = d.metrics()
         assert fetched_bytes(final) >= sum(p.blobs.values())
         assert not [v for (name, _), v in final.items() if name == "puller_pull_done_bytes"]  # none in flight
+
+
+def test_json_logs_one_object_per_line_with_an_event_per_pull(cdn_rig, tmp_path):
+    reg, _ = cdn_rig
+    small = pushed(reg, "test/small", "v1")
+    missing = f"{reg.host}/test/nonexistent:v1"
+    with Daemon(tmp_path / "d", {"log_format": "json"}) as d:
+        d.images.set_images([small.ref, missing])
+        d.wait_state(small.ref, "present")
+        d.wait_state(missing, "failed")
+        assert d.stop() == 0
+    lines = [line for line in d.log.read_text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= e.keys() for e in events)
+    pulls = {(e["image"], e["result"]): e for e in events if e.get("event") == "pull"}
+    ok = pulls[(small.ref, "success")]
+    assert ok["digest"] == small.digest and ok["bytes"] == sum(small.blobs.values()) and ok["seconds"] >= 0
+    assert sum(ok["hosts"].values()) == ok["bytes"]
+    failed = pulls[(missing, "failure")]
+    assert failed["cause"] == "NotFound" and "not found" in failed["error"]

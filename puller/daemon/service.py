@@ -300,7 +300,20 @@ class Daemon:
                 self.metrics.pull_finished(st.progress, "success")
                 hosts = ", ".join(f"{h} {n / 1e6:.1f} MB" for h, n in result.by_host.items()) or "nothing fetched"
                 why = " (moved or incomplete)" if recheck else ""
-                log.info("%s present%s: %s in %.1f s; %s", ref, why, result.digest, result.seconds, hosts)
+                fields = {
+                    "event": "pull",
+                    "image": str(ref),
+                    "result": "success",
+                    "digest": result.digest,
+                    "bytes": result.fetched_bytes,
+                    "seconds": round(result.seconds, 3),
+                    "hosts": result.by_host,
+                }
+                log.info(
+                    "%s present%s: %s in %.1f s; %s",
+                    *(ref, why, result.digest, result.seconds, hosts),
+                    extra={"fields": fields},
+                )
             st.state, st.digest, st.error, st.failures = PRESENT, result.digest, None, 0
             st.checked = time.monotonic()
         except asyncio.CancelledError:
@@ -322,7 +335,15 @@ class Daemon:
             st.state = FAILED
         backoff = min(self.settings.retry_backoff_max, BACKOFF_BASE_S * 2 ** (st.failures - 1))
         st.next_attempt = time.monotonic() + backoff * random.uniform(0.5, 1.0)
-        log.warning("%s: %s (retry in about %.0f s)", st.spec.reference, st.error, backoff)
+        fields = {
+            "event": "pull",
+            "image": str(st.spec.reference),
+            "result": "failure",
+            "error": st.error,
+            "cause": type(e).__name__,
+            "retry_in_s": round(backoff),
+        }
+        log.warning("%s: %s (retry in about %.0f s)", st.spec.reference, st.error, backoff, extra={"fields": fields})
 
 
 @contextlib.asynccontextmanager
