@@ -26,7 +26,7 @@ def test_daemon_follows_the_image_list_through_symlink_swaps(cdn_rig, tmp_path):
         got = d.wait_state(app.ref, "present")
         assert got["digest"] == app.digest and got["sources"] == ["list"]
         assert_store_holds(d.store, app)
-        assert d.get("/readyz")[0] == 200
+        assert d.get("/readyz?list=1")[0] == 200
 
         d.images.set_images([{"reference": small.ref, "pin": True}])  # kubelet's atomic ..data swap
         d.wait_state(small.ref, "present")
@@ -35,7 +35,7 @@ def test_daemon_follows_the_image_list_through_symlink_swaps(cdn_rig, tmp_path):
 
         d.images.write("images: [this is: not, a list\n")  # a broken version: refused, the last good list stays
         d.wait_for(lambda: d.metrics().get(("puller_image_list_reloads_total", (("result", "error"),))) == 1)
-        assert d.image(small.ref)["state"] == "present" and d.get("/readyz")[0] == 200
+        assert d.image(small.ref)["state"] == "present" and d.get("/readyz?list=1")[0] == 200
 
         m = d.metrics()
         assert m[("puller_pulls_total", (("result", "success"),))] == 2
@@ -68,7 +68,8 @@ def test_moved_tags_are_pulled_again_and_a_failing_image_blocks_nothing(cdn_rig,
         time.sleep(3)
         failures = d.metrics()[("puller_pulls_total", (("result", "failure"),))]
         assert 1 <= failures <= 3  # backing off (2 s, 4 s, ...), not retried every tick
-        assert d.get("/readyz")[0] == 503
+        assert d.get("/readyz?list=1")[0] == 503  # the list is not present ...
+        assert d.get("/readyz")[0] == 200  # ... but the daemon serves: a failing image holds no rollout
 
 
 def test_api_refuses_bad_requests_with_clear_4xx(cdn_rig, tmp_path):
@@ -119,7 +120,7 @@ def test_api_status_while_pulling_wait_and_timeout(slow_rig, tmp_path):
         assert got == 202 and body["images"][0]["state"] in ("absent", "pulling")
         view = d.wait_for(lambda: (i := d.image(big.ref)) and i.get("done", 0) > 0 and i, what="bytes done")
         assert view["state"] == "pulling" and view["total"] == size and view["done"] < size
-        assert d.get("/readyz")[0] == 200  # readiness is about the configured list (empty), not API requests
+        assert d.get("/readyz?list=1")[0] == 200  # the list's readiness is about the list (empty), not API requests
 
         got, body = d.post("/v1/pull", {"images": [big.ref], "wait": True, "timeout": 0.5})
         assert got == 504 and body["images"][0]["state"] == "pulling"
@@ -227,7 +228,7 @@ def test_startup_taint_removed_at_the_deadline_when_the_registry_fails(direct_re
             d.wait_for(lambda: kube.nodes["node-1"]["spec"]["taints"] == [], what="taint removed at the deadline")
             assert d.image(missing)["state"] == "failed"
             assert d.metrics()[("puller_startup_taint_removed_total", (("reason", "deadline"),))] == 1
-            status, text = d.get("/readyz")
+            status, text = d.get("/readyz?list=1")
             assert status == 503 and missing in text
         assert "deadline of 2 s passed with" in d.log.read_text()
         assert not kube.unexpected

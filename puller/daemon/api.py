@@ -4,8 +4,8 @@
   starts pulls now. Without wait: 202 and the images' states. With wait: 200 when all are present, 502 when
   one failed (its ``error`` says why), 504 when ``timeout`` passed first.
 - ``GET /v1/images``  this node's images: absent, pulling (done/total bytes), present (digest), failed (error).
-- ``/healthz`` (the process serves), ``/readyz`` (the image list is present: 200, else 503 with what is
-  missing), ``/metrics`` (Prometheus).
+- ``/healthz`` (the process runs), ``/readyz`` (it serves: what a rollout waits for), ``/readyz?list=1`` (the
+  image list is present: 200, else 503 with what is missing), ``/metrics`` (Prometheus).
 
 Every request is validated: JSON only, known fields only, at most ``MAX_BODY`` bytes and ``MAX_IMAGES_PER_REQUEST``
 images, references parsed before anything is pulled, JSON nested too deeply refused; at most ``api_max_images``
@@ -132,7 +132,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 while the daemon serves (what a rollout waits for: an image that fails must not hold it; the start-up
+    taint is the gate for the list). ``?list=1``: 200 only once every listed image is present."""
     daemon = request.app[DAEMON_KEY]
+    if request.query.get("list") not in ("1", "true"):
+        return web.Response(text="serving\n")
     if daemon.ready:
         return web.Response(text="ready\n")
     if not daemon.list_loaded:
