@@ -116,6 +116,12 @@ class StoreBase:
         return None
 
 
+def free_bytes(where: int | str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``where`` (a path or an open fd)."""
+    vfs = os.statvfs(where)
+    return vfs.f_bavail * vfs.f_frsize
+
+
 def check_space(staging: SafeDir, blobs: list[Descriptor]) -> None:
     """DiskFull when ``blobs`` (less what is staged of them: ``<alg>-<hex>.partial``) exceed the free space of
     the staging directory's filesystem."""
@@ -123,8 +129,7 @@ def check_space(staging: SafeDir, blobs: list[Descriptor]) -> None:
     for d in blobs:
         st = staging.stat(f"{d.digest.algorithm}-{d.digest.hex}.partial")
         needed += max(0, d.size - (st.st_blocks * 512 if st is not None else 0))
-    vfs = os.fstatvfs(staging.fd)
-    free = vfs.f_bavail * vfs.f_frsize
+    free = free_bytes(staging.fd)
     if needed > free:
         raise DiskFull(
             f"no space left on device for this image: it needs {needed / 1e6:,.1f} MB more, "

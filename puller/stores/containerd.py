@@ -48,7 +48,7 @@ from ..priority import PrioritySemaphore
 from ..reference import Reference
 from ..registry import manifest as mf
 from ..registry.manifest import Descriptor
-from . import StoreBase
+from . import StoreBase, free_bytes
 from .containerd_api import (
     content_pb2,
     content_pb2_grpc,
@@ -547,11 +547,10 @@ class ContainerdStore(StoreBase):
         if not blobs:
             return
         try:
-            st = await asyncio.to_thread(os.statvfs, self.root)
+            free = await asyncio.to_thread(free_bytes, self.root)
         except OSError as e:
             log.warning("cannot check free space of containerd's root %s (%s): set containerd_root", self.root, e)
             return
-        free = st.f_bavail * st.f_frsize
         download = sum(d.size for d in blobs)
         unpacked = sum(_unpacked_estimate(d) for d in blobs) if self.unpack else 0
         if download + unpacked > free:
@@ -563,10 +562,9 @@ class ContainerdStore(StoreBase):
     async def _raise_if_full(self, what: str, wanted: int) -> None:
         """DiskFull when containerd's root filesystem has less than ``wanted`` bytes free."""
         try:
-            st = await asyncio.to_thread(os.statvfs, self.root)
+            free = await asyncio.to_thread(free_bytes, self.root)
         except OSError:
             return
-        free = st.f_bavail * st.f_frsize
         if free < wanted:
             raise DiskFull(
                 f"containerd ran out of disk space while {what}: {self.root} has {free / 1e6:,.1f} MB free, "

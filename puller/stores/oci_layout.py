@@ -44,7 +44,7 @@ class OCILayoutStore(StoreBase):
     def __init__(self, root: str | os.PathLike[str] = DEFAULT_OCI_DIR):
         self.root = Path(root).absolute()
         self.staging_dir = self.root / ".puller" / "staging"
-        self._dirs: dict[str, SafeDir] = {}  # "", ".puller", "staging", "blobs/<alg>": checked, open
+        self._dirs: dict[str, SafeDir] = {}  # "", ".puller", "staging", "blobs", "blobs/<alg>": checked, open
 
     async def __aenter__(self) -> OCILayoutStore:
         await asyncio.to_thread(self._init)
@@ -64,9 +64,8 @@ class OCILayoutStore(StoreBase):
             top = self._dirs[""] = SafeDir.open(self.root, mode=0o755)
             self._dirs[".puller"] = top.subdir(".puller")  # partial data is nobody else's
             self._dirs["staging"] = self._dirs[".puller"].subdir("staging")
-            blobs = top.subdir("blobs", mode=0o755)
-            self._dirs["blobs/sha256"] = blobs.subdir("sha256", mode=0o755)
-            blobs.close()
+            self._dirs["blobs"] = top.subdir("blobs", mode=0o755)
+            self._blobs("sha256")
             if top.stat("oci-layout") is None:
                 top.write_atomic("oci-layout", json.dumps(LAYOUT).encode())
             if top.stat("index.json") is None:
@@ -79,7 +78,7 @@ class OCILayoutStore(StoreBase):
     def _blobs(self, algorithm: str) -> SafeDir:
         key = f"blobs/{algorithm}"
         if key not in self._dirs:
-            self._dirs[key] = SafeDir.open(self.root / "blobs" / algorithm, mode=0o755)
+            self._dirs[key] = self._dirs["blobs"].subdir(algorithm, mode=0o755)
         return self._dirs[key]
 
     def blob_path(self, desc: Descriptor) -> Path:

@@ -45,7 +45,7 @@ from pathlib import Path
 from ..errors import ConfigError, DiskFull, StoreError
 from ..reference import Reference
 from ..registry.manifest import Descriptor, Manifest
-from . import StoreBase, mark_verified, store_error, verified_present
+from . import StoreBase, free_bytes, mark_verified, store_error, verified_present
 from .defaults import OVERLAYBD_CACHE_DIR as DEFAULT_CACHE_DIR
 from .defaults import OVERLAYBD_CACHE_SIZE_GB as DEFAULT_CACHE_SIZE_GB
 from .defaults import OVERLAYBD_CONFIG as DEFAULT_CONFIG
@@ -252,12 +252,9 @@ class OverlaybdStore(StoreBase):
                 f"{used / 1e6:,.0f} MB of its {self.cache_limit / 1e6:,.0f} MB limit (cacheSizeGB): overlaybd "
                 "would evict blobs to make room; raise cacheSizeGB or prefetch fewer images"
             )
-        free = os.statvfs(self.cache_dir)
-        if needed > free.f_bavail * free.f_frsize:
-            raise DiskFull(
-                f"image needs {needed / 1e6:,.0f} MB, {self.cache_dir} has "
-                f"{free.f_bavail * free.f_frsize / 1e6:,.0f} MB free"
-            )
+        free = free_bytes(self.cache.fd)
+        if needed > free:
+            raise DiskFull(f"image needs {needed / 1e6:,.0f} MB, {self.cache_dir} has {free / 1e6:,.0f} MB free")
 
     async def commit_blob(self, desc: Descriptor, staged: str) -> None:
         await asyncio.to_thread(self._commit_blob, desc, staged)

@@ -68,7 +68,11 @@ class SafeDir:
         """Open ``path`` (creating missing directories with ``mode`` when ``create``), checked as described in
         the module docstring. Raises :class:`UnsafeDirectory` or StoreError with one line."""
         path = Path(os.path.abspath(path))
-        fd = _walk(os.open("/", _DIR_FLAGS), list(path.parts[1:]), create, mode, str(path))
+        return cls._checked(path, _walk(os.open("/", _DIR_FLAGS), list(path.parts[1:]), create, mode, str(path)))
+
+    @classmethod
+    def _checked(cls, path: Path, fd: int) -> SafeDir:
+        """``fd`` (directory ``path``) if puller's user owns it and nobody else may write it; closed otherwise."""
         try:
             st = os.fstat(fd)
             if st.st_uid != os.geteuid():
@@ -87,8 +91,10 @@ class SafeDir:
         return cls(path, fd)
 
     def subdir(self, name: str, create: bool = True, mode: int = 0o700) -> SafeDir:
-        """A checked subdirectory (one component)."""
-        return SafeDir.open(self.path / name, create, mode)
+        """A checked subdirectory (one component), reached from this directory's descriptor."""
+        _check_name(name)
+        path = self.path / name
+        return SafeDir._checked(path, _walk(os.dup(self.fd), [name], create, mode, str(path)))
 
     # ---- files ---------------------------------------------------------------------------------------------
 
