@@ -114,20 +114,35 @@ def slow_rig(workdir: Path, layout, tmp_path: Path):
         yield reg, cdn
 
 
-@pytest.fixture(scope="session", params=sorted(CONTAINERD_BINS))
-def containerd(request, workdir: Path, cdn_rig):
-    """One containerd of each tested version for the session, with its own root, state and socket, and its CRI
-    plugin on (sandbox image: test/pause:v1 of cdn_rig's registry, reached over plain HTTP)."""
+@pytest.fixture(scope="session")
+def containerds(workdir: Path, cdn_rig):
+    """containerd by version, started when first asked for and kept for the session, each with its own root,
+    state and socket, and its CRI plugin on (sandbox image: test/pause:v1 of cdn_rig's registry, reached over
+    plain HTTP)."""
     reg, _ = cdn_rig
-    root = workdir / f"containerd-{request.param}"
-    hosts = root / "certs.d"
-    (hosts / reg.host).mkdir(parents=True, exist_ok=True)
-    (hosts / reg.host / "hosts.toml").write_text(
-        f'server = "http://{reg.host}"\n[host."http://{reg.host}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-    cri = CRIConfig(f"{reg.host}/test/pause:v1", hosts)
-    with Containerd(root, version=request.param, cri=cri) as c:
-        yield c
+    started: dict[str, Containerd] = {}
+
+    def get(version: str) -> Containerd:
+        if version not in started:
+            root = workdir / f"containerd-{version}"
+            hosts = root / "certs.d"
+            (hosts / reg.host).mkdir(parents=True, exist_ok=True)
+            (hosts / reg.host / "hosts.toml").write_text(
+                f'server = "http://{reg.host}"\n[host."http://{reg.host}"]\n  capabilities = ["pull", "resolve"]\n'
+            )
+            cri = CRIConfig(f"{reg.host}/test/pause:v1", hosts)
+            started[version] = Containerd(root, version=version, cri=cri).__enter__()
+        return started[version]
+
+    yield get
+    for c in started.values():
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session", params=sorted(CONTAINERD_BINS))
+def containerd(request, containerds):
+    """One containerd of each tested version (see ``containerds``)."""
+    return containerds(request.param)
 
 
 PULLER = (sys.executable, "-m", "puller.cli")  # the installed package, whatever PATH says

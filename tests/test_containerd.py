@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from puller.stores.containerd import chain_ids
+from puller.stores.containerd.unpack import chain_ids
 
 from .conftest import pushed, run_puller, start_puller
 from .rig import Containerd, LayoutWriter, Registry, flip_middle_byte, skopeo_push
@@ -371,8 +371,8 @@ async def test_one_store_pulls_several_images_at_once(containerd, tmp_path: Path
             ]
             results = await asyncio.wait_for(asyncio.gather(*pulls, return_exceptions=True), 60)
             store = engine.store  # a daemon runs for weeks: nothing is kept per blob once its pulls are over
-            assert not (store._images or store._unpackers or store._order or store._sources or store._ready)
-            assert not (store._labelled or store._sinks or store._kept)
+            assert not (store._images or store._unpacking or store._blobs or store.leases)
+            assert store._shared is not None and store._shared.kept == 0
     assert isinstance(results[-1], DigestMismatch), results[-1]
     records = image_records(containerd, ns)
     assert bad.ref not in records
@@ -394,63 +394,75 @@ async def test_a_blob_waiting_for_its_bytes_leaves_the_write_streams_to_others(c
     """containerd's ingest is the limit on a fast link, so only MAX_WRITE_STREAMS blobs send at once; a blob whose
     next bytes are still on their way must not keep a stream from a blob whose bytes are all here."""
     import asyncio
+    import contextlib
 
-    from puller.digest import Digest
-    from puller.registry.manifest import Descriptor
-    from puller.stores.containerd import MAX_WRITE_STREAMS, ContainerdStore
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd.writer import MAX_WRITE_STREAMS
 
-    LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-
-    def blob(seed: int) -> tuple[Descriptor, bytes]:
-        data = os.urandom(2_000_000 + seed)
-        return Descriptor(LAYER, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()), len(data)), data
-
-    async with ContainerdStore(str(containerd.socket), "streams", staging_dir=tmp_path / "st") as store:
+    store = ContainerdStore(str(containerd.socket), "streams", staging_dir=tmp_path / "st")
+    async with store, contextlib.AsyncExitStack() as stack:
         stalled = []
         for i in range(MAX_WRITE_STREAMS):  # half of each arrives, then nothing for a while
-            desc, data = blob(i)
-            sink = store.blob_sink(desc, f"stalled-{i}")
-            assert await sink.start() == 0
-            assert sink.take(0, [data[: len(data) // 2]], len(data) // 2)
-            sink.advance(len(data) // 2)
-            stalled.append((desc, data, sink))
+            desc, data = _random_blob(2_000_000 + i)
+            writer = await stack.enter_async_context(store.writer(desc))
+            assert not (await writer.status()).done
+            await writer.write_at(0, [data[: len(data) // 2]])
+            stalled.append((desc, data, writer))
         await asyncio.sleep(0.5)  # the stalled blobs have sent their halves
-        desc, data = blob(99)
-        ready = store.blob_sink(desc, "ready")
-        await ready.start()
-        assert ready.take(0, [data], len(data))
-        ready.advance(len(data))
-        await asyncio.wait_for(store.commit_blob(desc, "ready"), 20)  # committed while the others wait
+        desc, data = _random_blob(2_000_099)
+        async with store.writer(desc) as ready:
+            await ready.status()
+            await ready.write_at(0, [data])
+            await asyncio.wait_for(ready.commit(), 20)  # committed while the others wait
         assert await store.has_blob(desc)
-        for desc, data, sink in stalled:  # the rest of their bytes arrive: they finish too
-            assert sink.take(len(data) // 2, [data[len(data) // 2 :]], len(data) - len(data) // 2)
-            sink.advance(len(data))
-            await asyncio.wait_for(store.commit_blob(desc, "stalled"), 20)
+        for desc, data, writer in stalled:  # the rest of their bytes arrive: they finish too
+            await writer.write_at(len(data) // 2, [data[len(data) // 2 :]])
+            await asyncio.wait_for(writer.commit(), 20)
             assert await store.has_blob(desc)
 
 
-async def test_a_blob_waiting_for_a_stream_downloads_only_what_memory_holds(containerd, tmp_path: Path):
-    """On a fast link containerd's ingest is the limit: a blob whose turn to be sent has not come fetches its first
-    bytes, and beyond them only what the memory for waiting blobs can hold (else it would stage bytes on disk only
-    to read them back); what was promised is accounted when it arrives and given back when the blob ends."""
+def _random_blob(size: int):
     from puller.digest import Digest
     from puller.registry.manifest import Descriptor
-    from puller.stores.containerd import MAX_KEPT_WAITING, ContainerdStore
 
+    data = os.urandom(size)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    return Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", digest, size), data
+
+
+async def test_bytes_ahead_of_containerd_are_kept_then_staged_and_resumed(containerd, tmp_path: Path, monkeypatch):
+    """Bytes that are not next wait in memory (for a blob without a stream yet, only MAX_KEPT_WAITING of it),
+    the rest are staged; a write far ahead of what containerd took waits, at most MAX_WAIT_S, first.
+    Memory is given back when the writer ends; staged bytes are what the next writer resumes from."""
+    import time
+
+    from puller.digest import Digest
+    from puller.registry.manifest import Descriptor
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd import writer as cw
+
+    monkeypatch.setattr(cw, "MAX_WAIT_S", 0.5)
     mib = 1 << 20
-    desc = Descriptor("application/vnd.oci.image.layer.v1.tar", Digest.parse("sha256:" + "ab" * 32), 64 * mib)
-    async with ContainerdStore(str(containerd.socket), "admit", staging_dir=tmp_path / "st") as store:
-        sink = store.blob_sink(desc, "blob")
-        assert await sink.start() == 0
-        assert sink.admit(0, 8 * mib)  # its first bytes: always
-        assert sink.admit(8 * mib, 8 * mib + MAX_KEPT_WAITING // 2)  # ahead of them: memory is promised
-        assert store._coming == MAX_KEPT_WAITING // 2
-        assert not sink.admit(40 * mib, 40 * mib + MAX_KEPT_WAITING // 2 + 1)  # more than is left: waits
-        block = b"\0" * (MAX_KEPT_WAITING // 2)
-        assert sink.take(8 * mib, [block], len(block))  # the promised bytes arrive and are kept
-        assert (store._kept, store._coming) == (len(block), 0)
-        await sink.close()  # the pull ends: memory and promises are given back
-        assert (store._kept, store._coming) == (0, 0)
+    desc = Descriptor("application/vnd.oci.image.layer.v1.tar", Digest.parse("sha256:" + "ab" * 32), 100 * mib)
+    async with ContainerdStore(str(containerd.socket), "ahead", staging_dir=tmp_path / "st") as store:
+        assert store._shared is not None
+        async with store.writer(desc) as writer:
+            assert not (await writer.status()).done
+            await writer.write_at(8 * mib, [b"k" * (4 * mib)])  # kept: no byte 0 yet, so no stream
+            assert store._shared.kept == 4 * mib
+            await writer.write_at(16 * mib, [b"s" * cw.MAX_KEPT_WAITING])  # more than memory for waiting: staged
+            assert store._shared.kept == 4 * mib
+            started = time.monotonic()
+            await writer.write_at(80 * mib, [b"w" * mib])  # far ahead of containerd: waits, then kept as any
+            assert time.monotonic() - started >= 0.5
+            assert store._shared.kept == 5 * mib
+        assert store._shared.kept == 0
+        async with store.writer(desc) as again:
+            done = (await again.status()).done
+            assert done.as_list() == [[16 * mib, 16 * mib + cw.MAX_KEPT_WAITING]]
+            await again.abort()
+        async with store.writer(desc) as after:
+            assert not (await after.status()).done
 
 
 def test_unpacked_tree_holds_every_layer_and_whiteouts_hide_lower_files(containerd, tmp_path: Path):

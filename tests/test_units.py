@@ -13,9 +13,10 @@ import yaml
 from puller import config
 from puller.digest import Digest
 from puller.engine.budget import ConnectionBudget
-from puller.engine.plan import Chunk, RangeSet, plan_chunks, split_for_tail
+from puller.engine.plan import Chunk, plan_chunks, split_for_tail
 from puller.errors import ConfigError, InvalidDigest, InvalidReference, ManifestError, PlatformNotFound
 from puller.priority import PrioritySemaphore
+from puller.ranges import RangeSet
 from puller.reference import Reference
 from puller.registry import manifest as mf
 from puller.registry.auth import Credentials, CredentialStore, parse_www_authenticate
@@ -349,11 +350,11 @@ def test_readme_guarantees_name_tests_that_exist():
 
 
 def test_hand_built_containerd_write_message_is_what_protobuf_builds():
-    from puller.stores.containerd import _write_message
+    from puller.stores.containerd.content import write_message
     from puller.stores.containerd_api import content_pb2
 
     for offset in (0, 1, 127, 128, 300, 5 << 30):
-        raw = _write_message(b"puller-sha256:abc", offset, [b"x" * 200, b"", b"yz"])
+        raw = write_message(b"puller-sha256:abc", offset, [b"x" * 200, b"", b"yz"])
         expected = content_pb2.WriteContentRequest(
             action=content_pb2.WRITE, ref="puller-sha256:abc", offset=offset, data=b"x" * 200 + b"yz"
         )

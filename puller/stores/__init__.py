@@ -1,14 +1,12 @@
 """Where verified bytes go. Every store commits atomically and can answer "have I got X?".
 
-A store never talks to a registry. The engine stages a blob in :attr:`Store.staging` (a checked directory on the
-store's filesystem, so that committing is a rename; see :mod:`.safedir`), verifies it, then calls
-:meth:`Store.commit_blob` with the staged file's name in that directory.
-
-A store that takes data as a stream and checks the digest itself before anything becomes visible (containerd)
-may instead return a :class:`BlobSink` from :meth:`Store.blob_sink`. The engine then offers it every received
-block straight from the network (:meth:`BlobSink.take`), stages only the blocks it refuses, and leaves the digest
-check to the store's commit: a mismatch there is handled like one found by the engine (nothing committed, the
-blob fetched once more).
+A store never talks to a registry. The engine meets it through one contract, shaped like containerd's content
+Writer: :meth:`Store.writer` gives a :class:`BlobWriter` for one blob, which says what it already holds
+(:meth:`BlobWriter.status`: the ranges to resume from), takes bytes at their offsets in any order
+(:meth:`BlobWriter.write_at`, which may wait: the only backpressure a store applies) and makes the blob visible
+only when size and digest are right (:meth:`BlobWriter.commit`). The engine schedules ranges and hands bytes over;
+how a store keeps them (a staged file and its hash, containerd's ingest and memory for out-of-order bytes) is
+the writer's. ``tests/test_store_contract.py`` holds every store to the same promises.
 """
 
 from __future__ import annotations
@@ -17,51 +15,64 @@ import contextlib
 import errno
 import hashlib
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import DiskFull, StoreError
+from ..ranges import RangeSet
 from ..reference import Reference
 from ..registry.manifest import Descriptor, Manifest
 from .safedir import SafeDir
 
+Buffer = bytes | bytearray | memoryview
 
-class BlobSink(Protocol):
-    async def start(self) -> int:
-        """Begin; return how many bytes of the blob the store already holds in order (from an earlier run)."""
 
-    def take(self, offset: int, buffers: list[bytes], n: int) -> bool:
-        """Keep ``n`` received bytes at ``offset`` to send in their turn, if memory allows; when False the engine
-        writes them to the staged file instead."""
+@dataclass(frozen=True, slots=True)
+class WriteStatus:
+    """What a writer already holds: ``done``, the byte ranges kept from an earlier run (fetch only the rest);
+    ``present``, the blob is committed already (by another pull meanwhile): nothing to write."""
 
-    def advance(self, received_end: int) -> None:
-        """Bytes ``[0, received_end)`` are received: kept by :meth:`take` or written to the staged file."""
+    done: RangeSet
+    present: bool = False
 
-    def admit(self, start: int, end: int) -> bool:
-        """False when bytes ``[start, end)`` should not be fetched yet: the store is too far behind, and fetching
-        further would only take the CPU (or disk) the store needs."""
 
-    async def wait_admit(self, start: int, end: int) -> None:
-        """Return when ``admit(start, end)`` is True."""
+class BlobWriter(Protocol):
+    """One blob on its way into a store; use as ``async with store.writer(desc) as w``. Entering may wait for
+    another writer of the same blob (in this process or another); leaving keeps what is durable for a resume
+    unless the blob was committed or aborted."""
+
+    async def __aenter__(self) -> BlobWriter: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def status(self) -> WriteStatus:
+        """What is already held (see :class:`WriteStatus`)."""
+
+    async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Take the bytes ``buffers`` at ``offset``; may wait while the store catches up (bounded)."""
+
+    async def commit(self) -> None:
+        """Make the blob visible, if its bytes ``[0, size)`` are all written and have the descriptor's digest;
+        else raise SizeMismatch, or DigestMismatch after forgetting every byte (nothing visible, nothing staged).
+        Committing a blob that is present succeeds without writing."""
 
     async def abort(self) -> None:
-        """The bytes were wrong (digest mismatch): forget what was sent."""
-
-    async def close(self) -> None:
-        """Stop sending (the pull failed or was cancelled); what was sent is kept for a resume."""
+        """Forget every byte written (the pull gives up on this blob's bytes)."""
 
 
 class Store(Protocol):
     @property
     def staging(self) -> SafeDir:
-        """The checked staging directory, opened when the store is entered."""
+        """The checked directory where writers keep what is not yet committed, opened when the store is
+        entered."""
 
     async def __aenter__(self) -> Store: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
 
-    def blob_sink(self, desc: Descriptor, staged: str) -> BlobSink | None:
-        """A sink fed while the blob downloads (the blocks it refuses wait in ``staged``), or None to take the
-        verified file whole at commit."""
+    def writer(self, desc: Descriptor) -> BlobWriter:
+        """A writer for blob ``desc``."""
 
     async def begin_image(self, ref: Reference, manifest: Manifest) -> None:
         """Called once the manifest is known, before its blobs are fetched (e.g. to take a lease, to unpack
@@ -79,16 +90,12 @@ class Store(Protocol):
     async def has_blob(self, desc: Descriptor) -> bool:
         """True when the blob is present, complete and committed."""
 
-    async def commit_blob(self, desc: Descriptor, staged: str) -> None:
-        """Take ownership of ``staged`` (a name in :attr:`staging`), a verified file of ``desc`` (or, with a sink,
-        finish the sink: the store checks the digest and raises DigestMismatch); visible atomically."""
-
     async def commit_image(
         self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False
     ) -> None:
         """Record the image: write the manifest/index ``documents`` and name ``target`` by ``ref``; ``pin`` asks
         a store with garbage collection (containerd) to keep it; without ``pin`` a pin the store set earlier is
-        taken off (never one set by others)."""
+        taken off (never one set by others). Idempotent."""
 
     async def unpin_image(self, ref: Reference, digest: str | None) -> None:
         """``ref`` (resolved to ``digest`` when known) is no longer wanted pinned: take off a pin puller set."""
@@ -101,9 +108,6 @@ class StoreBase:
         return manifest.blobs
 
     async def reserve(self, blobs: list[Descriptor]) -> None:
-        return None
-
-    def blob_sink(self, desc: Descriptor, staged: str) -> BlobSink | None:
         return None
 
     async def begin_image(self, ref: Reference, manifest: Manifest) -> None:

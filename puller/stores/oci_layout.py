@@ -33,6 +33,7 @@ from ..registry.manifest import Descriptor
 from . import StoreBase, check_space, mark_verified, store_error, verified_present
 from .defaults import OCI_DIR as DEFAULT_OCI_DIR
 from .safedir import SafeDir
+from .staged import FileWriter
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -96,15 +97,14 @@ class OCILayoutStore(StoreBase):
             return False
         return await asyncio.to_thread(verified_present, self._blobs(desc.digest.algorithm), desc.digest.hex, desc)
 
-    async def commit_blob(self, desc: Descriptor, staged: str) -> None:
-        await asyncio.to_thread(self._commit_blob, desc, staged)
+    def writer(self, desc: Descriptor) -> FileWriter:
+        return FileWriter(
+            self.staging, desc, functools.partial(self.has_blob, desc), functools.partial(self._publish, desc)
+        )
 
-    def _commit_blob(self, desc: Descriptor, staged: str) -> None:
-        try:
-            mark = functools.partial(mark_verified, desc=desc)
-            self.staging.move_into(staged, self._blobs(desc.digest.algorithm), desc.digest.hex, before=mark)
-        except OSError as e:
-            raise store_error(e, f"committing {desc.digest}") from None
+    def _publish(self, desc: Descriptor, staging: SafeDir, staged: str) -> None:
+        mark = functools.partial(mark_verified, desc=desc)
+        staging.move_into(staged, self._blobs(desc.digest.algorithm), desc.digest.hex, before=mark)
 
     async def put_blob_bytes(self, desc: Descriptor, data: bytes) -> None:
         if not await self.has_blob(desc):

@@ -50,6 +50,7 @@ from .defaults import OVERLAYBD_CACHE_DIR as DEFAULT_CACHE_DIR
 from .defaults import OVERLAYBD_CACHE_SIZE_GB as DEFAULT_CACHE_SIZE_GB
 from .defaults import OVERLAYBD_CONFIG as DEFAULT_CONFIG
 from .safedir import SafeDir
+from .staged import FileWriter
 
 log = logging.getLogger(__name__)
 
@@ -256,18 +257,16 @@ class OverlaybdStore(StoreBase):
         if needed > free:
             raise DiskFull(f"image needs {needed / 1e6:,.0f} MB, {self.cache_dir} has {free / 1e6:,.0f} MB free")
 
-    async def commit_blob(self, desc: Descriptor, staged: str) -> None:
-        await asyncio.to_thread(self._commit_blob, desc, staged)
+    def writer(self, desc: Descriptor) -> FileWriter:
+        return FileWriter(
+            self.staging, desc, functools.partial(self.has_blob, desc), functools.partial(self._publish, desc)
+        )
 
-    def _commit_blob(self, desc: Descriptor, staged: str) -> None:
-        name = blob_name(desc)
-        try:
-            if self._present(desc):
-                self.staging.unlink(staged)  # never rewrite a complete file (overlaybd may have it open)
-                return
-            self.staging.move_into(staged, self.cache, name, before=functools.partial(mark_verified, desc=desc))
-        except OSError as e:
-            raise store_error(e, f"committing {desc.digest} to {self.cache_dir}") from None
+    def _publish(self, desc: Descriptor, staging: SafeDir, staged: str) -> None:
+        if self._present(desc):
+            staging.unlink(staged)  # never rewrite a complete file (overlaybd may have it open)
+            return
+        staging.move_into(staged, self.cache, blob_name(desc), before=functools.partial(mark_verified, desc=desc))
 
     async def commit_image(
         self, ref: Reference, target: Descriptor, documents: list[tuple[Descriptor, bytes]], pin: bool = False

@@ -1,0 +1,96 @@
+"""containerd's gRPC services over one channel, in one namespace, and its errors in the project's terms.
+
+Stubs: puller/stores/containerd_api (our own minimal .proto files, generated code committed); they follow
+containerd's API v1, whose field numbers are the same from containerd 1.6 to 2.x.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+from google.protobuf import empty_pb2
+
+from ...errors import DiskFull, StoreError
+from ..containerd_api import (
+    content_pb2,
+    content_pb2_grpc,
+    diff_pb2_grpc,
+    images_pb2_grpc,
+    introspection_pb2_grpc,
+    leases_pb2_grpc,
+    snapshots_pb2_grpc,
+    version_pb2_grpc,
+)
+
+MAX_MESSAGE = 16 << 20
+
+
+def _serialize_write(request: content_pb2.WriteContentRequest | bytes) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+class Api:
+    """Use as ``async with Api(address, namespace) as api``."""
+
+    def __init__(self, address: str, namespace: str):
+        self.address = address
+        self.namespace = namespace
+        self._channel: grpc.aio.Channel | None = None
+
+    async def __aenter__(self) -> Api:
+        sock = Path(self.address)
+        if not sock.exists():
+            raise StoreError(
+                f"containerd socket {self.address} not found: is containerd running? (set it with --containerd-address)"
+            )
+        if not os.access(sock, os.R_OK | os.W_OK):
+            raise StoreError(
+                f"permission denied on containerd socket {self.address}: run as root "
+                "or as a member of the group that owns it"
+            )
+        channel = self._channel = grpc.aio.insecure_channel(
+            f"unix://{sock.absolute()}",
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+        )
+        self.content = content_pb2_grpc.ContentStub(channel)
+        self.content_write = channel.stream_stream(  # Content.Write taking pre-encoded WRITE messages
+            "/containerd.services.content.v1.Content/Write",
+            request_serializer=_serialize_write,
+            response_deserializer=content_pb2.WriteContentResponse.FromString,
+        )
+        self.images = images_pb2_grpc.ImagesStub(channel)
+        self.leases = leases_pb2_grpc.LeasesStub(channel)
+        self.snapshots = snapshots_pb2_grpc.SnapshotsStub(channel)
+        self.diff = diff_pb2_grpc.DiffStub(channel)
+        self.introspection = introspection_pb2_grpc.IntrospectionStub(channel)
+        try:
+            await version_pb2_grpc.VersionStub(channel).Version(empty_pb2.Empty(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            await self.__aexit__()
+            raise self.error(e, "connecting") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def md(self, lease: str | None = None) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata: the namespace, and the lease that what the call creates belongs to."""
+        md = (("containerd-namespace", self.namespace),)
+        return (*md, ("containerd-lease", lease)) if lease else md
+
+    def error(self, e: grpc.aio.AioRpcError, what: str) -> StoreError:
+        code = e.code()
+        detail = e.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return StoreError(f"containerd at {self.address} is unavailable while {what}: {detail}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return StoreError(f"this containerd does not implement a call needed for {what} (too old?): {detail}")
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return StoreError(f"containerd refused {what}: permission denied")
+        if "no space left on device" in detail or "disk quota exceeded" in detail:
+            return DiskFull(f"containerd ran out of disk space while {what}: {detail}")
+        return StoreError(f"containerd: {what}: {detail or code.name}")

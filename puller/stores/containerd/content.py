@@ -1,0 +1,204 @@
+"""containerd's content store: what is there, ingests, Write streams, labels.
+
+A blob is written with Content.Write under ref ``puller-<digest>``: a STAT first (resume at the offset containerd
+already has), data in order, then COMMIT with total, expected digest and labels. containerd hashes what it was
+sent and commits only if the digest matches (a mismatch is DigestMismatch). "Already exists" is success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from ...errors import DigestMismatch, DiskFull, StoreError
+from ...registry.manifest import Descriptor
+from .. import Buffer, free_bytes
+from ..containerd_api import content_pb2
+from .api import Api
+
+WRITE_MESSAGE = 1 << 20  # bytes per Write message (under gRPC's default 4 MiB message limit)
+WRITE_DEPTH = 4  # Write messages in flight per stream: containerd handles one while the next ones travel
+_COMMIT_DIGEST = re.compile(r"unexpected commit digest (\S+), expected (\S+)")
+
+Chunks = Callable[[int], AsyncIterator[Sequence[Buffer]]]  # the blob's bytes from an offset on, in pieces
+
+
+def ingest_ref(desc: Descriptor) -> str:
+    return f"puller-{desc.digest}"
+
+
+class Content:
+    def __init__(self, api: Api, root: Path):
+        self.api = api
+        self.root = root  # containerd's root directory: its free space is checked
+
+    async def info(self, digest: str) -> content_pb2.Info | None:
+        try:
+            resp = await self.api.content.Info(content_pb2.InfoRequest(digest=digest), metadata=self.api.md())
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self.api.error(e, f"looking up {digest}") from None
+        return resp.info
+
+    async def has(self, desc: Descriptor) -> bool:
+        info = await self.info(str(desc.digest))
+        return info is not None and info.size == desc.size
+
+    async def ingest_offset(self, desc: Descriptor) -> int:
+        """How many bytes of ``desc`` containerd holds in its ingest (0 if none or not for this blob)."""
+        ref = ingest_ref(desc)
+        try:
+            resp = await self.api.content.Status(content_pb2.StatusRequest(ref=ref), metadata=self.api.md())
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise self.api.error(e, f"asking for the ingest of {desc.digest}") from None
+        status = resp.status
+        if status.total not in (0, desc.size) or not 0 <= status.offset <= desc.size:
+            await self.abort(desc)
+            return 0
+        return status.offset
+
+    async def abort(self, desc: Descriptor) -> None:
+        """Drop the blob's ingest (nothing to drop is fine)."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.api.content.Abort(content_pb2.AbortRequest(ref=ingest_ref(desc)), metadata=self.api.md())
+
+    async def put_bytes(self, desc: Descriptor, data: bytes, labels: dict[str, str], lease: str | None) -> None:
+        """Write a small blob held in memory (a manifest, say), or label it if it is there."""
+
+        async def chunks(offset: int) -> AsyncIterator[Sequence[Buffer]]:
+            for i in range(offset, len(data), WRITE_MESSAGE):
+                yield [data[i : i + WRITE_MESSAGE]]
+
+        info = await self.info(str(desc.digest))
+        if info is None:
+            await self.write(desc, chunks, labels, lease=lease)
+        elif any(info.labels.get(k) != v for k, v in labels.items()):
+            await self.update_labels(str(desc.digest), labels)
+
+    async def write(
+        self,
+        desc: Descriptor,
+        chunks: Chunks,
+        labels: dict[str, str],
+        resume_at: int | None = None,
+        lease: str | None = None,
+    ) -> None:
+        """One Write stream: STAT, ``chunks(offset)`` from containerd's offset, COMMIT. ``resume_at``: the offset
+        the caller's chunks must start from (containerd reporting less means it lost bytes: an error)."""
+        ref = ingest_ref(desc)
+        ref_bytes = ref.encode()
+        digest = str(desc.digest)
+        call = self.api.content_write(metadata=self.api.md(lease))
+        offset = 0
+        try:
+            await call.write(
+                content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=desc.size, expected=digest)
+            )
+            status = await call.read()
+            offset = status.offset if 0 <= status.offset <= desc.size else 0
+            if resume_at is not None and offset < resume_at:
+                raise StoreError(
+                    f"containerd's ingest of {digest} went back from {resume_at} to {offset} bytes during the pull"
+                )
+            # containerd answers every message; up to WRITE_DEPTH wait for their answer, which bounds a stream's
+            # memory while containerd always has the next message at hand (ingest measured 15-30% faster than
+            # one at a time, containerd's own client's way).
+            unanswered = 0
+            async for data in chunks(offset):
+                await call.write(write_message(ref_bytes, offset, data))
+                offset += sum(map(len, data))
+                unanswered += 1
+                if unanswered == WRITE_DEPTH:
+                    await call.read()
+                    unanswered -= 1
+            for _ in range(unanswered):
+                await call.read()
+            await call.write(
+                content_pb2.WriteContentRequest(
+                    action=content_pb2.COMMIT, ref=ref, offset=offset, total=desc.size, expected=digest, labels=labels
+                )
+            )
+            await call.read()
+            await call.done_writing()
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                if labels:
+                    await self.update_labels(digest, labels)
+                return
+            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                # The stream broke on our side first (containerd's own status is lost then): a full disk is the
+                # usual cause, and one that must say so (exit 10).
+                await self.raise_if_full(f"writing {digest}", desc.size - offset)
+            mismatch = _COMMIT_DIGEST.search(e.details() or "")
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and mismatch:
+                raise DigestMismatch(digest, mismatch.group(1), what="blob (checked by containerd)") from None
+            raise self.api.error(e, f"writing {digest}") from None
+        except asyncio.InvalidStateError:
+            # The stream ended under us (containerd restarted, say) while we were writing: report why.
+            code, details = await call.code(), await call.details()
+            if code == grpc.StatusCode.ALREADY_EXISTS:
+                return
+            raise StoreError(
+                f"containerd at {self.api.address} ended the write of {digest}: {code.name} {details}".rstrip()
+            ) from None
+        finally:
+            call.cancel()
+
+    async def raise_if_full(self, what: str, wanted: int) -> None:
+        """DiskFull when containerd's root filesystem has less than ``wanted`` bytes free."""
+        try:
+            free = await asyncio.to_thread(free_bytes, self.root)
+        except OSError:
+            return
+        if free < wanted:
+            raise DiskFull(
+                f"containerd ran out of disk space while {what}: {self.root} has {free / 1e6:,.1f} MB free, "
+                f"{wanted / 1e6:,.1f} MB more were to be written"
+            )
+
+    async def update_labels(self, digest: str, labels: dict[str, str]) -> None:
+        mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
+        try:
+            await self.api.content.Update(
+                content_pb2.UpdateRequest(info=content_pb2.Info(digest=digest, labels=labels), update_mask=mask),
+                metadata=self.api.md(),
+            )
+        except grpc.aio.AioRpcError as e:
+            raise self.api.error(e, f"labelling {digest}") from None
+
+    async def read_all(self, digest: str) -> bytes:
+        parts = []
+        try:
+            request = content_pb2.ReadContentRequest(digest=digest)
+            async for resp in self.api.content.Read(request, metadata=self.api.md()):
+                parts.append(resp.data)
+        except grpc.aio.AioRpcError as e:
+            raise self.api.error(e, f"reading {digest}") from None
+        return b"".join(parts)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def write_message(ref: bytes, offset: int, data: Sequence[Buffer]) -> bytes:
+    """A WriteContentRequest{action=WRITE, ref, offset, data} in protobuf's wire format, built around the received
+    buffers in one copy (building the message and serializing it would copy every byte twice more: ~10% of the
+    client's CPU on a loopback pull). Field numbers as in containerd_api/content.proto."""
+    size = sum(map(len, data))
+    head = b"\x08\x01\x12" + _varint(len(ref)) + ref + b"\x28" + _varint(offset) + b"\x32" + _varint(size)
+    return b"".join([head, *data])

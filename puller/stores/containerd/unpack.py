@@ -1,0 +1,224 @@
+"""Unpacking layers into the snapshotter through the Snapshots and Diff services, as containerd's unpacker does.
+
+Each layer is applied into an active snapshot (key ``extract-<unique> <chainID>``) and committed as its chain ID;
+the config gets ``containerd.io/gc.ref.snapshot.<snapshotter>`` and each layer ``containerd.io/uncompressed``.
+Each layer is unpacked as soon as its blob is committed, while later layers download; where the snapshotter can
+rebase (overlayfs in containerd 2.2+), several at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from ...errors import StoreError
+from ...registry import manifest as mf
+from ...registry.manifest import Descriptor
+from ..containerd_api import diff_pb2, introspection_pb2, snapshots_pb2, types_pb2
+from .api import Api
+from .content import Content
+
+log = logging.getLogger(__name__)
+
+GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
+UNCOMPRESSED = "containerd.io/uncompressed"
+PARALLEL_UNPACKS = 3  # layers applied at once where the snapshotter can rebase (decompression is containerd's CPU)
+SNAPSHOTTER_PLUGIN = "io.containerd.snapshotter.v1"
+SNAPSHOT_REF = "containerd.io/snapshot.ref"
+SNAPSHOT_DIFF_ID = "containerd.io/snapshot/diff-id"
+SNAPSHOT_PARENT = "containerd.io/snapshot/parent-chain-id"
+
+WaitPresent = Callable[[Descriptor], Awaitable[None]]  # returns once the blob is committed
+
+
+class Unpacker:
+    def __init__(self, api: Api, content: Content, snapshotter: str):
+        self.api = api
+        self.content = content
+        self.snapshotter = snapshotter
+        self._rebase: bool | None = None  # the snapshotter can rebase (parallel unpack); asked once
+
+    async def unpack(self, manifest: mf.Manifest, lease: str | None, wait_present: WaitPresent) -> None:
+        """Apply every layer whose snapshot is missing, each as soon as its blob is committed: one after another
+        on its parent, or, where the snapshotter can rebase (overlayfs in containerd 2.2+), several at once,
+        each prepared without a parent and committed onto it in layer order (containerd's parallel unpack)."""
+        await wait_present(manifest.config)
+        config = json.loads(await self.content.read_all(str(manifest.config.digest)))
+        diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
+        if len(diff_ids) != len(manifest.layers):
+            raise StoreError(f"image config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
+        chains = chain_ids(diff_ids)
+        first = 0  # layers below the first missing snapshot are there (a chain cannot exist without its parent)
+        while first < len(chains) and await self._snapshot_exists(chains[first]):
+            first += 1
+        layers = [
+            Layer(layer, diff_ids[i], chains[i], chains[i - 1] if i else "") for i, layer in enumerate(manifest.layers)
+        ][first:]
+        parallel = len(layers) > 1 and await self._can_rebase()
+        if parallel:
+            log.info("unpacking %d layers in parallel (%s can rebase)", len(layers), self.snapshotter)
+        applying: list[asyncio.Future] = []
+        labelling: list[asyncio.Future] = []  # label updates go on while the next layers are applied
+        committed: set[str] = set()
+        try:
+            if parallel:
+                slots = asyncio.Semaphore(PARALLEL_UNPACKS)
+                applying = [
+                    asyncio.ensure_future(self._prepare_apply(x, lease, slots, True, wait_present)) for x in layers
+                ]
+            for i, x in enumerate(layers):
+                key = await (applying[i] if parallel else self._prepare_apply(x, lease, None, False, wait_present))
+                committed.add(key)  # by _commit_layer, or removed by it on failure
+                await self._commit_layer(x, key, lease, onto_parent=parallel)
+                label = self.content.update_labels(str(x.desc.digest), {UNCOMPRESSED: x.diff_id})
+                labelling.append(asyncio.ensure_future(label))
+            await asyncio.gather(*labelling)
+        finally:
+            for task in [*applying, *labelling]:
+                task.cancel()
+            for key in await asyncio.gather(*applying, return_exceptions=True):
+                if isinstance(key, str) and key not in committed:
+                    await self._remove_snapshot(key)  # applied, but a layer below it failed
+        if chains:
+            await self.content.update_labels(
+                str(manifest.config.digest), {f"{GC_SNAPSHOT}.{self.snapshotter}": chains[-1]}
+            )
+
+    async def _can_rebase(self) -> bool:
+        """Whether the snapshotter advertises the "rebase" capability (Introspection; containerd 2.2+)."""
+        if self._rebase is None:
+            request = introspection_pb2.PluginsRequest(filters=[f"type=={SNAPSHOTTER_PLUGIN},id=={self.snapshotter}"])
+            try:
+                found = await self.api.introspection.Plugins(request, metadata=self.api.md())
+                self._rebase = any("rebase" in p.capabilities for p in found.plugins)
+            except grpc.aio.AioRpcError as e:
+                log.debug("introspection: %s; unpacking one layer at a time", e.details())
+                self._rebase = False
+        return self._rebase
+
+    async def _snapshot_exists(self, chain_id: str) -> bool:
+        try:
+            await self.api.snapshots.Stat(
+                snapshots_pb2.StatSnapshotRequest(snapshotter=self.snapshotter, key=chain_id), metadata=self.api.md()
+            )
+            return True
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND and "snapshotter not loaded" not in (e.details() or ""):
+                return False
+            raise self._snapshot_error(e, "checking snapshots") from None
+
+    def _snapshot_error(self, e: grpc.aio.AioRpcError, what: str) -> StoreError:
+        if "snapshotter not loaded" in (e.details() or ""):
+            return StoreError(f"containerd has no snapshotter {self.snapshotter!r} (set it with --snapshotter)")
+        return self.api.error(e, what)
+
+    async def _prepare_apply(
+        self, x: Layer, lease: str | None, slots: asyncio.Semaphore | None, rebase: bool, wait_present: WaitPresent
+    ) -> str:
+        """Prepare an active snapshot for layer ``x`` (without a parent when ``rebase``) and apply the layer into
+        it once its blob is committed; returns the snapshot key (removed again on failure)."""
+        await wait_present(x.desc)
+        key = f"extract-{secrets.token_hex(6)} {x.chain_id}"
+        md = self.api.md(lease)
+        parent = "" if rebase else x.parent
+        try:
+            prepared = await self.api.snapshots.Prepare(
+                snapshots_pb2.PrepareSnapshotRequest(
+                    snapshotter=self.snapshotter, key=key, parent=parent, labels=x.labels
+                ),
+                metadata=md,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise self._snapshot_error(e, f"preparing a snapshot for {x.desc.digest}") from None
+        mounts = list(prepared.mounts)
+        if rebase and x.parent:
+            mounts = [bind_to_overlay(m) for m in mounts]  # so that the differ writes whiteouts as overlayfs does
+        try:
+            async with slots or contextlib.nullcontext():
+                applied = await self.api.diff.Apply(
+                    diff_pb2.ApplyRequest(
+                        diff=types_pb2.Descriptor(
+                            media_type=x.desc.media_type, digest=str(x.desc.digest), size=x.desc.size
+                        ),
+                        mounts=mounts,
+                    ),
+                    metadata=md,
+                )
+            if applied.applied.digest != x.diff_id:
+                raise StoreError(
+                    f"layer {x.desc.digest} unpacked to {applied.applied.digest}, but the image config says {x.diff_id}"
+                )
+        except grpc.aio.AioRpcError as e:
+            await self._remove_snapshot(key)
+            raise self._snapshot_error(e, f"unpacking {x.desc.digest}") from None
+        except BaseException:
+            await self._remove_snapshot(key)
+            raise
+        return key
+
+    async def _commit_layer(self, x: Layer, key: str, lease: str | None, onto_parent: bool) -> None:
+        """Commit the applied snapshot ``key`` as the layer's chain ID (onto its parent, for a rebased one)."""
+        request = snapshots_pb2.CommitSnapshotRequest(
+            snapshotter=self.snapshotter, name=x.chain_id, key=key, labels=x.labels
+        )
+        if onto_parent:
+            request.parent = x.parent
+        try:
+            await self.api.snapshots.Commit(request, metadata=self.api.md(lease))
+        except grpc.aio.AioRpcError as e:
+            await self._remove_snapshot(key)
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return  # unpacked by someone else meanwhile
+            raise self._snapshot_error(e, f"committing the snapshot of {x.desc.digest}") from None
+        except BaseException:
+            await self._remove_snapshot(key)
+            raise
+
+    async def _remove_snapshot(self, key: str) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # else the lease's expiry lets containerd collect it
+            await self.api.snapshots.Remove(
+                snapshots_pb2.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), metadata=self.api.md()
+            )
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The OCI chain IDs of a layer stack: chain[0] = diff[0]; chain[i] = sha256(chain[i-1] + " " + diff[i])."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        out.append(diff_id if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One layer to unpack: its blob, its diff ID (uncompressed digest), its chain ID and its parent's."""
+
+    desc: Descriptor
+    diff_id: str
+    chain_id: str
+    parent: str
+
+    @property
+    def labels(self) -> dict[str, str]:
+        labels = {SNAPSHOT_REF: self.chain_id, SNAPSHOT_DIFF_ID: self.diff_id}
+        if self.parent:
+            labels[SNAPSHOT_PARENT] = self.parent
+        return labels
+
+
+def bind_to_overlay(mount: types_pb2.Mount) -> types_pb2.Mount:
+    """A snapshot prepared without a parent is a bind mount of its directory; given to the differ as an overlay
+    mount with that directory as upperdir, it is applied as an upper layer (whiteouts as overlayfs writes them),
+    as containerd's parallel unpacker does."""
+    if mount.type != "bind":
+        return mount
+    options = [o for o in mount.options if o != "rbind"] + [f"upperdir={mount.source}"]
+    return types_pb2.Mount(type="overlay", source="overlay", options=options)

@@ -1,0 +1,265 @@
+"""The containerd store's :class:`~puller.stores.BlobWriter`: a blob's bytes into one Content.Write stream.
+
+containerd takes a blob's bytes in order only, and the engine delivers them in any order. Bytes that are not next
+are kept in memory for their turn (MAX_KEPT for all blobs together; less for blobs still waiting for a stream),
+and the few that do not fit are staged in the store's staging directory (:class:`~puller.stores.staged.StagedFile`)
+and read back in their turn. containerd hashes what it is sent and commits only if the expected digest matches.
+
+Backpressure: where containerd's ingest is the limit (a fast link), downloading further only takes the CPU (or
+disk to stage on) that containerd needs, so :meth:`ContainerdWriter.write_at` waits while its bytes are more than
+MAX_AHEAD past what containerd has taken; the wait is bounded (MAX_WAIT_S), after which the bytes are kept or
+staged as any others.
+
+At most MAX_WRITE_STREAMS blobs are streamed at once, lowest layers first: the layer unpacked next must not share
+containerd's ingest with the layers after it, nor wait for a layer whose bytes are still on their way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ...errors import DigestMismatch, SizeMismatch
+from ...priority import PrioritySemaphore
+from ...ranges import RangeSet
+from ...registry.manifest import Descriptor
+from .. import Buffer, WriteStatus, store_error
+from ..staged import StagedFile
+from .content import WRITE_MESSAGE, Content
+from .leases import Lease, Leases
+
+if TYPE_CHECKING:
+    from ..safedir import SafeDir
+
+MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
+MAX_AHEAD = 64 << 20  # how far a blob's writes may run ahead of what containerd has taken before they wait
+MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the module docstring)
+MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
+MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
+
+
+@dataclass(slots=True)
+class BlobState:
+    """What the store knows of one blob of the images being pulled."""
+
+    order: int = 0  # its place in the manifest (config, layers bottom up): lower streams first
+    source: dict[str, str] = field(default_factory=dict)  # the distribution source label to commit it with
+    labelled: dict[str, str] | None = None  # the labels it was committed with
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is committed
+    images: int = 0  # images being pulled that have it
+
+
+class Shared:
+    """What the writers of one store share: memory for kept bytes and the write streams."""
+
+    def __init__(self, content: Content, leases: Leases, staging: SafeDir):
+        self.content = content
+        self.leases = leases
+        self.staging = staging
+        self.kept = 0  # bytes kept in memory, all writers together
+        self.slots = PrioritySemaphore(MAX_WRITE_STREAMS)
+
+
+class ContainerdWriter:
+    def __init__(self, shared: Shared, desc: Descriptor, state: BlobState):
+        self.desc = desc
+        self._shared = shared
+        self._state = state
+        self._staged = StagedFile(shared.staging, desc)  # bytes memory could not keep
+        self.done = RangeSet()  # bytes containerd has, or kept here, or staged
+        self.sent = 0  # bytes containerd has been given
+        self._kept: dict[int, tuple[Sequence[Buffer], int]] = {}  # offset -> (buffers, length) of kept bytes
+        self._kept_starts: list[int] = []  # their offsets, sorted
+        self._streaming = False  # its Write stream is open
+        self._has_slot = False  # may send now (one of MAX_WRITE_STREAMS)
+        self._wake = asyncio.Event()  # more bytes are here
+        self._moved = asyncio.Event()  # containerd took more (or the stream ended)
+        self._task: asyncio.Future | None = None
+        self._lease: Lease | None = None
+        self._present = False
+
+    async def __aenter__(self) -> ContainerdWriter:
+        await self._staged.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._stop()
+        finally:
+            self._staged.close()
+
+    async def status(self) -> WriteStatus:
+        """Present; or what containerd's ingest holds (from byte 0) plus what is staged; starts the stream."""
+        content = self._shared.content
+        if await content.has(self.desc):
+            self._present = True
+            return WriteStatus(RangeSet([(0, self.desc.size)]), present=True)
+        self.sent = await content.ingest_offset(self.desc)
+        self.done = self._staged.ranges.copy()
+        self.done.add(0, self.sent)
+        self._lease = self._shared.leases.for_blob(str(self.desc.digest))  # held until the write ends
+        self._task = asyncio.ensure_future(self._stream())
+        return WriteStatus(self.done.copy())
+
+    async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        assert self._task is not None, "status() first"
+        n = sum(map(len, buffers))
+        await self._room(offset + n)
+        task = self._task
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error  # the stream failed: say why now, not after the whole blob
+        if not self._keep(offset, buffers, n):
+            try:
+                await asyncio.to_thread(self._staged.write, offset, buffers)
+            except OSError as e:
+                raise store_error(e, f"staging {self.desc.digest}") from None
+            self._staged.written(offset, n)
+        self.done.add(offset, offset + n)
+        self._wake.set()
+
+    async def _room(self, end: int) -> None:
+        """Wait (at most MAX_WAIT_S) while ``end`` is more than MAX_AHEAD past what containerd has taken."""
+        assert self._task is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_WAIT_S
+        while end > self.sent + MAX_AHEAD and not self._task.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), left)
+
+    def _keep(self, offset: int, buffers: Sequence[Buffer], n: int) -> bool:
+        """Keep the bytes in memory for their turn, if memory allows."""
+        # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
+        limit = MAX_KEPT if self._streaming else MAX_KEPT_WAITING
+        if self._shared.kept + n > limit or self._task is None or self._task.done():
+            return False
+        self._kept[offset] = (buffers, n)
+        bisect.insort(self._kept_starts, offset)
+        self._shared.kept += n
+        return True
+
+    async def commit(self) -> None:
+        """Wait for containerd's commit (DigestMismatch when its hash of what it was sent is not the digest)."""
+        if self._present:
+            return
+        size = self.desc.size
+        if self.done.prefix_end() != size or self._task is None:
+            raise SizeMismatch(size, self.done.prefix_end(), what=f"blob {self.desc.digest}")
+        try:
+            await self._task
+        except DigestMismatch:
+            await self.abort()
+            raise
+        self._staged.remove()
+        self._present = True
+        self._state.ready.set()
+
+    async def abort(self) -> None:
+        await self._stop()
+        await self._shared.content.abort(self.desc)
+        self._staged.remove()
+        self.done = RangeSet()
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._end_stream()
+
+    # ---- the stream ---------------------------------------------------------------------------------------
+
+    async def _stream(self) -> None:
+        try:
+            # A slot is held only while there is something to send: a blob waiting for one keeps downloading.
+            while self.done.prefix_end() == self.sent < self.desc.size:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._take_slot()
+            self._streaming = True
+            labels = self._state.source
+            lease = self._lease.id if self._lease else None
+            await self._shared.content.write(self.desc, self._chunks, labels, resume_at=self.sent, lease=lease)
+            self._state.labelled = labels
+        finally:
+            self._end_stream()
+
+    def _end_stream(self) -> None:
+        if self._lease is not None:
+            self._shared.leases.release(self._lease)
+            self._lease = None
+        self._release_slot()
+        self._shared.kept -= sum(n for _, n in self._kept.values())
+        self._kept.clear()
+        self._kept_starts.clear()
+        self._moved.set()  # writes held back go on (and meet the error at commit)
+
+    async def _take_slot(self) -> None:
+        if not self._has_slot:
+            await self._shared.slots.acquire(self._state.order)
+            self._has_slot = True
+
+    def _release_slot(self) -> None:
+        if self._has_slot:
+            self._has_slot = False
+            self._shared.slots.release()
+
+    def _pop_first_kept(self) -> tuple[int, Sequence[Buffer], int]:
+        start = self._kept_starts.pop(0)
+        buffers, n = self._kept.pop(start)
+        self._shared.kept -= n
+        return start, buffers, n
+
+    def _kept_bytes(self, offset: int) -> list[Buffer] | None:
+        """About WRITE_MESSAGE kept bytes from ``offset`` on (as received, not joined), or None when the bytes at
+        ``offset`` are not kept."""
+        starts = self._kept_starts
+        while starts and starts[0] + self._kept[starts[0]][1] <= offset:  # containerd had them already
+            self._pop_first_kept()
+        if not starts or starts[0] > offset:
+            return None
+        start, buffers, n = self._pop_first_kept()
+        parts, end = _skip(buffers, offset - start), start + n
+        while starts and starts[0] == end and end - offset < WRITE_MESSAGE:
+            _, more, m = self._pop_first_kept()
+            parts.extend(more)
+            end += m
+        return parts
+
+    async def _chunks(self, offset: int) -> AsyncIterator[Sequence[Buffer]]:
+        while True:
+            self.sent = offset
+            self._moved.set()
+            if offset >= self.desc.size:
+                return
+            data = self._kept_bytes(offset)
+            if data is None:  # received bytes that are not kept are staged
+                received = self.done.prefix_end()
+                staged_end = min(self._kept_starts[0], received) if self._kept_starts else received
+                if offset >= staged_end:
+                    self._release_slot()  # nothing to send until more bytes arrive
+                    self._wake.clear()
+                    await self._wake.wait()
+                    await self._take_slot()
+                    continue
+                n = min(WRITE_MESSAGE, staged_end - offset)
+                data = [await asyncio.to_thread(self._staged.read, offset, n)]
+            yield data
+            offset += sum(map(len, data))
+
+
+def _skip(buffers: Sequence[Buffer], n: int) -> list[Buffer]:
+    """``buffers`` without their first ``n`` bytes."""
+    out = list(buffers)
+    while n and out:
+        if len(out[0]) <= n:
+            n -= len(out.pop(0))
+        else:
+            out[0], n = out[0][n:], 0
+    return out

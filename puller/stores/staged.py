@@ -1,0 +1,336 @@
+"""A blob being written into a store's staging directory, and the writer of the stores that keep blobs as files.
+
+A staged blob is three names in the store's checked staging directory (see :mod:`.safedir`):
+
+- ``<alg>-<hex>.lock``: an exclusive flock, so two processes (or two pulls in one) never write one blob;
+- ``<alg>-<hex>.partial``: the bytes at their offsets, sparse (no preallocation: a failed pull holds only what
+  it received; the store's ``reserve`` checks the space up front);
+- ``<alg>-<hex>.ranges``: which byte ranges the file holds, so a killed pull resumes there. Not fsynced: a
+  crash of the machine may lose the record, never correctness, since the whole blob is verified before commit.
+
+:class:`StagedFile` is that part, shared by every writer. :class:`FileWriter` is the :class:`~puller.stores.BlobWriter`
+of the OCI layout and overlaybd stores: it hashes the blob's contiguous prefix as it grows (the bytes in hand
+when they extend it, else read back from the file), checks size and digest at commit and hands the fsynced file
+to the store's ``publish`` (a rename into place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from ..digest import Digest
+from ..errors import DigestMismatch, SizeMismatch, StoreError
+from ..ranges import RangeSet
+from ..registry.manifest import Descriptor
+from . import Buffer, WriteStatus, store_error
+from .safedir import SafeDir
+
+log = logging.getLogger(__name__)
+
+LOCK_POLL_S = 0.2  # while another process writes the same blob
+MAX_RANGES_RECORD = 16 << 20  # a .ranges file larger than this was not written by puller
+SAVE_EVERY_S = 0.5  # a .ranges record at most this old (and one at every stop): what a killed pull loses
+READ_BLOCK = 1 << 20  # read-back of bytes that arrived before the prefix reached them
+WRITEBACK_STEP = 8 << 20  # hashed bytes are handed to writeback in steps of this
+
+
+def stem(desc: Descriptor) -> str:
+    return f"{desc.digest.algorithm}-{desc.digest.hex}"
+
+
+class StagedFile:
+    """``<stem>.partial`` with its ``.ranges`` record, under ``<stem>.lock``. Use as ``async with``."""
+
+    def __init__(self, staging: SafeDir, desc: Descriptor):
+        self.staging = staging
+        self.desc = desc
+        base = stem(desc)
+        self.data_name, self.ranges_name, self.lock_name = f"{base}.partial", f"{base}.ranges", f"{base}.lock"
+        self.ranges = RangeSet()  # bytes in the file; what .ranges records
+        self.waited = False  # another writer held the lock first
+        self.fd = -1
+        self._lock_fd = -1
+        self._unsaved = 0  # bytes written since the last record
+        self._saved_at = time.monotonic()
+        self._create_lock = threading.Lock()
+
+    async def __aenter__(self) -> StagedFile:
+        await self._lock()
+        try:
+            await asyncio.to_thread(self._load)
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _lock(self) -> None:
+        """An exclusive flock on the lock file (the inode check guards against a file unlinked meanwhile)."""
+        while True:
+            try:
+                fd = self.staging.open_file(self.lock_name, os.O_RDWR | os.O_CREAT)
+            except OSError as e:
+                raise store_error(e, f"locking {self.desc.digest} in {self.staging.path}") from None
+            try:
+                while True:  # polled, not a blocking flock in a thread: cancelling the wait leaves nothing behind
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        self.waited = True
+                        await asyncio.sleep(LOCK_POLL_S)
+                now = self.staging.stat(self.lock_name)
+                same = now is not None and os.fstat(fd).st_ino == now.st_ino
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            self.staging.unlink(self.lock_name)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _load(self) -> None:
+        """Take up the recorded ranges when the file is there and of the blob's size; else start over."""
+        ranges = self._read_record()
+        st = self.staging.stat(self.data_name)
+        if ranges and st is not None and st.st_size == self.desc.size:
+            try:
+                self.fd = self.staging.open_file(self.data_name, os.O_RDWR)
+            except (OSError, StoreError):
+                ranges = RangeSet()
+        if not ranges:
+            self.remove()
+        self.ranges = ranges
+
+    def _read_record(self) -> RangeSet:
+        try:
+            record = json.loads(self.staging.read_bytes(self.ranges_name, MAX_RANGES_RECORD))
+            if record.get("size") != self.desc.size:
+                return RangeSet()
+            size = self.desc.size
+            return RangeSet((int(s), int(e)) for s, e in record.get("done", []) if 0 <= int(s) < int(e) <= size)
+        except (OSError, ValueError, TypeError, AttributeError, StoreError):
+            return RangeSet()
+
+    def _create(self) -> None:
+        with self._create_lock:
+            if self.fd < 0:
+                self.fd = self.staging.open_file(self.data_name, os.O_RDWR | os.O_CREAT)
+                os.ftruncate(self.fd, 0)
+                os.ftruncate(self.fd, self.desc.size)
+
+    def write(self, offset: int, buffers: Sequence[Buffer]) -> int:
+        """Write ``buffers`` at ``offset`` (in a worker thread; made the file first if need be); returns the
+        bytes written. The range is recorded by :meth:`written` on the event loop."""
+        if self.fd < 0:
+            self._create()
+        n = os.pwritev(self.fd, buffers, offset)
+        if n != sum(map(len, buffers)):
+            raise StoreError(f"short write of {self.desc.digest} at {offset}")
+        return n
+
+    def written(self, offset: int, n: int) -> None:
+        self.ranges.add(offset, offset + n)
+        self._unsaved += n
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        """Record the ranges (temp + rename)."""
+        if not self._unsaved:
+            return
+        self._unsaved = 0
+        self._saved_at = time.monotonic()
+        record = json.dumps({"size": self.desc.size, "done": self.ranges.as_list()}).encode()
+        try:
+            self.staging.write_atomic(self.ranges_name, record, mode=0o600, durable=False)
+        except OSError as e:
+            log.debug("could not record progress of %s: %s", self.desc.digest, e)
+
+    def read(self, offset: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        if len(data) != n:
+            raise StoreError(f"staged file of {self.desc.digest} ended at {offset + len(data)}")
+        return data
+
+    def published(self) -> None:
+        """The file was moved into the store: drop its record."""
+        self.staging.unlink(self.ranges_name)
+        self.ranges = RangeSet()
+        self._unsaved = 0
+
+    def remove(self) -> None:
+        """Forget the staged bytes (the file and its record)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.staging.unlink(self.data_name)
+        self.staging.unlink(self.ranges_name)
+        self.ranges = RangeSet()
+        self._unsaved = 0
+
+    def close(self) -> None:
+        """Record what is there, close, and let the next writer in."""
+        try:
+            self.save()
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            self._unlock()
+
+
+class PrefixHasher:
+    """The digest of a blob's bytes ``[0, hashed)``, taken as they extend the prefix: in the writer's thread
+    from the bytes in hand (:meth:`in_hand`), or read back from the file for bytes that arrived before the prefix
+    reached them (:meth:`advance`). hashlib releases the GIL, so hashing runs beside the event loop. Hashed bytes
+    are final: their writeback is started, so the fsync at commit finds little left."""
+
+    def __init__(self, staged: StagedFile, digest: Digest):
+        self._staged = staged
+        self._hash = digest.hasher()
+        self._lock = threading.Lock()  # one hash update at a time, in offset order
+        self.hashed = 0
+        self._advised = 0
+        self._target = 0
+        self._task: asyncio.Future | None = None
+
+    def in_hand(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
+        """Bytes just written at ``offset`` (in the writer's thread): hash them if they extend the prefix."""
+        with self._lock:
+            if offset != self.hashed:
+                return
+            for b in buffers:
+                self._hash.update(b)
+            self.hashed += n
+            self._writeback(False)
+
+    def advance(self, prefix_end: int) -> None:
+        """Bytes ``[0, prefix_end)`` are in the file: read back and hash what was not hashed in hand."""
+        self._target = max(self._target, prefix_end)
+        if self._target > self.hashed and (self._task is None or self._task.done()):
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while self.hashed < self._target:
+            await asyncio.to_thread(self._read_back)
+
+    def _read_back(self) -> None:
+        while True:
+            with self._lock:
+                pos = self.hashed
+                if pos >= self._target:
+                    return
+                data = self._staged.read(pos, min(READ_BLOCK, self._target - pos))
+                self._hash.update(data)
+                self.hashed += len(data)
+                self._writeback(False)
+
+    def _writeback(self, final: bool) -> None:
+        if final or self.hashed - self._advised >= WRITEBACK_STEP:
+            # Starts writeback of the dirty pages, and lets the kernel drop them once written: a multi-GB pull
+            # does not fill the page cache.
+            os.posix_fadvise(self._staged.fd, self._advised, self.hashed - self._advised, os.POSIX_FADV_DONTNEED)
+            self._advised = self.hashed
+
+    async def finish(self, size: int) -> str:
+        """Hash up to ``size`` and return the hex digest."""
+        self.advance(size)
+        if self._task is not None:
+            await self._task
+        return self._hash.hexdigest()
+
+    async def close(self) -> None:
+        """Wait out a read-back (before the file is closed)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class FileWriter:
+    """The :class:`~puller.stores.BlobWriter` of a store that keeps each blob as a file. ``present`` tells
+    whether the store has the blob; ``publish(staging, name)`` makes the verified, staged file visible (in a
+    worker thread)."""
+
+    def __init__(
+        self,
+        staging: SafeDir,
+        desc: Descriptor,
+        present: Callable[[], Awaitable[bool]],
+        publish: Callable[[SafeDir, str], None],
+    ):
+        self.desc = desc
+        self._staged = StagedFile(staging, desc)
+        self._present = present
+        self._publish = publish
+        self._hasher = PrefixHasher(self._staged, desc.digest)
+        self._there = False
+
+    async def __aenter__(self) -> FileWriter:
+        await self._staged.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._hasher.close()
+        finally:
+            self._staged.close()
+
+    async def status(self) -> WriteStatus:
+        if await self._present():
+            self._there = True
+            return WriteStatus(RangeSet([(0, self.desc.size)]), present=True)
+        return WriteStatus(self._staged.ranges.copy())
+
+    async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        n = sum(map(len, buffers))
+        try:
+            await asyncio.to_thread(self._write, offset, buffers, n)
+        except OSError as e:
+            raise store_error(e, f"writing {self.desc.digest}") from None
+        self._staged.written(offset, n)
+        self._hasher.advance(self._staged.ranges.prefix_end())
+
+    def _write(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
+        self._staged.write(offset, buffers)
+        self._hasher.in_hand(offset, buffers, n)
+
+    async def commit(self) -> None:
+        if self._there:
+            return
+        size, digest = self.desc.size, self.desc.digest
+        got = self._staged.ranges.prefix_end()
+        if got != size or self._staged.fd < 0:
+            raise SizeMismatch(size, got, what=f"blob {digest}")
+        try:
+            actual = await self._hasher.finish(size)
+        except OSError as e:
+            raise store_error(e, f"reading back {digest}") from None
+        if actual != digest.hex:
+            self._staged.remove()  # never keep bad bytes: the next attempt starts from nothing
+            raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}", what="blob")
+        staged = self._staged
+        try:
+            await asyncio.to_thread(self._publish, staged.staging, staged.data_name)
+        except OSError as e:
+            raise store_error(e, f"committing {digest}") from None
+        staged.published()
+        self._there = True
+
+    async def abort(self) -> None:
+        await self._hasher.close()
+        self._staged.remove()
