@@ -19,6 +19,7 @@ Peers, measured alternately in each run (the order rotates), medians reported:
   oras-py         oras.client.OrasClient(...).pull(REF) (layers one after another, one stream each)
   curl-1          curl, one stream per blob, one blob after another (what a single-stream puller can do)
   curl-16         curl --parallel, each blob cut into 16 ranges, 16 at a time: the physical reference
+  TOOL~REV        a puller tool (puller, puller-ctrd, puller-ctrd2) as of git revision REV: before/after tables
 
 Needs root (tc), docker-registry, nginx, skopeo, curl; containerd and oras-py are used when installed.
 """
@@ -72,6 +73,7 @@ IMAGES = {
         512 * 1024,
         512 * 1024,
     ],
+    "fat1g": [1024 * MIB],
     "fat2g": [2048 * MIB],
     # 200 layers, 512 MiB in all, sizes falling off as 1/rank (a few big layers, a long tail of small ones).
     "layers200": [max(64 * 1024, int(512 * MIB / (i + 1) / sum(1 / (k + 1) for k in range(200)))) for i in range(200)],
@@ -115,6 +117,7 @@ def transfer_config(name: str) -> str:
 
 def ctrd_version(tool: str) -> str | None:
     """The containerd a tool needs (a fresh one per sample), or None."""
+    tool = tool.partition("~")[0]
     if tool in ("ctr", "ctr-pull", "puller-ctrd"):
         return "1.6"
     if tool.startswith("ctr2-pull") or tool == "puller-ctrd2":
@@ -123,6 +126,9 @@ def ctrd_version(tool: str) -> str | None:
 
 
 def known_tool(tool: str) -> bool:
+    tool, _, rev = tool.partition("~")
+    if rev and not tool.startswith("puller"):
+        return False
     name, _, cfg = tool.partition("@")
     return name in KNOWN_TOOLS and (not cfg or (name == "ctr2-pull" and cfg in TRANSFER))
 
@@ -199,6 +205,18 @@ class Bench:
         self.work = work
         self.veth: VethLink | None = None
 
+    def checkout(self, rev: str) -> Path:
+        """puller/ as of git revision ``rev``, exported once under the work directory."""
+        where = self.work / f"rev-{rev}"
+        if not where.exists():
+            where.mkdir()
+            repo = Path(__file__).resolve().parent.parent
+            archive = subprocess.run(
+                ["git", "-C", str(repo), "archive", rev, "puller"], capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+        return where
+
     def blob_urls(self, reg: Registry, cdn: Nginx, repo: str) -> list[tuple[str, int]]:
         _, manifest = reg.manifest(repo, "v1")
         blobs = [manifest["config"], *manifest["layers"]]
@@ -208,6 +226,12 @@ class Bench:
         ]
 
     def commands(self, tool: str, ref: str, urls: list[tuple[str, int]], out: Path, ctrd: Containerd | None):
+        tool, _, rev = tool.partition("~")
+        if rev:  # puller as of git revision REV, side by side with the working tree's
+            cmd, extra = self.commands(tool, ref, urls, out, ctrd)
+            assert cmd[0] == sys.executable
+            # -P: the working directory (this checkout) must not come before the exported one on sys.path
+            return ["env", f"PYTHONPATH={self.checkout(rev)}", sys.executable, "-P", *cmd[1:]], extra
         if tool == "puller":
             cmd = [sys.executable, "-m", "puller.cli", "pull", ref, "--store", f"oci:{out}", "--json", "--plain-http"]
             return cmd, None

@@ -41,6 +41,7 @@ def _files() -> Iterator[Path]:
 def _layers(name: str) -> list[dict]:
     """[{path, digest, size, diff_id}] of the recipe's layers, made once and cached."""
     from tests.rig import _HashingWriter
+
     recipe = RECIPES[name]
     key = hashlib.sha256(json.dumps([recipe, TREES, GZIP_LEVEL]).encode()).hexdigest()[:16]
     cache = CACHE / f"{name}-{key}"

@@ -59,6 +59,7 @@ class Settings:
     read_timeout: float = READ_TIMEOUT_S
     low_speed_limit: int = DEFAULT_LOW_SPEED_LIMIT
     low_speed_time: float = DEFAULT_LOW_SPEED_TIME
+    lean_ranges: bool = True
     plain_http: list[str] = field(default_factory=list)
     insecure_skip_verify: list[str] = field(default_factory=list)
     ca_file: str | None = None

@@ -8,15 +8,20 @@
     │   ├── NotFound               404 / MANIFEST_UNKNOWN / BLOB_UNKNOWN / NAME_UNKNOWN
     │   ├── Unauthorized           401 after trying every credential we have
     │   ├── Forbidden              403 from the registry itself (not an expired CDN URL)
+    │   ├── RetryableStatus        5xx, 408, 429: retried, then reported (registry/client.py)
+    │   ├── ExpiredURL             401/403/410 from a reused CDN URL: resolved again (registry/client.py)
     │   └── ManifestError          unknown media type, oversize, invalid JSON, no matching platform
     │       └── PlatformNotFound
     ├── TransportError             could not talk to the host (DNS, refused, reset, TLS, timeout, too slow)
+    │   ├── SlowTransfer           under low_speed_limit for low_speed_time (registry/bodies.py)
+    │   ├── TruncatedBody          a body ended before its range did (engine/fetcher.py)
     │   └── PullTimeout            daemon: an image not present within pull_timeout
     ├── VerificationError          bytes did not match their descriptor
     │   ├── DigestMismatch
     │   └── SizeMismatch
     ├── StoreError                 the store could not take the data
-    │   └── DiskFull
+    │   ├── DiskFull
+    │   └── UnsafeDirectory        a staging or store directory others could plant links in (stores/safedir.py)
     ├── KubernetesError            the Kubernetes API refused or could not be reached (daemon, warmup)
     └── WarmupError                warmup: a daemon refused the request, or the images were not everywhere in time
 

@@ -29,6 +29,7 @@ from ..ranges import RangeSet
 from ..reference import Reference
 from ..registry.blobs import BlobReader, RangeBody
 from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, RegistryClient, retrying
+from ..registry.lean import NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
@@ -297,6 +298,16 @@ class _BlobDownload:
     async def _stream(self, writer: BlobWriter, chunk: Chunk) -> None:
         if chunk.pos >= chunk.end:
             return
+        if self.range_ok and self.reader.lean_ready:
+            chunk.streaming = True
+            try:
+                deliver = functools.partial(self._deliver, writer, chunk, self.reader.host)
+                await self.reader.read_lean(chunk.pos, chunk.end, deliver)
+                return
+            except NotPartial:
+                pass  # asked again through aiohttp, which maps the status (an expired URL, an error)
+            finally:
+                chunk.streaming = False
         async with self.reader.open(chunk.pos, chunk.end) as body:
             skip = 0
             self._set_range_support(not body.whole)
@@ -355,6 +366,23 @@ class _BlobDownload:
                 await self._write(writer, chunk, buffers, buffered)
         if chunk.pos < chunk.end:
             raise TruncatedBody(f"{self.desc.digest}: body ended at byte {chunk.pos}, wanted up to {chunk.end}")
+
+    async def _deliver(self, writer: BlobWriter, chunk: Chunk, host: str, offset: int, block: memoryview) -> bool:
+        """A block of the lean client's body (its buffer is ours until we return); False once the chunk (which a
+        tail split may have cut short) needs no more."""
+        end = min(offset + len(block), chunk.end)
+        if end <= offset:
+            return False
+        n = end - offset
+        self.progress.fetched += n
+        self.progress.by_host[host] = self.progress.by_host.get(host, 0) + n
+        if self.f.bandwidth is not None:
+            await self.f.bandwidth.take(n)
+        await writer.write_at(offset, [block[:n]])
+        chunk.pos = end
+        self.done.add(offset, end)
+        self.progress.done += n
+        return end < chunk.end
 
     async def _write(self, writer: BlobWriter, chunk: Chunk, buffers: list[bytes], n: int) -> None:
         start = chunk.pos

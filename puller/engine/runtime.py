@@ -65,6 +65,7 @@ class Engine:
             settings.read_timeout,
             settings.attempts,
             settings.speed_limit,
+            settings.lean_ranges,
         )
         self.client = RegistryClient(client_settings, credentials)
         self.store = open_store(settings)

@@ -5,7 +5,9 @@ blob's resolved URL on that host: the registry's 307 to a CDN is followed once (
 final URL is reused for every range; a 401/403/410 from it means the signed URL expired, and the next request
 resolves the blob through the registry again. :meth:`BlobReader.open` checks what came back (the status, the
 Content-Range against the range asked for and the blob's size, a Content-Encoding nobody asked for) and maps
-every failure to :mod:`puller.errors`, so the engine only schedules ranges and writes bytes.
+every failure to :mod:`puller.errors`, so the engine only schedules ranges and writes bytes. Once the URL is
+resolved, ranges go through the lean client (:meth:`BlobReader.read_lean`, :mod:`.lean`), which receives into
+buffers it owns.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..reference import Reference
 from .bodies import SpeedGuard
 from .client import ExpiredURL, RegistryClient
 from .hosts import PULL
+from .lean import Deliver
 from .manifest import Descriptor
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,19 @@ class BlobReader:
             log.warning(
                 "%s: %s: %s; continuing from %s", self.desc.digest, self.endpoints[index].host, error, self.host
             )
+
+    @property
+    def lean_ready(self) -> bool:
+        """The blob's URL is resolved (a CDN URL, fetched without credentials): ranges may go through lean.py."""
+        return self.url is not None and self.client.lean is not None
+
+    async def read_lean(self, start: int, end: int, deliver: Deliver) -> None:
+        """Bytes ``[start, end)`` of the resolved URL, handed to ``deliver`` block by block as they arrive
+        (:mod:`.lean`); :class:`~puller.registry.lean.NotPartial` when the answer is not a 206: ask through
+        :meth:`open`, which maps every status."""
+        assert self.url is not None and self.client.lean is not None
+        guard = self.client.settings.speed.guard(f"{self.host}: blob {self.desc.digest}")
+        await self.client.lean.get(self.url, start, end, deliver, guard)
 
     @asynccontextmanager
     async def open(self, start: int, end: int) -> AsyncIterator[RangeBody]:

@@ -20,6 +20,7 @@ import aiohttp
 
 from ..errors import RegistryError, TransportError
 
+USER_AGENT = "puller/0.1"  # on every request
 DEFAULT_LOW_SPEED_LIMIT = 1024  # bytes/s; see config/puller.yaml for why
 DEFAULT_LOW_SPEED_TIME = 30.0  # seconds of waiting on the server per window
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -55,8 +56,14 @@ class SpeedGuard:
         ``window_s`` plus that timeout."""
         t0 = time.monotonic()
         data = await content.readany()
-        self.waited += time.monotonic() - t0
-        self.got += len(data)
+        self.account(time.monotonic() - t0, len(data))
+        return data
+
+    def account(self, waited: float, got: int) -> None:
+        """``got`` bytes came after ``waited`` seconds of waiting on the server; raises :class:`SlowTransfer`
+        when a window of ``window_s`` waiting closes below the limit."""
+        self.waited += waited
+        self.got += got
         if self.waited >= self.limit.window_s and self.limit.bytes_per_s:
             if self.got < self.limit.bytes_per_s * self.waited:
                 rate = self.got / self.waited
@@ -65,7 +72,6 @@ class SpeedGuard:
                     f"{self.limit.bytes_per_s:,} B/s (low_speed_limit, low_speed_time)"
                 )
             self.waited, self.got = 0.0, 0
-        return data
 
 
 async def read_body(resp: aiohttp.ClientResponse, cap: int, speed: SpeedLimit, what: str) -> bytes:

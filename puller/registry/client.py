@@ -38,14 +38,14 @@ from ..errors import (
 from ..reference import Reference
 from . import manifest as mf
 from .auth import Challenge, CredentialStore, TokenCache, parse_www_authenticate
-from .bodies import SpeedLimit, read_body
+from .bodies import USER_AGENT, SpeedLimit, read_body
 from .hosts import PULL, RESOLVE, Endpoint, HostSettings
+from .lean import LeanRanges, Timeouts
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-USER_AGENT = "puller/0.1"
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 30.0  # between two reads of one response: a stalled connection fails after this
 MAX_ERROR_BODY = 64 * 1024
@@ -135,6 +135,7 @@ class ClientSettings:
     read_timeout_s: float = READ_TIMEOUT_S
     attempts: int = DEFAULT_ATTEMPTS  # tries per manifest request
     speed: SpeedLimit = field(default_factory=SpeedLimit)  # the low-speed limit of every response body
+    lean_ranges: bool = True  # ranges of resolved blob URLs through lean.py (else aiohttp)
 
     @property
     def headers_timeout_s(self) -> float:
@@ -155,6 +156,9 @@ class RegistryClient:
         self._ssl: dict[tuple[str, Endpoint | None], ssl.SSLContext | bool] = {}  # (host, its hosts.toml entry)
         self._schemes: dict[str, str] = {}  # loopback hosts found to speak plain HTTP
         self._endpoints: dict[str, tuple[Endpoint, ...]] = {}  # registry -> its hosts, mirrors first
+        s = self.settings
+        timeouts = Timeouts(s.connect_timeout_s, s.headers_timeout_s, s.read_timeout_s)
+        self.lean = LeanRanges(self._ssl_for, timeouts) if s.lean_ranges else None
 
     async def __aenter__(self) -> RegistryClient:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -172,6 +176,8 @@ class RegistryClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.lean is not None:
+            await self.lean.__aexit__()
         if self._session:
             await self._session.close()
             self._session = None

@@ -9,9 +9,10 @@ A staged blob is three names in the store's checked staging directory (see :mod:
   crash of the machine may lose the record, never correctness, since the whole blob is verified before commit.
 
 :class:`StagedFile` is that part, shared by every writer. :class:`FileWriter` is the :class:`~puller.stores.BlobWriter`
-of the OCI layout and overlaybd stores: it hashes the blob's contiguous prefix as it grows (the bytes in hand
-when they extend it, else read back from the file), checks size and digest at commit and hands the fsynced file
-to the store's ``publish`` (a rename into place).
+of the OCI layout and overlaybd stores: it hashes the blob's contiguous prefix as it grows, on a thread of its own
+(:class:`PrefixHasher`: the bytes in hand when they extend the prefix, else read back from the file), checks
+size and digest at commit and hands the fsynced file to the store's ``publish`` (a rename into place). A writer
+owns the caller's buffers only until ``write_at`` returns.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..digest import Digest
 from ..errors import DigestMismatch, SizeMismatch, StoreError
@@ -39,6 +41,7 @@ MAX_RANGES_RECORD = 16 << 20  # a .ranges file larger than this was not written 
 SAVE_EVERY_S = 0.5  # a .ranges record at most this old (and one at every stop): what a killed pull loses
 READ_BLOCK = 1 << 20  # read-back of bytes that arrived before the prefix reached them
 WRITEBACK_STEP = 8 << 20  # hashed bytes are handed to writeback in steps of this
+MIN_READ_BACK = 4 << 20  # the thread is not woken to read back less than this, except at the end
 
 
 def stem(desc: Descriptor) -> str:
@@ -127,7 +130,8 @@ class StagedFile:
         except (OSError, ValueError, TypeError, AttributeError, StoreError):
             return RangeSet()
 
-    def _create(self) -> None:
+    def create(self) -> None:
+        """Make the file (sparse, the blob's size) unless it is there."""
         with self._create_lock:
             if self.fd < 0:
                 self.fd = self.staging.open_file(self.data_name, os.O_RDWR | os.O_CREAT)
@@ -138,7 +142,7 @@ class StagedFile:
         """Write ``buffers`` at ``offset`` (in a worker thread; made the file first if need be); returns the
         bytes written. The range is recorded by :meth:`written` on the event loop."""
         if self.fd < 0:
-            self._create()
+            self.create()
         n = os.pwritev(self.fd, buffers, offset)
         if n != sum(map(len, buffers)):
             raise StoreError(f"short write of {self.desc.digest} at {offset}")
@@ -196,69 +200,66 @@ class StagedFile:
 
 
 class PrefixHasher:
-    """The digest of a blob's bytes ``[0, hashed)``, taken as they extend the prefix: in the writer's thread
-    from the bytes in hand (:meth:`in_hand`), or read back from the file for bytes that arrived before the prefix
-    reached them (:meth:`advance`). hashlib releases the GIL, so hashing runs beside the event loop. Hashed bytes
-    are final: their writeback is started, so the fsync at commit finds little left."""
+    """The digest of a blob's bytes, taken in offset order on the writer's own thread: a block that starts where
+    the hash has got to is written and hashed there from the bytes in hand; other blocks are written by pool
+    threads, and when the prefix of written bytes jumps past the hash, the bytes jumped over are read back on
+    that thread. One thread keeps the hash in order without a lock; hashlib and the writes release the GIL, so
+    this runs beside the event loop. Hashed bytes are final: their writeback is started, so the fsync at commit
+    finds little left."""
 
     def __init__(self, staged: StagedFile, digest: Digest):
         self._staged = staged
         self._hash = digest.hasher()
-        self._lock = threading.Lock()  # one hash update at a time, in offset order
-        self.hashed = 0
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hash")
+        self.queued = 0  # bytes [0, queued) are hashed or queued for hashing (loop side)
         self._advised = 0
-        self._target = 0
-        self._task: asyncio.Future | None = None
+        self._read_backs: list[Future] = []
 
-    def in_hand(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
-        """Bytes just written at ``offset`` (in the writer's thread): hash them if they extend the prefix."""
-        with self._lock:
-            if offset != self.hashed:
-                return
-            for b in buffers:
-                self._hash.update(b)
-            self.hashed += n
-            self._writeback(False)
+    async def write(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
+        """Write a block (and hash it, if it extends the hashed prefix)."""
+        loop = asyncio.get_running_loop()
+        if offset == self.queued:
+            self.queued += n
+            await loop.run_in_executor(self._thread, self._write_hash, offset, buffers, n)
+        else:
+            await loop.run_in_executor(None, self._staged.write, offset, buffers)
 
-    def advance(self, prefix_end: int) -> None:
-        """Bytes ``[0, prefix_end)`` are in the file: read back and hash what was not hashed in hand."""
-        self._target = max(self._target, prefix_end)
-        if self._target > self.hashed and (self._task is None or self._task.done()):
-            self._task = asyncio.ensure_future(self._run())
+    def _write_hash(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
+        self._staged.write(offset, buffers)
+        for b in buffers:
+            self._hash.update(b)
+        self._writeback(offset + n)
 
-    async def _run(self) -> None:
-        while self.hashed < self._target:
-            await asyncio.to_thread(self._read_back)
+    def written_up_to(self, prefix_end: int) -> None:
+        """Bytes ``[0, prefix_end)`` are in the file: queue the read-back of those the hash has not had."""
+        if prefix_end > self.queued + (MIN_READ_BACK if prefix_end < self._staged.desc.size else 0):
+            start, self.queued = self.queued, prefix_end
+            self._read_backs = [f for f in self._read_backs if not f.done() or f.exception() is not None]
+            self._read_backs.append(self._thread.submit(self._read_back, start, prefix_end))  # errors: finish()
 
-    def _read_back(self) -> None:
-        while True:
-            with self._lock:
-                pos = self.hashed
-                if pos >= self._target:
-                    return
-                data = self._staged.read(pos, min(READ_BLOCK, self._target - pos))
-                self._hash.update(data)
-                self.hashed += len(data)
-                self._writeback(False)
+    def _read_back(self, start: int, end: int) -> None:
+        for pos in range(start, end, READ_BLOCK):
+            self._hash.update(self._staged.read(pos, min(READ_BLOCK, end - pos)))
+        self._writeback(end)
 
-    def _writeback(self, final: bool) -> None:
-        if final or self.hashed - self._advised >= WRITEBACK_STEP:
+    def _writeback(self, hashed: int) -> None:
+        if hashed - self._advised >= WRITEBACK_STEP or hashed == self._staged.desc.size:
             # Starts writeback of the dirty pages, and lets the kernel drop them once written: a multi-GB pull
             # does not fill the page cache.
-            os.posix_fadvise(self._staged.fd, self._advised, self.hashed - self._advised, os.POSIX_FADV_DONTNEED)
-            self._advised = self.hashed
+            os.posix_fadvise(self._staged.fd, self._advised, hashed - self._advised, os.POSIX_FADV_DONTNEED)
+            self._advised = hashed
 
     async def finish(self, size: int) -> str:
-        """Hash up to ``size`` and return the hex digest."""
-        self.advance(size)
-        if self._task is not None:
-            await self._task
-        return self._hash.hexdigest()
+        """Hash up to ``size`` (every byte is written) and return the hex digest."""
+        self.written_up_to(size)
+        digest = await asyncio.get_running_loop().run_in_executor(self._thread, self._hash.hexdigest)
+        for f in self._read_backs:
+            f.result()  # a failed read-back raises here
+        return digest
 
-    async def close(self) -> None:
-        """Wait out a read-back (before the file is closed)."""
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+    def close(self) -> None:
+        """Wait out queued work (before the file is closed)."""
+        self._thread.shutdown(wait=True)
 
 
 class FileWriter:
@@ -286,7 +287,7 @@ class FileWriter:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            await self._hasher.close()
+            await asyncio.to_thread(self._hasher.close)
         finally:
             self._staged.close()
 
@@ -298,16 +299,14 @@ class FileWriter:
 
     async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
         n = sum(map(len, buffers))
+        if self._staged.fd < 0:
+            await asyncio.to_thread(self._staged.create)
         try:
-            await asyncio.to_thread(self._write, offset, buffers, n)
+            await self._hasher.write(offset, buffers, n)
         except OSError as e:
             raise store_error(e, f"writing {self.desc.digest}") from None
         self._staged.written(offset, n)
-        self._hasher.advance(self._staged.ranges.prefix_end())
-
-    def _write(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
-        self._staged.write(offset, buffers)
-        self._hasher.in_hand(offset, buffers, n)
+        self._hasher.written_up_to(self._staged.ranges.prefix_end())
 
     async def commit(self) -> None:
         if self._there:
@@ -332,5 +331,5 @@ class FileWriter:
         self._there = True
 
     async def abort(self) -> None:
-        await self._hasher.close()
+        await asyncio.to_thread(self._hasher.close)
         self._staged.remove()

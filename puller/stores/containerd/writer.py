@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -77,7 +79,9 @@ class ContainerdWriter:
         self._streaming = False  # its Write stream is open
         self._has_slot = False  # may send now (one of MAX_WRITE_STREAMS)
         self._wake = asyncio.Event()  # more bytes are here
-        self._moved = asyncio.Event()  # containerd took more (or the stream ended)
+        self._ahead: list[tuple[int, int, asyncio.Future]] = []  # writes waiting for containerd: (sent they need,
+        # order, waiter), a heap: each is woken once, when containerd has taken enough (or the stream ends)
+        self._order = itertools.count()
         self._task: asyncio.Future | None = None
         self._lease: Lease | None = None
         self._present = False
@@ -124,15 +128,22 @@ class ContainerdWriter:
     async def _room(self, end: int) -> None:
         """Wait (at most MAX_WAIT_S) while ``end`` is more than MAX_AHEAD past what containerd has taken."""
         assert self._task is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + MAX_WAIT_S
-        while end > self.sent + MAX_AHEAD and not self._task.done():
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            self._moved.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._moved.wait(), left)
+        need = end - MAX_AHEAD
+        if need <= self.sent or self._task.done():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._ahead, (need, next(self._order), waiter))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(MAX_WAIT_S):
+                await waiter
+
+    def _took(self, sent: int) -> None:
+        """containerd has taken bytes ``[0, sent)``: wake the writes that waited for that."""
+        self.sent = sent
+        while self._ahead and self._ahead[0][0] <= sent:
+            _, _, waiter = heapq.heappop(self._ahead)
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _keep(self, offset: int, buffers: Sequence[Buffer], n: int) -> bool:
         """Keep the bytes in memory for their turn, if memory allows."""
@@ -140,7 +151,7 @@ class ContainerdWriter:
         limit = MAX_KEPT if self._streaming else MAX_KEPT_WAITING
         if self._shared.kept + n > limit or self._task is None or self._task.done():
             return False
-        self._kept[offset] = (buffers, n)
+        self._kept[offset] = ([bytes(b) for b in buffers], n)  # the caller's buffers are its own again on return
         bisect.insort(self._kept_starts, offset)
         self._shared.kept += n
         return True
@@ -198,7 +209,10 @@ class ContainerdWriter:
         self._shared.kept -= sum(n for _, n in self._kept.values())
         self._kept.clear()
         self._kept_starts.clear()
-        self._moved.set()  # writes held back go on (and meet the error at commit)
+        for _, _, waiter in self._ahead:  # writes held back go on (and meet the error at commit)
+            if not waiter.done():
+                waiter.set_result(None)
+        self._ahead.clear()
 
     async def _take_slot(self) -> None:
         if not self._has_slot:
@@ -234,8 +248,7 @@ class ContainerdWriter:
 
     async def _chunks(self, offset: int) -> AsyncIterator[Sequence[Buffer]]:
         while True:
-            self.sent = offset
-            self._moved.set()
+            self._took(offset)
             if offset >= self.desc.size:
                 return
             data = self._kept_bytes(offset)

@@ -1,0 +1,351 @@
+"""A lean HTTP/1.1 range client for blob bodies: the bytes land in buffers puller owns, no object per read.
+
+aiohttp makes a new bytes object for every read, and on a node with few cores the event loop's CPU per byte is
+what limits a pull (benchmarks/README.md). For the requests that carry nearly every byte, ranges of a blob at its
+resolved URL (the CDN URL a registry redirected to, fetched without credentials), this module speaks HTTP/1.1
+itself over an :class:`asyncio.BufferedProtocol`: the transport receives (for TLS: decrypts) straight into one of
+two buffers of the connection; a full buffer is handed to the caller while the other one fills, and reading
+pauses when both wait.
+
+It does only that: GET with Range, and a 206 answer with a Content-Length and a Content-Range equal to the range
+asked for, identity encoding, keep-alive. Any other status raises :class:`NotPartial` before a body byte is
+taken, and the caller asks again through aiohttp, which maps every status to puller's errors. Chunked or encoded
+bodies and malformed heads are transport errors (retried). Waits are bounded as aiohttp's are: the head within
+``headers_timeout_s``, each read within ``read_timeout_s``, and the low-speed limit over the time spent waiting
+on the server (:class:`~puller.registry.bodies.SpeedGuard`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+from ..errors import TransportError
+from .bodies import USER_AGENT, SpeedGuard
+
+BLOCK = 512 * 1024  # bytes per buffer; two per connection (larger ones fall out of the CPU caches: slower)
+MAX_HEAD = 64 * 1024
+MAX_IDLE = 64  # idle connections kept per origin
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+Deliver = Callable[[int, memoryview], Awaitable[bool]]  # bytes at an offset; False: stop, the range was cut short
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class NotPartial(Exception):
+    """The server answered with something other than 206 (before any body byte was taken)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class _Stale(Exception):
+    """A kept-alive connection closed before any byte of the answer: safe to ask again on a new one."""
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One connection; one request at a time (no pipelining)."""
+
+    def __init__(self, origin: Origin):
+        self.origin = origin
+        self._arrays = [bytearray(BLOCK), bytearray(BLOCK)]
+        self._views = [memoryview(a) for a in self._arrays]
+        self._busy = [False, False]  # a block of this buffer waits to be delivered
+        self._scratch = memoryview(bytearray(256))  # for bytes nobody asked for: an error
+        self._transport: asyncio.Transport | None = None
+        self._head = True  # reading the head (else the body)
+        self._active = False  # a request is out
+        self._cur = 0  # the buffer being filled, from _start
+        self._fill = 0
+        self._start = 0
+        self._range = (0, 0)
+        self._pos = 0  # the offset of the block being filled
+        self._remaining = 0  # body bytes still to receive
+        self._blocks: collections.deque[tuple[int, int, int, int]] = collections.deque()  # (buffer, a, b, offset)
+        self._paused = False
+        self._stray = False  # get_buffer gave the scratch buffer
+        self._error: BaseException | None = None
+        self._wake = asyncio.Event()
+        self.received = 0  # body bytes received (for the speed guard)
+        self.keep = True
+        self.closed = False
+
+    # ---- transport callbacks ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._views[self._cur]
+        if self._head:
+            view = view[self._fill :]
+        else:
+            view = view[self._fill : self._fill + min(BLOCK - self._fill, self._remaining)]
+        self._stray = not view or not self._active or self.closed
+        # Never an empty buffer (the transport treats that as an error): bytes nobody asked for land in scratch.
+        return self._scratch if self._stray else view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        try:
+            if self._stray:
+                raise TransportError("the server sent bytes nobody asked for")
+            self._updated(nbytes)
+        except Exception as e:
+            self._fail(e)
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._active and self._error is None:
+            if self._head and self._fill == 0:
+                self._error = _Stale()
+            else:
+                self._error = TransportError(f"connection lost mid-answer: {exc or 'closed by the server'}")
+        self._wake.set()
+
+    # ---- receiving --------------------------------------------------------------------------------------
+
+    def _updated(self, n: int) -> None:
+        self._fill += n
+        if self._head:
+            buf = self._arrays[self._cur]
+            end = buf.find(b"\r\n\r\n", max(0, self._fill - n - 3), self._fill)
+            if end < 0:
+                if self._fill >= MAX_HEAD:
+                    raise TransportError("response head too long")
+                return
+            length = self._parse_head(bytes(buf[:end]))
+            self._start = end + 4
+            got = self._fill - self._start
+            if got > length:
+                raise TransportError("more bytes than the body")  # nothing was pipelined
+            self._remaining = length - got
+            self._head = False
+            self._wake.set()
+        else:
+            self._remaining -= n
+        self.received += n
+        if self._fill == BLOCK or self._remaining == 0:
+            self._queue_block()
+
+    def _parse_head(self, head: bytes) -> int:
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        status = rest[:3]
+        if not version.startswith("HTTP/1.") or not status.isdigit():
+            raise TransportError(f"bad status line {lines[0][:100]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise TransportError(f"bad header line {line[:100]!r}")
+            name, value = name.lower(), value.strip()
+            if name in headers and headers[name] != value:
+                raise TransportError(f"{name} sent twice, differently")
+            headers[name] = value
+        connection = headers.get("connection", "").lower()
+        self.keep = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
+        if status != "206":
+            raise NotPartial(int(status))
+        if "transfer-encoding" in headers:
+            raise TransportError(f"a blob range sent with Transfer-Encoding {headers['transfer-encoding']!r}")
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding not in ("identity", ""):
+            raise TransportError(f"a blob range sent with Content-Encoding {encoding!r}")
+        length = headers.get("content-length", "")
+        start, end = self._range
+        m = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
+        if not length.isdigit() or not m or (int(m[1]), int(m[2]) + 1, int(length)) != (start, end, end - start):
+            raise TransportError(
+                f"bad Content-Range {headers.get('content-range')!r} / Content-Length {length!r} for {start}-{end - 1}"
+            )
+        return int(length)
+
+    def _queue_block(self) -> None:
+        i, a, b = self._cur, self._start, self._fill
+        if b > a:
+            self._busy[i] = True
+            self._blocks.append((i, a, b, self._pos))
+            self._pos += b - a
+        self._fill = self._start = 0
+        self._wake.set()
+        if self._remaining == 0:
+            return
+        if self._busy[1 - i]:  # both buffers wait to be delivered: stop reading until one is free
+            self._paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        else:
+            self._cur = 1 - i
+
+    def _release(self, i: int) -> None:
+        self._busy[i] = False
+        if self._paused and not self.closed:
+            self._paused = False
+            self._cur = i
+            assert self._transport is not None
+            self._transport.resume_reading()
+
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            self._error = e
+        self._wake.set()
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    # ---- one request ------------------------------------------------------------------------------------
+
+    async def fetch(
+        self, host: str, target: str, start: int, end: int, deliver: Deliver, guard: SpeedGuard, timeouts: Timeouts
+    ) -> None:
+        """GET bytes ``[start, end)`` and hand them to ``deliver`` in order, one block at a time."""
+        assert self._transport is not None and not self._active
+        self._active, self._head, self._range, self._pos = True, True, (start, end), start
+        self._cur, self._fill, self._start, self._remaining, self.received = 0, 0, 0, end - start, 0
+        self._transport.write(
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\nRange: bytes={start}-{end - 1}\r\n"
+            f"Accept-Encoding: identity\r\nUser-Agent: {USER_AGENT}\r\n\r\n".encode("latin-1")
+        )
+        head_by = time.monotonic() + timeouts.headers_s
+        try:
+            while True:
+                if self._blocks:
+                    i, a, b, offset = self._blocks.popleft()
+                    try:
+                        more = await deliver(offset, self._views[i][a:b])
+                    finally:
+                        self._release(i)
+                    if not more and (self._remaining or self._blocks):  # the range was cut short: the rest
+                        self.close()  # of the answer is not read, so the connection cannot be reused
+                        return
+                    continue
+                if self._error is not None:
+                    raise self._error
+                if not self._head and self._remaining == 0:
+                    self._active = False
+                    if not self.keep:
+                        self.close()
+                    return
+                await self._wait(guard, head_by if self._head else None, timeouts.read_s)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _wait(self, guard: SpeedGuard, head_by: float | None, read_s: float) -> None:
+        """Wait for the head or a whole block, bounded: the head by ``head_by``, the body by ``read_s`` without a
+        byte; the wait and its bytes count against the low-speed limit."""
+        self._wake.clear()
+        while True:
+            before, t0 = self.received, time.monotonic()
+            timeout = read_s if head_by is None else max(0.0, head_by - t0)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                if head_by is not None or self.received == before:
+                    what = "the answer's head" if head_by is not None else "the next bytes"
+                    raise TransportError(f"timed out waiting {timeout:.0f} s for {what}") from None
+                guard.account(time.monotonic() - t0, self.received - before)  # bytes, but not a block yet
+                continue
+            guard.account(time.monotonic() - t0, self.received - before)
+            return
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float
+    headers_s: float  # from sending the request to the end of the answer's head
+    read_s: float  # between two reads of the body
+
+
+class LeanRanges:
+    """Ranges of resolved blob URLs over pooled lean connections. Use as ``async with``."""
+
+    def __init__(self, ssl_for: Callable[[str], ssl.SSLContext | bool], timeouts: Timeouts):
+        self._ssl_for = ssl_for
+        self._timeouts = timeouts
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    async def __aenter__(self) -> LeanRanges:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    async def get(self, url: str, start: int, end: int, deliver: Deliver, guard: SpeedGuard) -> None:
+        """Bytes ``[start, end)`` of ``url`` to ``deliver``; :class:`NotPartial` when the answer is not a 206."""
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname or ""
+        origin = (scheme, host, parts.port or (443 if scheme == "https" else 80))
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        host_header = parts.netloc.rpartition("@")[2]
+        for attempt in (1, 2):
+            idle = [c for c in self._idle.get(origin, ()) if not c.closed]  # the server may close idle ones
+            reused = bool(idle)
+            conn = idle.pop() if idle else await self._connect(origin, url)
+            self._idle[origin] = idle
+            try:
+                await conn.fetch(host_header, target, start, end, deliver, guard, self._timeouts)
+            except _Stale:
+                if attempt == 2 or not reused:
+                    raise TransportError(f"{host}: connection closed before the answer") from None
+                continue
+            if conn.closed or not conn.keep:
+                conn.close()
+            else:
+                pool = self._idle.setdefault(origin, [])
+                if len(pool) < MAX_IDLE:
+                    pool.append(conn)
+                else:
+                    conn.close()
+            return
+
+    async def _connect(self, origin: Origin, url: str) -> _Connection:
+        scheme, host, port = origin
+        context: ssl.SSLContext | None = None
+        if scheme == "https":
+            wanted = self._ssl_for(url)
+            context = wanted if isinstance(wanted, ssl.SSLContext) else self._context(wanted)
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(origin), host, port, ssl=context, server_hostname=host if context else None
+                ),
+                self._timeouts.connect_s,
+            )
+        except TimeoutError:
+            raise TransportError(f"{host}:{port}: connect timed out") from None
+        except ssl.SSLError as e:
+            raise TransportError(f"{host}:{port}: TLS: {e.reason or e}") from None
+        except OSError as e:
+            raise TransportError(f"{host}:{port}: {e.strerror or e}") from None
+        return conn
+
+    def _context(self, verify: bool) -> ssl.SSLContext:
+        if verify not in self._contexts:
+            context = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._contexts[verify] = context
+        return self._contexts[verify]

@@ -1,0 +1,211 @@
+"""The lean range client (puller/registry/lean.py) against a scripted HTTP/1.1 server on loopback: what it takes,
+what it refuses, how it reuses connections, and that every wait is bounded. The engine's use of it is covered by
+every pull through the CDN rig (the registry redirects blob GETs to nginx) and by test_hostile.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from puller.errors import TransportError
+from puller.registry.bodies import SlowTransfer, SpeedLimit
+from puller.registry.lean import BLOCK, LeanRanges, NotPartial, Timeouts
+
+from .rig import make_tls_cert
+
+BLOB = random.Random(7).randbytes(3 * BLOCK + 1234)
+Answer = Callable[[int, int], list[bytes]]  # (start, end) -> the pieces to send, in order
+
+
+def partial(start: int, end: int, extra: str = "", length: int | None = None, crange: str | None = None) -> bytes:
+    n = end - start if length is None else length
+    crange = crange or f"bytes {start}-{end - 1}/{len(BLOB)}"
+    return f"HTTP/1.1 206 Partial Content\r\nContent-Length: {n}\r\nContent-Range: {crange}\r\n{extra}\r\n".encode()
+
+
+def ranged(start: int, end: int) -> list[bytes]:
+    return [partial(start, end), BLOB[start:end]]
+
+
+class Server:
+    """Answers each request with ``answer(start, end)``, ``delay`` seconds between pieces; ``close_after``
+    closes a connection once it has sent that many answers; ``drop_after`` closes it when the request after that
+    many answers arrives (a kept-alive connection the server let go)."""
+
+    def __init__(
+        self,
+        answer: Answer = ranged,
+        close_after: int = 0,
+        drop_after: int = 0,
+        delay: float = 0.0,
+        tls: Path | None = None,
+    ):
+        self.answer, self.close_after, self.drop_after, self.delay, self.tls = (
+            answer,
+            close_after,
+            drop_after,
+            delay,
+            tls,
+        )
+        self.connections = 0
+        self.requests: list[str] = []
+
+    async def __aenter__(self) -> Server:
+        context = None
+        if self.tls:
+            ca, cert, key = make_tls_cert(self.tls)
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert, key)
+            self.ca = ca
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}/blob?sig=abc"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                text = head.decode()
+                self.requests.append(text)
+                if self.drop_after and answered == self.drop_after:
+                    break  # the request arrived on a connection the server had let idle: closed unanswered
+                spec = next(x for x in text.split("\r\n") if x.startswith("Range: bytes="))[len("Range: bytes=") :]
+                first, last = spec.split("-")
+                for piece in self.answer(int(first), int(last) + 1):
+                    writer.write(piece)
+                    await writer.drain()
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                answered += 1
+                if answered == self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def client(ssl_for=lambda url: True, speed: SpeedLimit | None = None, read_s: float = 5.0) -> LeanRanges:
+    return LeanRanges(ssl_for, Timeouts(connect_s=5, headers_s=2, read_s=read_s))
+
+
+async def fetch(lean: LeanRanges, url: str, start: int, end: int, speed: SpeedLimit | None = None) -> bytes:
+    got = bytearray(end - start)
+    seen: list[int] = []
+
+    async def deliver(offset: int, block: memoryview) -> bool:
+        seen.append(offset)
+        got[offset - start : offset - start + len(block)] = block  # the buffer is ours only until we return
+        return True
+
+    await lean.get(url, start, end, deliver, (speed or SpeedLimit()).guard("test"))
+    assert seen == sorted(seen)  # in order
+    return bytes(got)
+
+
+async def test_ranges_arrive_whole_in_order_over_one_kept_alive_connection():
+    async with Server() as server, client() as lean:
+        assert await fetch(lean, server.url, 0, len(BLOB)) == BLOB
+        assert await fetch(lean, server.url, 100, 2 * BLOCK + 7) == BLOB[100 : 2 * BLOCK + 7]
+    assert server.connections == 1
+    assert "GET /blob?sig=abc HTTP/1.1" in server.requests[0] and "Accept-Encoding: identity" in server.requests[0]
+
+
+async def test_a_head_split_into_single_bytes_is_read():
+    def trickled_head(start: int, end: int) -> list[bytes]:
+        head = partial(start, end)
+        return [*(head[i : i + 1] for i in range(len(head))), BLOB[start:end]]
+
+    async with Server(trickled_head) as server, client() as lean:
+        assert await fetch(lean, server.url, 5, BLOCK + 5) == BLOB[5 : BLOCK + 5]
+
+
+@pytest.mark.parametrize("status", [200, 403, 500])
+async def test_any_answer_but_206_is_not_partial_before_a_byte_is_taken(status: int):
+    def answer(start: int, end: int) -> list[bytes]:
+        return [f"HTTP/1.1 {status} X\r\nContent-Length: {len(BLOB)}\r\n\r\n".encode(), BLOB]
+
+    async with Server(answer) as server, client() as lean:
+        with pytest.raises(NotPartial) as e:
+            await fetch(lean, server.url, 0, 100)
+        assert e.value.status == status
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        partial(0, 100, crange=f"bytes 1-100/{len(BLOB)}"),  # another range
+        partial(0, 100, length=99),  # a length that is not the range's
+        partial(0, 100, extra="Transfer-Encoding: chunked\r\n"),
+        partial(0, 100, extra="Content-Encoding: gzip\r\n"),
+        partial(0, 100, extra="Content-Length: 7\r\n"),  # said twice, differently
+        b"HTTP/1.1 206\r\nbad header line\r\n\r\n",
+        b"ICY 206 OK\r\n\r\n",
+    ],
+)
+async def test_a_malformed_or_encoded_answer_is_a_transport_error(head: bytes):
+    async with Server(lambda s, e: [head, BLOB[s:e]]) as server, client() as lean:
+        with pytest.raises(TransportError):
+            await fetch(lean, server.url, 0, 100)
+
+
+async def test_a_body_cut_short_is_a_transport_error():
+    async with Server(lambda s, e: [partial(s, e), BLOB[s : e - 10]], close_after=1) as server, client() as lean:
+        with pytest.raises(TransportError, match="mid-answer"):
+            await fetch(lean, server.url, 0, BLOCK)
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced():
+    async with Server(drop_after=1) as server, client() as lean:
+        assert await fetch(lean, server.url, 0, 1000) == BLOB[:1000]
+        await asyncio.sleep(0.1)
+        assert await fetch(lean, server.url, 1000, 2000) == BLOB[1000:2000]
+    assert server.connections == 2
+
+
+async def test_a_range_cut_short_by_the_caller_does_not_reuse_its_connection():
+    async with Server() as server, client() as lean:
+
+        async def first_block_only(offset: int, block: memoryview) -> bool:
+            return False
+
+        await lean.get(server.url, 0, len(BLOB), first_block_only, SpeedLimit().guard("test"))
+        assert await fetch(lean, server.url, 0, 10) == BLOB[:10]
+    assert server.connections == 2
+
+
+async def test_a_server_that_never_answers_times_out():
+    async with Server(lambda s, e: [b"HTTP/1.1 2"], delay=10) as server, client() as lean:
+        with pytest.raises(TransportError, match="timed out"):
+            await asyncio.wait_for(fetch(lean, server.url, 0, 100), 10)
+
+
+async def test_a_trickling_server_is_dropped_by_the_low_speed_limit():
+    def trickle(start: int, end: int) -> list[bytes]:
+        return [partial(start, end), *(BLOB[i : i + 1] for i in range(start, end))]
+
+    slow = SpeedLimit(bytes_per_s=1000, window_s=0.5)
+    async with Server(trickle, delay=0.05) as server, client(read_s=0.3) as lean:
+        with pytest.raises(SlowTransfer):
+            await asyncio.wait_for(fetch(lean, server.url, 0, 1000, speed=slow), 10)
+
+
+async def test_tls_ranges_are_received_into_the_same_buffers(tmp_path: Path):
+    async with Server(tls=tmp_path) as server:
+        trusted = ssl.create_default_context(cafile=str(server.ca))
+        async with client(ssl_for=lambda url: trusted) as lean:
+            assert await fetch(lean, server.url, 0, len(BLOB)) == BLOB
+        async with client(ssl_for=lambda url: True) as untrusted:  # the system's CAs: refused
+            with pytest.raises(TransportError, match="TLS"):
+                await fetch(untrusted, server.url, 0, 10)
