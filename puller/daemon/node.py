@@ -33,7 +33,8 @@ async def kube_api() -> AsyncIterator:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=configuration)
         else:
-            await config.load_kube_config(client_configuration=configuration)
+            # $KUBECONFIG read now: the client library reads it once, when it is first imported.
+            await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
     except (config.ConfigException, OSError, TypeError) as e:
         raise KubernetesError(f"no Kubernetes API access (not in a pod, and no usable kubeconfig): {e}") from None
     async with client.ApiClient(configuration) as api:
