@@ -22,7 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from .rig import TEST_BIN
 
-KUBE_BINS = ("etcd", "kube-apiserver", "kubectl")
+KUBE_BINS = ("etcd", "kube-apiserver", "kube-scheduler", "kubelet", "kubectl")
+LOOPBACK_CNI = {"cniVersion": "1.0.0", "name": "puller-test", "plugins": [{"type": "loopback"}]}
 
 
 def free_port() -> int:
@@ -67,6 +68,7 @@ class Certificates:
             return where / f"{name}.pem", where / f"{name}-key.pem"
 
         self.ca, _ = write("ca", sign(ca_name, ca_key, True, []), ca_key)
+        self._sign, self._write = sign, write
         server_key = ec.generate_private_key(ec.SECP256R1())
         names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
         san = x509.SubjectAlternativeName(
@@ -89,6 +91,14 @@ class Certificates:
         self.sa_pub = where / "sa.pub"
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         self.sa_pub.write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM, spki))
+
+    def client(self, name: str, cn: str, org: str) -> tuple[Path, Path]:
+        """A client certificate for user ``cn`` in group ``org`` (e.g. a node: system:node:NAME, system:nodes)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        )
+        return self._write(name, self._sign(subject, key, False, []), key)
 
 
 class ControlPlane:
@@ -155,8 +165,8 @@ class ControlPlane:
         return self
 
     def _start(self, name: str, cmd: list[str]) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (the process owns it)
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def _wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -209,6 +219,52 @@ class ControlPlane:
             timeout=120,
         )
 
+    def start_controller_manager(self) -> None:
+        """kube-controller-manager: among others the node lifecycle controller (it lifts the not-ready taint the
+        API server puts on a new node) and the service-account controllers. One identity for all its controllers,
+        in group system:masters (the bootstrap role of system:kube-controller-manager expects one account per
+        controller)."""
+        cert, key = self.certs.client("controller-manager", "system:kube-controller-manager", "system:masters")
+        kubeconfig = self.client_kubeconfig(self.workdir / "controller-manager.kubeconfig", "cm", cert, key)
+        self._start(
+            "kube-controller-manager",
+            [
+                str(TEST_BIN / "kube-controller-manager"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={self.workdir / 'controller-manager-certs'}",
+                f"--service-account-private-key-file={self.certs.sa_key}",
+                f"--root-ca-file={self.certs.ca}",
+                "--use-service-account-credentials=false",
+            ],
+        )
+
+    def start_scheduler(self) -> None:
+        """kube-scheduler, as user system:kube-scheduler (bound by the API server's bootstrap RBAC)."""
+        cert, key = self.certs.client("scheduler", "system:kube-scheduler", "system:kube-scheduler")
+        kubeconfig = self.client_kubeconfig(self.workdir / "scheduler.kubeconfig", "scheduler", cert, key)
+        self._start(
+            "kube-scheduler",
+            [
+                str(TEST_BIN / "kube-scheduler"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={self.workdir / 'scheduler-certs'}",
+            ],
+        )
+
+    def client_kubeconfig(self, path: Path, user: str, cert: Path, key: Path) -> Path:
+        path.write_text(self._kubeconfig(user, {"client-certificate": str(cert), "client-key": str(key)}))
+        return path
+
     def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
         """A kubeconfig that authenticates as ServiceAccount ``namespace/name``, with a token from the TokenRequest
         API (as kubelet mounts one into the account's pods)."""
@@ -216,3 +272,101 @@ class ControlPlane:
         path.write_text(self._kubeconfig(f"{namespace}-{name}", {"token": token}))
         path.chmod(0o600)
         return path
+
+
+class Kubelet:
+    """kubelet of the pinned release for node ``name``, on containerd's CRI socket, registering with ``taints``;
+    use as a context manager inside a :class:`ControlPlane`. The tests' pods use the host's network: the CNI
+    configuration containerd is given (:data:`LOOPBACK_CNI`) only makes its network "ready" for kubelet."""
+
+    def __init__(self, workdir: Path, cp: ControlPlane, cri_socket: Path, name: str, taints: list[str]):
+        self.workdir, self.cp, self.cri_socket, self.name, self.taints = workdir, cp, cri_socket, name, taints
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Kubelet:
+        w = self.workdir
+        w.mkdir(parents=True, exist_ok=True)
+        cert, key = self.cp.certs.client(f"node-{self.name}", f"system:node:{self.name}", "system:nodes")
+        kubeconfig = self.cp.client_kubeconfig(w / "kubelet.kubeconfig", self.name, cert, key)
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": "127.0.0.1",
+            "port": free_port(),
+            "readOnlyPort": 0,
+            "healthzPort": 0,
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": False},
+                "x509": {"clientCAFile": str(self.cp.certs.ca)},
+            },
+            "authorization": {"mode": "AlwaysAllow"},
+            "cgroupDriver": "cgroupfs",
+            "cgroupsPerQOS": False,
+            "enforceNodeAllocatable": [],
+            "failSwapOn": False,
+            "containerRuntimeEndpoint": f"unix://{self.cri_socket}",
+            "registerWithTaints": [
+                {"key": k, "value": v, "effect": e} for k, v, e in (t.replace("=", ":").split(":") for t in self.taints)
+            ],
+            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "localStorageCapacityIsolation": False,
+            "resolvConf": "/etc/resolv.conf",
+            "serializeImagePulls": False,
+        }
+        (w / "config.json").write_text(json.dumps(config))
+        with open(w / "kubelet.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = self._popen(log, kubeconfig)
+        return self
+
+    def _popen(self, log: Any, kubeconfig: Path) -> subprocess.Popen:
+        w = self.workdir
+        return subprocess.Popen(
+            [
+                str(TEST_BIN / "kubelet"),
+                f"--config={w / 'config.json'}",
+                f"--kubeconfig={kubeconfig}",
+                f"--hostname-override={self.name}",
+                f"--root-dir={w / 'root'}",
+                f"--cert-dir={w / 'pki'}",
+                "--v=2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log_tail(self) -> str:
+        return (self.workdir / "kubelet.log").read_text(errors="replace")[-3000:]
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kubelet exited: {(self.workdir / 'kubelet.log').read_text()[-3000:]}")
+            r = self.cp.kubectl("get", "node", self.name, "-o", "json", check=False)
+            if r.returncode == 0:
+                conditions = json.loads(r.stdout)["status"].get("conditions", [])
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(
+            f"node {self.name} not ready in {timeout} s: {(self.workdir / 'kubelet.log').read_text()[-3000:]}"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # kubelet makes its root directory a mount and mounts pod volumes under it: none may outlive the test.
+        root = str(self.workdir / "root")
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for mount in sorted((m for m in mounts if m == root or m.startswith(root + "/")), reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True)

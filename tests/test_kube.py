@@ -5,7 +5,10 @@ given; the warmup Job's account lists pods in its namespace and nothing more."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,9 @@ import yaml
 from puller.daemon.node import remove_node_taint
 from puller.errors import KubernetesError
 
-from .kube import ControlPlane
+from .daemon_rig import Daemon
+from .kube import LOOPBACK_CNI, ControlPlane, Kubelet
+from .rig import Containerd, CRIConfig, Registry, skopeo_push
 
 pytestmark = pytest.mark.kube
 
@@ -98,3 +103,100 @@ async def test_an_account_without_the_daemon_role_is_refused_by_name(
     assert yes.stdout.strip() == "yes"
     no = cluster.kubectl("auth", "can-i", "list", "pods", "-n", "default", kubeconfig=kubeconfig, check=False)
     assert no.stdout.strip() == "no"
+
+
+def test_a_new_node_is_held_back_until_its_list_is_present_then_runs_it_without_the_registry(
+    cluster: ControlPlane, layout, workdir: Path, tmp_path: Path
+):
+    """The start-up gate end to end: a node registers with the start-up taint; a pod for a listed image stays
+    Pending; puller's daemon, with deploy/'s ServiceAccount, pulls the list into containerd (CRI) and removes the
+    taint; the registry is stopped; the pod is scheduled and runs from the prefetched image."""
+    w = tmp_path
+    with Registry(w / "registry") as reg:
+        skopeo_push(layout["path"], "pause", f"{reg.host}/test/pause:v1")
+        skopeo_push(layout["path"], "run", f"{reg.host}/test/run:v1")
+        image = f"{reg.host}/test/run:v1"
+        hosts = w / "certs.d" / reg.host
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(f'server = "http://{reg.host}"\n')
+        (w / "ctrd" / "cni").mkdir(parents=True)
+        (w / "ctrd" / "cni" / "10-loopback.conflist").write_text(json.dumps(LOOPBACK_CNI))
+        cri = CRIConfig(f"{reg.host}/test/pause:v1", w / "certs.d")
+        with Containerd(w / "ctrd", version="2.2", cri=cri) as ctrd, _pods_removed(ctrd):
+            subprocess.run(ctrd.crictl("pull", cri.sandbox_image), check=True, capture_output=True)  # the node's own
+            with Kubelet(w / "kubelet", cluster, ctrd.socket, "node-gate", [f"{TAINT}=pending:NoSchedule"]) as node:
+                node.wait_ready()
+                cluster.start_scheduler()
+                cluster.start_controller_manager()
+                cluster.kubectl("create", "namespace", "apps")
+                has_sa = ("get", "serviceaccount", "default", "-n", "apps")
+                _until(lambda: cluster.kubectl(*has_sa, check=False).returncode == 0, 60, "the default ServiceAccount")
+                pod = {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "app", "namespace": "apps"},
+                    "spec": {
+                        "hostNetwork": True,
+                        "automountServiceAccountToken": False,
+                        "containers": [
+                            {
+                                "name": "app",
+                                "image": image,
+                                "imagePullPolicy": "IfNotPresent",
+                                "command": ["/bin/busybox", "sleep", "3600"],
+                            }
+                        ],
+                    },
+                }
+                cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+                time.sleep(3)
+                assert _pod(cluster)["status"]["phase"] == "Pending"  # the start-up taint keeps it off the node
+                assert not _pod(cluster)["spec"].get("nodeName")
+                kubeconfig = cluster.service_account_kubeconfig("puller", "puller", w / "daemon.kubeconfig")
+                settings = {
+                    "store": "containerd",
+                    "containerd_address": str(ctrd.socket),
+                    "namespace": "k8s.io",
+                    "staging_dir": str(w / "staging"),
+                    "containerd_root": str(ctrd.workdir),
+                    "startup_taint": TAINT,
+                    "node_name": "node-gate",
+                    "plain_http": [reg.host],
+                }
+                daemon = Daemon(w / "daemon", settings, env={"KUBECONFIG": str(kubeconfig)})
+                daemon.images.set_images([image])  # the list is there when the daemon starts, as its ConfigMap is
+                with daemon:
+                    _until(lambda: TAINT not in _taints(cluster, "node-gate"), 120, "the start-up taint to go")
+                reg.__exit__(None, None, None)  # the registry is gone: the pod must run from what is on the node
+                try:
+                    _until(lambda: _pod(cluster)["status"]["phase"] == "Running", 120, "the pod to run")
+                except AssertionError as e:
+                    described = cluster.kubectl("describe", "pod", "app", "-n", "apps").stdout
+                    taints = _taints(cluster, "node-gate")
+                    daemon_log = (w / "daemon" / "daemon.log").read_text()[-3000:]
+                    images = subprocess.run(ctrd.crictl("images"), capture_output=True, text=True).stdout
+                    raise AssertionError(f"{e}: node taints {taints}\n{described}\n{daemon_log}\n{images}") from None
+                events = cluster.kubectl("get", "events", "-n", "apps", "-o", "json").stdout
+                messages = [e["message"] for e in json.loads(events)["items"] if e["reason"] == "Pulled"]
+                assert any("already present on machine" in m for m in messages), messages
+
+
+@contextlib.contextmanager
+def _pods_removed(ctrd: Containerd):
+    """On the way out, stop and remove every pod sandbox (its shim and processes outlive containerd otherwise)."""
+    try:
+        yield
+    finally:
+        subprocess.run(ctrd.crictl("rmp", "-fa"), capture_output=True, timeout=120)
+
+
+def _pod(cluster: ControlPlane) -> dict:
+    return json.loads(cluster.kubectl("get", "pod", "app", "-n", "apps", "-o", "json").stdout)
+
+
+def _until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
