@@ -224,40 +224,35 @@ class ControlPlane:
         API server puts on a new node) and the service-account controllers. One identity for all its controllers,
         in group system:masters (the bootstrap role of system:kube-controller-manager expects one account per
         controller)."""
-        cert, key = self.certs.client("controller-manager", "system:kube-controller-manager", "system:masters")
-        kubeconfig = self.client_kubeconfig(self.workdir / "controller-manager.kubeconfig", "cm", cert, key)
-        self._start(
+        self._start_component(
             "kube-controller-manager",
-            [
-                str(TEST_BIN / "kube-controller-manager"),
-                f"--kubeconfig={kubeconfig}",
-                f"--authentication-kubeconfig={kubeconfig}",
-                f"--authorization-kubeconfig={kubeconfig}",
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={free_port()}",
-                f"--cert-dir={self.workdir / 'controller-manager-certs'}",
-                f"--service-account-private-key-file={self.certs.sa_key}",
-                f"--root-ca-file={self.certs.ca}",
-                "--use-service-account-credentials=false",
-            ],
+            ("system:kube-controller-manager", "system:masters"),
+            f"--service-account-private-key-file={self.certs.sa_key}",
+            f"--root-ca-file={self.certs.ca}",
+            "--use-service-account-credentials=false",
         )
 
     def start_scheduler(self) -> None:
         """kube-scheduler, as user system:kube-scheduler (bound by the API server's bootstrap RBAC)."""
-        cert, key = self.certs.client("scheduler", "system:kube-scheduler", "system:kube-scheduler")
-        kubeconfig = self.client_kubeconfig(self.workdir / "scheduler.kubeconfig", "scheduler", cert, key)
+        self._start_component("kube-scheduler", ("system:kube-scheduler", "system:kube-scheduler"))
+
+    def _start_component(self, name: str, identity: tuple[str, str], *flags: str) -> None:
+        """A control-plane component authenticating with a client certificate for (user, group)."""
+        cert, key = self.certs.client(name, *identity)
+        kubeconfig = self.client_kubeconfig(self.workdir / f"{name}.kubeconfig", name, cert, key)
         self._start(
-            "kube-scheduler",
+            name,
             [
-                str(TEST_BIN / "kube-scheduler"),
-                f"--kubeconfig={kubeconfig}",
-                f"--authentication-kubeconfig={kubeconfig}",
-                f"--authorization-kubeconfig={kubeconfig}",
+                str(TEST_BIN / name),
+                *(
+                    f"--{k}={kubeconfig}"
+                    for k in ("kubeconfig", "authentication-kubeconfig", "authorization-kubeconfig")
+                ),
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
-                f"--cert-dir={self.workdir / 'scheduler-certs'}",
+                f"--cert-dir={self.workdir / (name + '-certs')}",
+                *flags,
             ],
         )
 
