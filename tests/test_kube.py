@@ -25,6 +25,7 @@ pytestmark = pytest.mark.kube
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 TAINT = "puller.io/prefetch"
+CLUSTER_AUTOSCALER_TAINT = "startup-taint.cluster-autoscaler.kubernetes.io/puller"
 
 
 @pytest.fixture(scope="module")
@@ -69,22 +70,22 @@ def _taints(cluster: ControlPlane, name: str) -> list[str]:
     return [t["key"] for t in node["spec"].get("taints", [])]
 
 
+@pytest.mark.parametrize("key", [TAINT, CLUSTER_AUTOSCALER_TAINT])
 async def test_the_daemon_account_removes_its_start_up_taint_and_nothing_else(
-    cluster: ControlPlane, tmp_path: Path, monkeypatch
+    cluster: ControlPlane, tmp_path: Path, monkeypatch, key: str
 ):
-    _node(
-        cluster,
-        "node-a",
-        [
-            {"key": TAINT, "value": "pending", "effect": "NoSchedule"},
-            {"key": "gpu", "value": "true", "effect": "NoSchedule"},
-        ],
-    )
+    """Also with the key cluster-autoscaler takes for a start-up taint (deploy/README.md, node autoscalers)."""
+    node = f"node-{len(key)}"
+    taints = [
+        {"key": key, "value": "pending", "effect": "NoSchedule"},
+        {"key": "gpu", "value": "1", "effect": "NoSchedule"},
+    ]
+    _node(cluster, node, taints)
     kubeconfig = cluster.service_account_kubeconfig("puller", "puller", tmp_path / "daemon.kubeconfig")
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    await remove_node_taint("node-a", TAINT)
-    taints = _taints(cluster, "node-a")
-    assert TAINT not in taints and "gpu" in taints  # only its own taint went (the API server adds not-ready)
+    assert await remove_node_taint(node, key) == 1
+    left = _taints(cluster, node)
+    assert key not in left and "gpu" in left  # only its own taint went (the API server adds not-ready)
     for verb, what in (("list", "secrets"), ("delete", "nodes"), ("create", "pods"), ("patch", "daemonsets")):
         r = cluster.kubectl("auth", "can-i", verb, what, "-A", kubeconfig=kubeconfig, check=False)
         assert r.stdout.strip() == "no", (verb, what)
