@@ -118,6 +118,8 @@ async def test_ranges_arrive_whole_in_order_over_one_kept_alive_connection():
     async with Server() as server, client() as lean:
         assert await fetch(lean, server.url, 0, len(BLOB)) == BLOB
         assert await fetch(lean, server.url, 100, 2 * BLOCK + 7) == BLOB[100 : 2 * BLOCK + 7]
+        pooled = [c for conns in lean._idle.values() for c in conns]
+        assert len(pooled) == 1 and not pooled[0]._arrays  # kept for the next range, without its buffers
     assert server.connections == 1
     assert "GET /blob?sig=abc HTTP/1.1" in server.requests[0] and "Accept-Encoding: identity" in server.requests[0]
 

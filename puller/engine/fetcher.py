@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import DigestMismatch, RegistryError, SizeMismatch, TransportError, VerificationError
@@ -31,7 +32,7 @@ from ..registry.blobs import BlobReader, RangeBody
 from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, RegistryClient, retrying
 from ..registry.lean import NotPartial
 from ..registry.manifest import Descriptor
-from ..stores import BlobWriter, Store
+from ..stores import BlobWriter, Buffer, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
 from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail
 
@@ -331,10 +332,8 @@ class _BlobDownload:
         self.range_known.set()
 
     async def _copy_body(self, writer: BlobWriter, chunk: Chunk, body: RangeBody, skip: int) -> None:
-        host = body.host
         buffers: list[bytes] = []
         buffered = 0
-        received = 0
         try:
             while chunk.pos + buffered < chunk.end:
                 data = await body.read()
@@ -351,40 +350,36 @@ class _BlobDownload:
                     data = data[:room]
                 buffers.append(data)
                 buffered += len(data)
-                received += len(data)
-                self.progress.fetched += len(data)
-                if self.f.bandwidth is not None:
-                    await self.f.bandwidth.take(len(data))
+                await self._received(body.host, len(data))
                 if buffered >= WRITE_BLOCK:
                     await self._write(writer, chunk, buffers, buffered)
                     buffers, buffered = [], 0
         except NET_ERRORS as e:
             raise TruncatedBody(f"{self.desc.digest}: connection failed mid-body at {chunk.pos}: {e}") from None
         finally:
-            self.progress.by_host[host] = self.progress.by_host.get(host, 0) + received
             if buffers:
                 await self._write(writer, chunk, buffers, buffered)
         if chunk.pos < chunk.end:
             raise TruncatedBody(f"{self.desc.digest}: body ended at byte {chunk.pos}, wanted up to {chunk.end}")
 
     async def _deliver(self, writer: BlobWriter, chunk: Chunk, host: str, offset: int, block: memoryview) -> bool:
-        """A block of the lean client's body (its buffer is ours until we return); False once the chunk (which a
-        tail split may have cut short) needs no more."""
-        end = min(offset + len(block), chunk.end)
-        if end <= offset:
+        """A block of the lean client's body at ``chunk.pos`` (its buffer is ours until we return); False once the
+        chunk (which a tail split may have cut short) needs no more."""
+        n = min(len(block), chunk.end - offset)
+        if n <= 0:
             return False
-        n = end - offset
+        await self._received(host, n)
+        await self._write(writer, chunk, [block[:n]], n)
+        return chunk.pos < chunk.end
+
+    async def _received(self, host: str, n: int) -> None:
+        """Count ``n`` bytes received from ``host``, and wait for the bandwidth cap."""
         self.progress.fetched += n
         self.progress.by_host[host] = self.progress.by_host.get(host, 0) + n
         if self.f.bandwidth is not None:
             await self.f.bandwidth.take(n)
-        await writer.write_at(offset, [block[:n]])
-        chunk.pos = end
-        self.done.add(offset, end)
-        self.progress.done += n
-        return end < chunk.end
 
-    async def _write(self, writer: BlobWriter, chunk: Chunk, buffers: list[bytes], n: int) -> None:
+    async def _write(self, writer: BlobWriter, chunk: Chunk, buffers: Sequence[Buffer], n: int) -> None:
         start = chunk.pos
         await writer.write_at(start, buffers)
         chunk.pos = start + n

@@ -32,7 +32,7 @@ from .bodies import USER_AGENT, SpeedGuard
 
 BLOCK = 512 * 1024  # bytes per buffer; two per connection (larger ones fall out of the CPU caches: slower)
 MAX_HEAD = 64 * 1024
-MAX_IDLE = 64  # idle connections kept per origin
+MAX_IDLE = 64  # idle connections kept, all origins together (holding no buffers; a registry may redirect anywhere)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 Deliver = Callable[[int, memoryview], Awaitable[bool]]  # bytes at an offset; False: stop, the range was cut short
@@ -54,10 +54,9 @@ class _Stale(Exception):
 class _Connection(asyncio.BufferedProtocol):
     """One connection; one request at a time (no pipelining)."""
 
-    def __init__(self, origin: Origin):
-        self.origin = origin
-        self._arrays = [bytearray(BLOCK), bytearray(BLOCK)]
-        self._views = [memoryview(a) for a in self._arrays]
+    def __init__(self) -> None:
+        self._arrays: list[bytearray] = []  # the two buffers, while a request is out (an idle one holds none)
+        self._views: list[memoryview] = []
         self._busy = [False, False]  # a block of this buffer waits to be delivered
         self._scratch = memoryview(bytearray(256))  # for bytes nobody asked for: an error
         self._transport: asyncio.Transport | None = None
@@ -84,13 +83,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # Never an empty buffer (the transport treats that as an error): bytes nobody asked for land in scratch.
+        self._stray = True
+        if not self._active or self.closed:
+            return self._scratch
         view = self._views[self._cur]
         if self._head:
             view = view[self._fill :]
         else:
             view = view[self._fill : self._fill + min(BLOCK - self._fill, self._remaining)]
-        self._stray = not view or not self._active or self.closed
-        # Never an empty buffer (the transport treats that as an error): bytes nobody asked for land in scratch.
+        self._stray = not view
         return self._scratch if self._stray else view
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -216,6 +218,8 @@ class _Connection(asyncio.BufferedProtocol):
     ) -> None:
         """GET bytes ``[start, end)`` and hand them to ``deliver`` in order, one block at a time."""
         assert self._transport is not None and not self._active
+        self._arrays = [bytearray(BLOCK), bytearray(BLOCK)]
+        self._views = [memoryview(a) for a in self._arrays]
         self._active, self._head, self._range, self._pos = True, True, (start, end), start
         self._cur, self._fill, self._start, self._remaining, self.received = 0, 0, 0, end - start, 0
         self._transport.write(
@@ -246,6 +250,8 @@ class _Connection(asyncio.BufferedProtocol):
         except BaseException:
             self.close()
             raise
+        finally:
+            self._arrays, self._views = [], []  # a pooled connection holds no buffers
 
     async def _wait(self, guard: SpeedGuard, head_by: float | None, read_s: float) -> None:
         """Wait for the head or a whole block, bounded: the head by ``head_by``, the body by ``read_s`` without a
@@ -299,25 +305,38 @@ class LeanRanges:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         host_header = parts.netloc.rpartition("@")[2]
         for attempt in (1, 2):
-            idle = [c for c in self._idle.get(origin, ()) if not c.closed]  # the server may close idle ones
-            reused = bool(idle)
-            conn = idle.pop() if idle else await self._connect(origin, url)
-            self._idle[origin] = idle
+            conn = self._idle_connection(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin, url)
             try:
                 await conn.fetch(host_header, target, start, end, deliver, guard, self._timeouts)
             except _Stale:
                 if attempt == 2 or not reused:
                     raise TransportError(f"{host}: connection closed before the answer") from None
                 continue
-            if conn.closed or not conn.keep:
-                conn.close()
-            else:
-                pool = self._idle.setdefault(origin, [])
-                if len(pool) < MAX_IDLE:
-                    pool.append(conn)
-                else:
-                    conn.close()
+            self._park(origin, conn)
             return
+
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin, [])
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:  # the server may have closed it meanwhile
+                return conn
+        return None
+
+    def _park(self, origin: Origin, conn: _Connection) -> None:
+        """Keep ``conn`` for the next range of ``origin`` (at most MAX_IDLE idle in all); drop the connections
+        servers closed meanwhile, of every origin (a daemon meets many over weeks)."""
+        for key, conns in list(self._idle.items()):
+            conns[:] = [c for c in conns if not c.closed]
+            if not conns:
+                del self._idle[key]
+        if conn.closed or not conn.keep or sum(map(len, self._idle.values())) >= MAX_IDLE:
+            conn.close()
+        else:
+            self._idle.setdefault(origin, []).append(conn)
 
     async def _connect(self, origin: Origin, url: str) -> _Connection:
         scheme, host, port = origin
@@ -328,9 +347,7 @@ class LeanRanges:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(origin), host, port, ssl=context, server_hostname=host if context else None
-                ),
+                loop.create_connection(_Connection, host, port, ssl=context, server_hostname=host if context else None),
                 self._timeouts.connect_s,
             )
         except TimeoutError:

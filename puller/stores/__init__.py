@@ -126,12 +126,17 @@ def free_bytes(where: int | str | os.PathLike[str]) -> int:
     return vfs.f_bavail * vfs.f_frsize
 
 
+def staged_stem(desc: Descriptor) -> str:
+    """The name a blob's staged files share in a staging directory (``<stem>.partial``, ``.ranges``, ``.lock``)."""
+    return f"{desc.digest.algorithm}-{desc.digest.hex}"
+
+
 def check_space(staging: SafeDir, blobs: list[Descriptor]) -> None:
     """DiskFull when ``blobs`` (less what is staged of them: ``<alg>-<hex>.partial``) exceed the free space of
     the staging directory's filesystem."""
     needed = 0
     for d in blobs:
-        st = staging.stat(f"{d.digest.algorithm}-{d.digest.hex}.partial")
+        st = staging.stat(f"{staged_stem(d)}.partial")
         needed += max(0, d.size - (st.st_blocks * 512 if st is not None else 0))
     free = free_bytes(staging.fd)
     if needed > free:

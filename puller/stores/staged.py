@@ -31,7 +31,7 @@ from ..digest import Digest
 from ..errors import DigestMismatch, SizeMismatch, StoreError
 from ..ranges import RangeSet
 from ..registry.manifest import Descriptor
-from . import Buffer, WriteStatus, store_error
+from . import Buffer, WriteStatus, staged_stem, store_error
 from .safedir import SafeDir
 
 log = logging.getLogger(__name__)
@@ -44,20 +44,15 @@ WRITEBACK_STEP = 8 << 20  # hashed bytes are handed to writeback in steps of thi
 MIN_READ_BACK = 4 << 20  # the thread is not woken to read back less than this, except at the end
 
 
-def stem(desc: Descriptor) -> str:
-    return f"{desc.digest.algorithm}-{desc.digest.hex}"
-
-
 class StagedFile:
     """``<stem>.partial`` with its ``.ranges`` record, under ``<stem>.lock``. Use as ``async with``."""
 
     def __init__(self, staging: SafeDir, desc: Descriptor):
         self.staging = staging
         self.desc = desc
-        base = stem(desc)
+        base = staged_stem(desc)
         self.data_name, self.ranges_name, self.lock_name = f"{base}.partial", f"{base}.ranges", f"{base}.lock"
         self.ranges = RangeSet()  # bytes in the file; what .ranges records
-        self.waited = False  # another writer held the lock first
         self.fd = -1
         self._lock_fd = -1
         self._unsaved = 0  # bytes written since the last record
@@ -89,7 +84,6 @@ class StagedFile:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
-                        self.waited = True
                         await asyncio.sleep(LOCK_POLL_S)
                 now = self.staging.stat(self.lock_name)
                 same = now is not None and os.fstat(fd).st_ino == now.st_ino
@@ -138,15 +132,13 @@ class StagedFile:
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, self.desc.size)
 
-    def write(self, offset: int, buffers: Sequence[Buffer]) -> int:
-        """Write ``buffers`` at ``offset`` (in a worker thread; made the file first if need be); returns the
-        bytes written. The range is recorded by :meth:`written` on the event loop."""
+    def write(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Write ``buffers`` at ``offset`` (in a worker thread; made the file first if need be). The range is
+        recorded by :meth:`written` on the event loop."""
         if self.fd < 0:
             self.create()
-        n = os.pwritev(self.fd, buffers, offset)
-        if n != sum(map(len, buffers)):
+        if os.pwritev(self.fd, buffers, offset) != sum(map(len, buffers)):
             raise StoreError(f"short write of {self.desc.digest} at {offset}")
-        return n
 
     def written(self, offset: int, n: int) -> None:
         self.ranges.add(offset, offset + n)
