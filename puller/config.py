@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ STARTUP_TAINT = "puller.io/prefetch"
 HOSTS_DIR = "/etc/containerd/certs.d"
 MAX_SIZE = 1 << 60  # no setting of puller's is larger (and a float of 1e999 is not a size)
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 @dataclass
@@ -94,6 +96,11 @@ class Settings:
     pull_timeout: float = 3600.0
     api_max_images: int = 1000
     api_forget_after: float = 3600.0
+    # daemon: image list sources in the cluster, pull secrets (deploy/sources/)
+    knative_images: bool = False
+    workload_selector: str | None = None
+    source_namespaces: list[str] = field(default_factory=list)
+    pull_secret_namespaces: list[str] = field(default_factory=list)
 
     def validate(self) -> Settings:
         if self.connections < 1 or self.connections_per_host < 1:
@@ -139,6 +146,12 @@ class Settings:
             raise ConfigError("mirrors must map a registry (e.g. docker.io) to a list of mirror entries")
         for registry in self.mirrors:
             self.host_settings.endpoints(registry)  # parse every entry now: a bad one is a ConfigError at start
+        for name in ("source_namespaces", "pull_secret_namespaces"):
+            for namespace in getattr(self, name):
+                if not _NAMESPACE.fullmatch(namespace):
+                    raise ConfigError(f"{name}: {namespace!r} is not a namespace name")
+        if self.workload_selector is not None and not self.workload_selector.strip():
+            raise ConfigError("workload_selector must be a label selector such as puller.io/prefetch=true, or null")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
             raise ConfigError(f"listen must be HOST:PORT with a port from 1 to 65535, not {self.listen!r}")
@@ -232,11 +245,12 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
                 value = parse_size(value)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {key}: {e}") from None
-        elif name in ("plain_http", "insecure_skip_verify"):
+        elif name in ("plain_http", "insecure_skip_verify", "source_namespaces", "pull_secret_namespaces"):
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{where}: {key} must be a list of hosts")
+                what = "hosts" if name in ("plain_http", "insecure_skip_verify") else "namespaces"
+                raise ConfigError(f"{where}: {key} must be a list of {what}")
         elif known[name].type == "bool":
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: {key} must be true or false")

@@ -210,14 +210,17 @@ class ControlPlane:
         )
 
     def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True, input: str | None = None):
-        return subprocess.run(
+        """kubectl as the admin (or ``kubeconfig``); with ``check``, a failure is an AssertionError with its stderr."""
+        r = subprocess.run(
             [str(TEST_BIN / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
             capture_output=True,
             text=True,
-            check=check,
             input=input,
             timeout=120,
         )
+        if check and r.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {r.stderr.strip()}")
+        return r
 
     def start_controller_manager(self) -> None:
         """kube-controller-manager: among others the node lifecycle controller (it lifts the not-ready taint the

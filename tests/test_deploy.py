@@ -29,7 +29,9 @@ def objects() -> dict[tuple[str, str], dict]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml"))
+@pytest.mark.parametrize(
+    "name", sorted(str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
+)
 def test_every_manifest_validates_against_the_kubernetes_schema(name):
     for doc in load(name):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on unknown or missing fields

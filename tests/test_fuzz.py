@@ -108,7 +108,7 @@ def test_token_answers(payload):
     from puller.registry.auth import TokenCache
 
     try:
-        TokenCache().put(("realm", "service", "scope"), payload) if isinstance(payload, dict) else None
+        TokenCache().put(("realm", "service", "scope", ""), payload) if isinstance(payload, dict) else None
     except PullerError:
         return
 

@@ -5,6 +5,7 @@ given; the warmup Job's account lists pods in its namespace and nothing more."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import subprocess
@@ -201,3 +202,264 @@ def _until(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.5)
+
+
+# ---- pull secrets, cluster sources of the list, node targeting (scenarios 6, 7, 8) ------------------------------
+
+USER, PASSWORD = "alice", "kube-s3cret"
+WRONG_PASSWORD = "not-the-password"
+PREFETCH_LABEL = "puller.io/prefetch"
+KNATIVE_IMAGE_CRD = {  # written from the published schema of caching.internal.knative.dev/v1alpha1 Image
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "images.caching.internal.knative.dev"},
+    "spec": {
+        "group": "caching.internal.knative.dev",
+        "names": {"kind": "Image", "plural": "images", "singular": "image", "shortNames": ["img"]},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "properties": {
+                                    "image": {"type": "string"},
+                                    "serviceAccountName": {"type": "string"},
+                                    "imagePullSecrets": {
+                                        "type": "array",
+                                        "items": {"type": "object", "properties": {"name": {"type": "string"}}},
+                                    },
+                                },
+                            },
+                            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def private(workdir: Path, layout):
+    """A registry that wants basic auth, holding test/private:v1..v6, and one without, holding test/public:*."""
+    with (
+        Registry(workdir / "kube-private", htpasswd={USER: PASSWORD}) as reg,
+        Registry(workdir / "kube-public") as pub,
+    ):
+        for tag in ("v1", "v2", "v3", "v4", "v5", "v6"):
+            skopeo_push(layout["path"], "small", f"{reg.host}/test/private:{tag}", creds=f"{USER}:{PASSWORD}")
+        for tag in ("web", "gpu", "tpu", "plain", "pod", "file-gpu", "file-tpu", "late"):
+            skopeo_push(layout["path"], "small", f"{pub.host}/test/public:{tag}")
+        yield reg, pub
+
+
+def _apply(cluster: ControlPlane, *objs: dict) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}))
+
+
+def _pull_secret(namespace: str, name: str, host: str, user: str, password: str) -> dict:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    config = json.dumps({"auths": {host: {"auth": auth}}}).encode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(config).decode()},
+    }
+
+
+def _namespace_with_secrets(cluster: ControlPlane, ns: str, host: str) -> None:
+    """``ns`` with deploy/sources/'s Role for pull secrets, a good secret ``regcred`` and a wrong one."""
+    cluster.kubectl("apply", "-k", str(DEPLOY / "sources"), "--validate=strict")
+    cluster.kubectl("create", "namespace", ns)
+    # The controller manager makes each namespace's default account; it may not run yet.
+    _apply(cluster, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": ns}})
+    cluster.kubectl("apply", "-n", ns, "-f", str(DEPLOY / "sources" / "pull-secrets.yaml"), "--validate=strict")
+    _apply(
+        cluster,
+        _pull_secret(ns, "regcred", host, USER, PASSWORD),
+        _pull_secret(ns, "wrong", host, USER, WRONG_PASSWORD),
+    )
+
+
+def _references(daemon: Daemon) -> dict[str, dict]:
+    return {i["reference"]: i for i in daemon.get("/v1/images")[1]["images"]}
+
+
+def test_pull_secrets_are_read_through_the_api_in_allowed_namespaces_and_never_shown(
+    cluster: ControlPlane, private, tmp_path: Path
+):
+    """Scenario 6: list entries name kubernetes.io/dockerconfigjson Secrets; the daemon reads them with deploy/'s
+    account and pulls with them; a missing, wrong, mistyped or out-of-bounds secret fails that image with an error
+    that names the secret and the registry, never a password. The mounted form: the same secret as a file."""
+    reg, _ = private
+    ns = "secrets-test"
+    _namespace_with_secrets(cluster, ns, reg.host)
+    opaque = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "opaque", "namespace": ns}}
+    _apply(cluster, {**opaque, "type": "Opaque", "stringData": {"password": PASSWORD}})
+    cluster.kubectl("create", "namespace", "elsewhere")
+    _apply(cluster, _pull_secret("elsewhere", "regcred", reg.host, USER, PASSWORD))
+    kubeconfig = cluster.service_account_kubeconfig("puller", "puller", tmp_path / "daemon.kubeconfig")
+    for verb, where, allowed in (("get", ns, "yes"), ("list", ns, "no"), ("get", "elsewhere", "no")):
+        r = cluster.kubectl("auth", "can-i", verb, "secrets", "-n", where, kubeconfig=kubeconfig, check=False)
+        assert r.stdout.strip() == allowed, (verb, where)
+
+    image = f"{reg.host}/test/private"
+
+    def entry(tag: str, namespace: str, name: str) -> dict:
+        return {"reference": f"{image}:{tag}", "imagePullSecrets": [{"namespace": namespace, "name": name}]}
+
+    settings = {"plain_http": [reg.host], "pull_secret_namespaces": [ns]}
+    with Daemon(tmp_path / "daemon", settings, env={"KUBECONFIG": str(kubeconfig)}) as daemon:
+        daemon.images.set_images(
+            [
+                entry("v1", ns, "regcred"),
+                entry("v2", ns, "wrong"),
+                entry("v3", ns, "missing"),
+                entry("v4", "elsewhere", "regcred"),
+                entry("v5", ns, "opaque"),
+                f"{image}:v6",  # no secret, and the node has no credentials
+            ]
+        )
+        daemon.wait_state(f"{image}:v1", "present", timeout=60)
+        errors = {
+            tag: daemon.wait_state(f"{image}:{tag}", "failed", timeout=60)["error"] for tag in ["v2", "v3", "v4", "v5"]
+        }
+        assert f"secret {ns}/wrong" in errors["v2"]
+        assert f"secret {ns}/missing" in errors["v3"] and "not found" in errors["v3"]
+        assert "namespace elsewhere is not in pull_secret_namespaces" in errors["v4"]
+        assert "is of type Opaque" in errors["v5"]
+        for error in errors.values():
+            assert reg.host in error  # the registry that refused
+        assert "pull secrets" not in daemon.wait_state(f"{image}:v6", "failed", timeout=60)["error"]
+        log = (tmp_path / "daemon" / "daemon.log").read_text()
+        dump = json.dumps(daemon.get("/v1/images")[1])
+    for shown in (log, dump):
+        assert PASSWORD not in shown and WRONG_PASSWORD not in shown
+        assert base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() not in shown
+
+    # The other common form: the secret mounted as a file (a Secret volume's .dockerconfigjson), as docker_config.
+    secret = json.loads(cluster.kubectl("get", "secret", "regcred", "-n", ns, "-o", "json").stdout)
+    mounted = tmp_path / "mounted" / ".dockerconfigjson"
+    mounted.parent.mkdir()
+    mounted.write_bytes(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    settings = {"plain_http": [reg.host], "docker_config": str(mounted)}
+    with Daemon(tmp_path / "mounted-daemon", settings) as daemon:
+        daemon.images.set_images([f"{image}:v6"])
+        daemon.wait_state(f"{image}:v6", "present", timeout=60)
+
+
+def test_the_list_comes_from_knative_images_and_labelled_workloads_meant_for_this_node(
+    cluster: ControlPlane, private, tmp_path: Path
+):
+    """Scenarios 7 and 8: Knative caching Images (with their pull secrets and account) and the pods and Deployments
+    that carry the prefetch label join the image list file's entries; entries aimed at other nodes (a workload's
+    nodeSelector, an Image's puller.io/node-selector annotation, a file entry's nodeSelector) are left out. The
+    start-up gate waits for them all. Removing an object (or its label) ends its prefetch; a new one starts one."""
+    reg, pub = private
+    ns = "team"
+    _namespace_with_secrets(cluster, ns, reg.host)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(KNATIVE_IMAGE_CRD))
+    cluster.kubectl("wait", "--for=condition=established", "--timeout=60s", "crd/images.caching.internal.knative.dev")
+    builder = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "builder", "namespace": ns}}
+    _apply(cluster, {**builder, "imagePullSecrets": [{"name": "regcred"}]})
+    node = "node-gpu"
+    taint = {"key": TAINT, "value": "pending", "effect": "NoSchedule"}
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node, "labels": {"accelerator": "gpu"}},
+                "spec": {"taints": [taint]},
+            }
+        ),
+    )
+    public, private_image = f"{pub.host}/test/public", f"{reg.host}/test/private"
+
+    def knative(name: str, image: str, spec: dict | None = None, annotations: dict | None = None) -> dict:
+        meta = {"name": name, "namespace": ns, "annotations": annotations or {}}
+        return {
+            "apiVersion": "caching.internal.knative.dev/v1alpha1",
+            "kind": "Image",
+            "metadata": meta,
+            "spec": {"image": image, **(spec or {})},
+        }
+
+    def deployment(name: str, image: str, labelled: bool, node_selector: dict | None = None) -> dict:
+        labels = {"app": name, **({PREFETCH_LABEL: "true"} if labelled else {})}
+        pod_spec = {"containers": [{"name": "c", "image": image}], "nodeSelector": node_selector or {}}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": pod_spec},
+            },
+        }
+
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "labelled", "namespace": ns, "labels": {PREFETCH_LABEL: "true"}},
+        "spec": {"nodeName": "nowhere", "containers": [{"name": "c", "image": f"{public}:pod"}]},
+    }
+    _apply(
+        cluster,
+        knative("by-secret", f"{private_image}:v1", {"imagePullSecrets": [{"name": "regcred"}]}),
+        knative("by-account", f"{private_image}:v2", {"serviceAccountName": "builder"}),
+        knative("for-tpus", f"{private_image}:v3", annotations={"puller.io/node-selector": "accelerator=tpu"}),
+        deployment("web", f"{public}:web", labelled=True),
+        deployment("gpu", f"{public}:gpu", labelled=True, node_selector={"accelerator": "gpu"}),
+        deployment("tpu", f"{public}:tpu", labelled=True, node_selector={"accelerator": "tpu"}),
+        deployment("plain", f"{public}:plain", labelled=False),
+        pod,
+    )
+    kubeconfig = cluster.service_account_kubeconfig("puller", "puller", tmp_path / "daemon.kubeconfig")
+    settings = {
+        "plain_http": [reg.host, pub.host],
+        "node_name": node,
+        "startup_taint": TAINT,
+        "knative_images": True,
+        "workload_selector": f"{PREFETCH_LABEL}=true",
+        "pull_secret_namespaces": [ns],
+    }
+    with Daemon(tmp_path / "daemon", settings, env={"KUBECONFIG": str(kubeconfig)}) as daemon:
+        daemon.images.set_images(
+            [
+                {"reference": f"{public}:file-gpu", "nodeSelector": {"accelerator": "gpu"}},
+                {"reference": f"{public}:file-tpu", "nodeSelector": {"accelerator": "tpu"}},
+            ]
+        )
+        _until(lambda: TAINT not in _taints(cluster, node), 90, "the start-up taint to go")
+        wanted = {f"{private_image}:v1", f"{private_image}:v2"} | {
+            f"{public}:{t}" for t in ("web", "gpu", "pod", "file-gpu")
+        }
+        images = _references(daemon)
+        assert set(images) == wanted, daemon.log.read_text()[-3000:]
+        assert all(i["state"] == "present" for i in images.values()), images
+
+        cluster.kubectl("delete", "image.caching.internal.knative.dev", "by-secret", "-n", ns)
+        cluster.kubectl("label", "deployment", "web", "-n", ns, f"{PREFETCH_LABEL}-")
+        _apply(cluster, knative("late", f"{public}:late"))
+        daemon.wait_for(
+            lambda: set(_references(daemon)) == wanted - {f"{private_image}:v1", f"{public}:web"} | {f"{public}:late"},
+            30,
+            "the list to follow the cluster",
+        )
+        daemon.wait_state(f"{public}:late", "present", timeout=60)

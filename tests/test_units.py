@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextvars
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,14 @@ from puller import config
 from puller.digest import Digest
 from puller.engine.budget import ConnectionBudget
 from puller.engine.plan import Chunk, plan_chunks, split_for_tail
-from puller.errors import ConfigError, InvalidDigest, InvalidReference, ManifestError, PlatformNotFound
+from puller.errors import (
+    ConfigError,
+    InvalidDigest,
+    InvalidReference,
+    KubernetesError,
+    ManifestError,
+    PlatformNotFound,
+)
 from puller.priority import PrioritySemaphore
 from puller.ranges import RangeSet
 from puller.reference import Reference
@@ -311,8 +321,77 @@ def test_hosts_and_helpers():
     assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None
 
 
+def test_image_list_entries_aim_at_nodes_and_name_pull_secrets():
+    from puller.daemon.imagelist import KubeRef, merge, parse_list
+
+    text = """images:
+      - {reference: "ml:1", nodeSelector: {accelerator: gpu}, imagePullSecrets: [{namespace: apps, name: a}]}
+      - {reference: "ml:1", imagePullSecrets: [{namespace: apps, name: b}, {namespace: apps, name: a}], pin: true}
+      - {reference: "web:1", nodeSelector: {zone: a, accelerator: gpu}}
+    """
+    specs = parse_list(text, "list")
+    assert specs[0].node_selector == (("accelerator", "gpu"),) and specs[2].node_selector[0] == ("accelerator", "gpu")
+    gpu, cpu = {"accelerator": "gpu", "zone": "b"}, {"zone": "a"}
+    assert [s.wanted_on(gpu) for s in specs] == [True, True, False]
+    assert [s.wanted_on(cpu) for s in specs] == [False, True, False]
+    (ml,) = merge([s for s in specs if s.wanted_on(gpu)][:2])
+    assert ml.pull_secrets == (KubeRef("Secret", "apps", "a"), KubeRef("Secret", "apps", "b")) and ml.pin is True
+    assert str(ml.pull_secrets[0]) == "secret apps/a"
+    for bad, message in [
+        ("images: [{reference: a, nodeSelector: [gpu]}]", "nodeSelector"),
+        ("images: [{reference: a, nodeSelector: {gpu: 1}}]", "string values"),
+        ("images: [{reference: a, imagePullSecrets: [regcred]}]", "namespace: ..., name: ..."),
+        ("images: [{reference: a, imagePullSecrets: [{namespace: Apps, name: x}]}]", "not a namespace"),
+        ("images: [{reference: a, imagePullSecrets: {namespace: a, name: x}}]", "must be a list"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_list(bad, "list")
+    from puller.daemon.api import parse_pull_request
+
+    with pytest.raises(ValueError, match="unknown field"):  # the API takes no secrets or node selectors
+        parse_pull_request({"images": [{"reference": "a", "imagePullSecrets": []}]})
+
+
+def test_a_pull_secret_gives_credentials_by_host_and_names_itself_never_its_contents():
+    from puller.daemon.imagelist import KubeRef
+    from puller.daemon.node import _secret_credentials
+    from puller.registry.auth import pull_credentials
+
+    ref = KubeRef("Secret", "apps", "regcred")
+
+    def data(doc) -> dict:
+        return {".dockerconfigjson": base64.b64encode(json.dumps(doc).encode()).decode()}
+
+    auth = base64.b64encode(b"alice:s3cret").decode()
+    doc = {
+        "auths": {
+            "https://index.docker.io/v1/": {"auth": auth},
+            "reg.example:5000": {"username": "bob", "password": "pw"},
+        }
+    }
+    found = _secret_credentials(ref, "kubernetes.io/dockerconfigjson", data(doc))
+    assert found["docker.io"].username == "alice" and found["reg.example:5000"].password == "pw"
+    legacy = {".dockercfg": base64.b64encode(json.dumps({"reg.example:5000": {"auth": auth}}).encode()).decode()}
+    assert _secret_credentials(ref, "kubernetes.io/dockercfg", legacy)["reg.example:5000"].password == "s3cret"
+    for kind, given, message in [
+        ("Opaque", data(doc), "secret apps/regcred is of type Opaque"),
+        ("kubernetes.io/dockerconfigjson", {".dockerconfigjson": "not base64!"}, "not base64-encoded JSON"),
+        ("kubernetes.io/dockerconfigjson", data({"auths": {"r": {"auth": "//46"}}}), "invalid 'auth'"),
+    ]:
+        with pytest.raises(KubernetesError, match=re.escape(message)) as e:
+            _secret_credentials(ref, kind, given)
+        assert "s3cret" not in str(e.value) and "regcred" in str(e.value)
+    store = CredentialStore({"reg.example:5000": Credentials("node", "x")})
+    assert store.lookup("reg.example:5000").username == "node"
+    pull = contextvars.copy_context()  # as a pull's task has its own
+    pull.run(pull_credentials.set, found)
+    assert pull.run(store.lookup, "reg.example:5000").username == "bob"
+    assert store.lookup("reg.example:5000").username == "node"  # other pulls do not see them
+    assert found["docker.io"].fingerprint != found["reg.example:5000"].fingerprint
+
+
 def test_image_list_watcher_follows_swaps_and_keeps_the_last_good_list(tmp_path):
-    from puller.daemon.imagelist import ImageListWatcher
+    from puller.daemon.imagelist import ImageListWatcher, merge
 
     from .daemon_rig import ConfigMapDir
 
@@ -320,7 +399,7 @@ def test_image_list_watcher_follows_swaps_and_keeps_the_last_good_list(tmp_path)
     watcher = ImageListWatcher(cm.path)
     assert watcher.poll() is None and "cannot read image list" in watcher.error  # not there yet
     cm.set_images(["busybox", {"reference": "ghcr.io/a/b:1", "platform": "linux/arm64", "pin": True}, "busybox"])
-    specs = watcher.poll()
+    specs = merge(watcher.poll())  # listed twice: kept once
     assert [s.key for s in specs] == ["docker.io/library/busybox:latest", "ghcr.io/a/b:1|linux/arm64"]
     assert specs[1].pin is True and watcher.poll() is None  # unchanged: nothing new
     for bad, message in [

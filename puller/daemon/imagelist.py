@@ -9,9 +9,10 @@ alike, costs one small read per interval, and needs no inotify bookkeeping acros
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -20,10 +21,26 @@ from ..reference import Reference
 from ..registry.manifest import Platform
 
 log = logging.getLogger(__name__)
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a namespace or Secret name (RFC 1123)
 
 MAX_LIST_BYTES = 1 << 20
 MAX_IMAGES = 1000
-ENTRY_KEYS = {"reference", "platform", "pin"}
+MAX_SELECTOR_LABELS = 32
+MAX_PULL_SECRETS = 16
+API_KEYS = frozenset({"reference", "platform", "pin"})
+LIST_KEYS = API_KEYS | {"nodeSelector", "imagePullSecrets"}
+
+
+class KubeRef(NamedTuple):
+    """Where pull credentials come from: a Secret of type kubernetes.io/dockerconfigjson, or a ServiceAccount
+    whose ``imagePullSecrets`` name such Secrets (both in ``namespace``)."""
+
+    kind: str  # "Secret" or "ServiceAccount"
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.lower()} {self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,20 +48,68 @@ class ImageSpec:
     reference: Reference
     platform: str | None = None
     pin: bool | None = None
+    node_selector: tuple[tuple[str, str], ...] = ()  # node labels that must all match; () = every node
+    pull_secrets: tuple[KubeRef, ...] = ()
 
     @property
     def key(self) -> str:
         """Identity of an image on a node: the reference, and the platform when one is asked for."""
         return f"{self.reference}|{self.platform}" if self.platform else str(self.reference)
 
+    def wanted_on(self, labels: dict[str, str]) -> bool:
+        """Whether a node with ``labels`` wants this image (every label of the selector matches)."""
+        return all(labels.get(k) == v for k, v in self.node_selector)
 
-def parse_entry(entry: Any, where: str) -> ImageSpec:
-    """``"repo:tag"`` or ``{reference, platform?, pin?}`` -> ImageSpec (ConfigError/InvalidReference if bad)."""
+
+def merge(specs: list[ImageSpec]) -> list[ImageSpec]:
+    """One spec per key, for an image named by several entries or sources: the first entry's pin and selector,
+    and every entry's pull secrets (tried in order)."""
+    merged: dict[str, ImageSpec] = {}
+    for spec in specs:
+        first = merged.get(spec.key)
+        if first is None:
+            merged[spec.key] = spec
+            continue
+        secrets = first.pull_secrets + tuple(s for s in spec.pull_secrets if s not in first.pull_secrets)
+        pin = first.pin if first.pin is not None else spec.pin
+        merged[spec.key] = replace(first, pin=pin, pull_secrets=secrets[:MAX_PULL_SECRETS])
+    return list(merged.values())
+
+
+def parse_node_selector(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """``{label: value}`` (as a pod's nodeSelector) -> sorted pairs; ConfigError if it is not one."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{where}: 'nodeSelector' must map node label names to string values")
+    if len(value) > MAX_SELECTOR_LABELS:
+        raise ConfigError(f"{where}: 'nodeSelector' has more than {MAX_SELECTOR_LABELS} labels")
+    return tuple(sorted(value.items()))
+
+
+def parse_pull_secrets(value: Any, where: str) -> tuple[KubeRef, ...]:
+    """``[{namespace, name}]`` -> Secret references; ConfigError if malformed."""
+    if not isinstance(value, list) or len(value) > MAX_PULL_SECRETS:
+        raise ConfigError(f"{where}: 'imagePullSecrets' must be a list of at most {MAX_PULL_SECRETS} secrets")
+    refs = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"namespace", "name"}:
+            raise ConfigError(f"{where}: each of 'imagePullSecrets' is {{namespace: ..., name: ...}}")
+        namespace, name = item["namespace"], item["name"]
+        if not (isinstance(namespace, str) and _DNS_NAME.fullmatch(namespace)):
+            raise ConfigError(f"{where}: imagePullSecrets: {namespace!r} is not a namespace name")
+        if not (isinstance(name, str) and _DNS_NAME.fullmatch(name)):
+            raise ConfigError(f"{where}: imagePullSecrets: {name!r} is not a secret name")
+        refs.append(KubeRef("Secret", namespace, name))
+    return tuple(refs)
+
+
+def parse_entry(entry: Any, where: str, keys: frozenset[str] = API_KEYS) -> ImageSpec:
+    """``"repo:tag"`` or ``{reference, platform?, pin?}`` (plus ``nodeSelector`` and ``imagePullSecrets`` where
+    ``keys`` allow them: the list file) -> ImageSpec (ConfigError/InvalidReference if bad)."""
     if isinstance(entry, str):
         entry = {"reference": entry}
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: an image is a reference or a mapping with 'reference'")
-    unknown = set(entry) - ENTRY_KEYS
+    unknown = set(entry) - keys
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     reference, platform, pin = entry.get("reference"), entry.get("platform"), entry.get("pin")
@@ -59,7 +124,9 @@ def parse_entry(entry: Any, where: str) -> ImageSpec:
             raise ConfigError(f"{where}: {e}") from None
     if pin is not None and not isinstance(pin, bool):
         raise ConfigError(f"{where}: 'pin' must be true or false")
-    return ImageSpec(Reference.parse(reference), platform, pin)
+    selector = parse_node_selector(entry["nodeSelector"], where) if "nodeSelector" in entry else ()
+    secrets = parse_pull_secrets(entry["imagePullSecrets"], where) if "imagePullSecrets" in entry else ()
+    return ImageSpec(Reference.parse(reference), platform, pin, selector, secrets)
 
 
 def parse_list(text: str, where: str) -> list[ImageSpec]:
@@ -74,14 +141,13 @@ def parse_list(text: str, where: str) -> list[ImageSpec]:
         raise ConfigError(f"{where}: 'images' must be a list")
     if len(entries) > MAX_IMAGES:
         raise ConfigError(f"{where}: more than {MAX_IMAGES} images")
-    specs: dict[str, ImageSpec] = {}
+    specs = []
     for i, entry in enumerate(entries):
         try:
-            spec = parse_entry(entry, f"{where}: images[{i}]")
+            specs.append(parse_entry(entry, f"{where}: images[{i}]", LIST_KEYS))
         except InvalidReference as e:
             raise ConfigError(f"{where}: images[{i}]: {e}") from None
-        specs.setdefault(spec.key, spec)  # listed twice: kept once
-    return list(specs.values())
+    return specs
 
 
 class ImageListWatcher:

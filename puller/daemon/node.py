@@ -1,26 +1,35 @@
-"""The Kubernetes API, for the two things puller asks of it: remove this node's start-up taint, and find the
-daemon pods (for ``puller warmup``). kubernetes_asyncio, with the in-cluster service account when running in a
-pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config).
+"""The Kubernetes API, for what puller asks of it about one node and its credentials: remove this node's start-up
+taint, read its labels, read pull secrets, and find the daemon pods (for ``puller warmup``). kubernetes_asyncio,
+with the in-cluster service account when running in a pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config).
+The watched sources of the image list are in sources.py.
 
-The calls, which the DaemonSet's RBAC allows and nothing more:
+The calls, which deploy/'s RBAC allows and nothing more:
 - ``GET /api/v1/nodes/{name}`` and ``PATCH /api/v1/nodes/{name}`` (JSON patch: test the taint's key at its
   index, then remove it; if the list changed meanwhile the test fails and the node is read again);
+- ``GET /api/v1/namespaces/{ns}/secrets/{name}`` and ``.../serviceaccounts/{name}``, only in the namespaces
+  ``pull_secret_namespaces`` names (deploy/sources/pull-secrets.yaml is the Role for one);
 - ``GET /api/v1/namespaces/{ns}/pods?labelSelector=...`` (warmup only).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from ..errors import KubernetesError
+from ..errors import ConfigError, KubernetesError
+from ..registry.auth import Credentials, parse_docker_config
+from .imagelist import KubeRef
 
 log = logging.getLogger(__name__)
 
 PATCH_ATTEMPTS = 5
+SECRET_TYPES = {"kubernetes.io/dockerconfigjson": ".dockerconfigjson", "kubernetes.io/dockercfg": ".dockercfg"}
+MAX_SERVICE_ACCOUNT_SECRETS = 16
 
 
 @asynccontextmanager
@@ -104,3 +113,73 @@ async def find_daemon_pods(namespace: str, selector: str, port: int) -> list[Dae
         host = f"[{ip}]" if ":" in ip else ip
         found.append(DaemonPod(pod.spec.node_name or pod.metadata.name, f"http://{host}:{port}"))
     return sorted(found, key=lambda p: p.node)
+
+
+async def read_node_labels(node_name: str) -> dict[str, str]:
+    """The labels of ``node_name`` (what list entries' ``nodeSelector`` is matched against)."""
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    async with kube_api() as api:
+        try:
+            node = await client.CoreV1Api(api).read_node(node_name)
+        except ApiException as e:
+            raise _api_error(e, f"reading node {node_name}") from None
+    return dict(node.metadata.labels or {})
+
+
+async def read_pull_credentials(
+    refs: Iterable[KubeRef], allowed: Iterable[str]
+) -> tuple[dict[str, Credentials], list[str]]:
+    """Credentials by registry host from pull secrets (and the ``imagePullSecrets`` of service accounts), and
+    why any of them could not be used. As kubelet does, an unusable secret does not stop the pull: it is pulled
+    with the rest (the node's own credentials, or none), and the reasons go into the error if the registry
+    refuses. The first secret naming a host wins (the order of ``imagePullSecrets``). Reasons name the secret,
+    never its contents."""
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    allowed = set(allowed)
+    found: dict[str, Credentials] = {}
+    problems: list[str] = []
+    async with kube_api() as api:
+        core = client.CoreV1Api(api)
+        secrets: list[KubeRef] = []
+        for ref in refs:
+            if ref.namespace not in allowed:
+                if ref.kind == "Secret":  # an account's secrets elsewhere are simply not ours to read
+                    problems.append(f"{ref}: namespace {ref.namespace} is not in pull_secret_namespaces")
+                continue
+            if ref.kind == "Secret":
+                secrets.append(ref)
+                continue
+            try:
+                account = await core.read_namespaced_service_account(ref.name, ref.namespace)
+            except ApiException as e:
+                problems.append(str(_api_error(e, f"reading {ref}")))
+                continue
+            names = [s.name for s in (account.image_pull_secrets or []) if s.name][:MAX_SERVICE_ACCOUNT_SECRETS]
+            secrets += [KubeRef("Secret", ref.namespace, name) for name in names]
+        for ref in dict.fromkeys(secrets):
+            try:
+                secret = await core.read_namespaced_secret(ref.name, ref.namespace)
+                for host, creds in _secret_credentials(ref, secret.type, secret.data or {}).items():
+                    found.setdefault(host, creds)
+            except ApiException as e:
+                problems.append(str(_api_error(e, f"reading pull {ref}")))
+            except KubernetesError as e:
+                problems.append(str(e))
+    return found, problems
+
+
+def _secret_credentials(ref: KubeRef, kind: str | None, data: dict[str, str]) -> dict[str, Credentials]:
+    key = SECRET_TYPES.get(kind or "")
+    if key is None:
+        raise KubernetesError(f"pull {ref} is of type {kind}, not kubernetes.io/dockerconfigjson")
+    try:
+        doc = json.loads(base64.b64decode(data.get(key, ""), validate=True))
+        return parse_docker_config(doc, f"pull {ref}")
+    except (ValueError, RecursionError):
+        raise KubernetesError(f"pull {ref}: {key} is not base64-encoded JSON") from None
+    except ConfigError as e:
+        raise KubernetesError(str(e)) from None

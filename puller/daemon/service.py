@@ -1,8 +1,10 @@
 """The reconcile loop: keep the listed images present, pull what the API asks for, check present images again.
 
 Every image the daemon knows has one :class:`ImageState`, keyed by reference (and platform). An image is
-listed (from the image list file), requested (through the API), or both; a pull of it is one task, whoever
-asked. All pulls share the engine's one connection budget; ``parallel_pulls`` bounds how many run at once.
+listed (by the image list file or a source in the cluster, sources.py, for this node: entries with a
+``nodeSelector`` only where the node's labels match), requested (through the API), or both; a pull of it is
+one task, whoever asked. An image with pull secrets is pulled with their credentials (node.py).
+All pulls share the engine's one connection budget; ``parallel_pulls`` bounds how many run at once.
 A failing image backs off exponentially and never blocks the others. Cancelling :meth:`Daemon.run` stops the
 pulls at a clean point (the engine keeps verified ranges), so the next start resumes them.
 """
@@ -19,10 +21,12 @@ from dataclasses import dataclass, field
 from ..config import Settings
 from ..engine.pull import PullProgress
 from ..engine.runtime import Engine
-from ..errors import PullerError, PullTimeout
+from ..errors import Forbidden, KubernetesError, PullerError, PullTimeout, Unauthorized
 from ..metrics import DaemonMetrics
-from .imagelist import ImageListWatcher, ImageSpec
-from .node import remove_node_taint
+from ..registry.auth import pull_credentials
+from .imagelist import MAX_IMAGES, ImageListWatcher, ImageSpec, merge
+from .node import read_node_labels, read_pull_credentials, remove_node_taint
+from .sources import sources_for
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ BACKOFF_BASE_S = 2.0
 TICK_S = 1.0
 GATE_RETRY_S = 10.0
 COLLECT_INTERVAL_S = 600.0  # how often failed pulls' staged files are collected (staging_max_age/_bytes)
+NODE_LABELS_S = 30.0  # how often the node's labels are read again while an entry has a nodeSelector
 
 
 @dataclass
@@ -76,6 +81,12 @@ class Daemon:
         self._gate_task: asyncio.Task | None = None
         self._gate_retry_at = 0.0
         self.watcher = ImageListWatcher(settings.images_file)
+        self.sources = sources_for(settings.knative_images, settings.workload_selector, settings.source_namespaces)
+        self._file_specs: list[ImageSpec] | None = None  # the image list file's entries, once read
+        self._composed: tuple | None = None  # what the listed set was last composed from
+        self.node_labels: dict[str, str] | None = None  # read when an entry has a nodeSelector
+        self._labels_task: asyncio.Task | None = None
+        self._labels_at = 0.0
         self.images: dict[str, ImageState] = {}
         self.listed: set[str] = set()
         self.list_loaded = False
@@ -92,7 +103,7 @@ class Daemon:
 
     @property
     def ready(self) -> bool:
-        """The image list was read and every listed image is present."""
+        """The image list and every source were read and every listed image is present."""
         return self.list_loaded and all(self.images[k].state == PRESENT for k in self.listed)
 
     def missing(self) -> list[str]:
@@ -101,6 +112,7 @@ class Daemon:
     # ---- what changes the set of images ---------------------------------------------------------------------
 
     def apply_list(self, specs: list[ImageSpec]) -> None:
+        """Make ``specs`` (this node's, one per key) the listed images."""
         wanted = {s.key: s for s in specs}
         for key in self.listed - wanted.keys():
             self._drop_source(key, LISTED)
@@ -117,7 +129,6 @@ class Daemon:
             st.sources.add(LISTED)
         self.listed = set(wanted)
         self.list_loaded = True
-        self.metrics.list_reloads.labels("ok").inc()
         log.info("image list: %d image(s)", len(wanted))
 
     def request(self, specs: list[ImageSpec]) -> list[ImageState]:
@@ -183,6 +194,8 @@ class Daemon:
 
     async def run(self) -> None:
         """Reconcile until cancelled; then stop every pull at a clean point."""
+        for source in self.sources:
+            self._background(source.run())
         try:
             while True:
                 self._reload()
@@ -198,8 +211,7 @@ class Daemon:
                 await asyncio.sleep(min(TICK_S, self.settings.watch_interval))
         finally:
             tasks = [st.task for st in self.images.values() if st.task is not None] + list(self._tasks)
-            if self._gate_task is not None:
-                tasks.append(self._gate_task)
+            tasks += [t for t in (self._gate_task, self._labels_task) if t is not None]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -208,9 +220,51 @@ class Daemon:
         refused = self.watcher.refused
         specs = self.watcher.poll()
         if specs is not None:
-            self.apply_list(specs)
+            self._file_specs = specs
+            self.metrics.list_reloads.labels("ok").inc()
         elif self.watcher.refused != refused:
             self.metrics.list_reloads.labels("error").inc()
+        self._compose()
+
+    def _compose(self) -> None:
+        """The listed images: the file's and every source's entries meant for this node, once all were read."""
+        if self._file_specs is None or not all(s.synced for s in self.sources):
+            return
+        entries = self._file_specs + [spec for source in self.sources for spec in source.specs()]
+        if any(spec.node_selector for spec in entries) and not self._node_labels_known():
+            return
+        labels = self.node_labels or {}
+        inputs = (self.watcher.loaded, tuple(s.version for s in self.sources), tuple(sorted(labels.items())))
+        if inputs == self._composed:
+            return
+        self._composed = inputs
+        mine = merge([spec for spec in entries if spec.wanted_on(labels)])
+        if len(mine) > MAX_IMAGES:
+            log.error("the image list and its sources name %d images; keeping the first %d", len(mine), MAX_IMAGES)
+        self.apply_list(mine[:MAX_IMAGES])
+
+    def _node_labels_known(self) -> bool:
+        """Whether this node's labels were read; starts reading them (again, every NODE_LABELS_S)."""
+        if not self.node_name:
+            if self.node_labels is None:
+                log.error("entries with a nodeSelector need node_name (NODE_NAME): they are left out")
+                self.node_labels = {}
+            return True
+        now = time.monotonic()
+        if self._labels_task is None and now >= self._labels_at:
+            self._labels_at = now + NODE_LABELS_S
+            self._labels_task = asyncio.ensure_future(self._read_labels())
+        return self.node_labels is not None
+
+    async def _read_labels(self) -> None:
+        assert self.node_name
+        try:
+            self.node_labels = await read_node_labels(self.node_name)
+        except PullerError as e:
+            log.error("cannot read the labels of node %s: %s", self.node_name, e)
+            self._labels_at = time.monotonic() + GATE_RETRY_S
+        finally:
+            self._labels_task = None
 
     def _check_gate(self, now: float) -> None:
         if self.gate_open is not False or self._gate_task is not None or now < self._gate_retry_at:
@@ -280,7 +334,7 @@ class Daemon:
                     # The deadline frees the slot: slow images (above the low-speed limit, yet slow) must not
                     # keep healthy ones waiting for ever.
                     async with asyncio.timeout(self.settings.pull_timeout):
-                        result = await self.engine.pull(ref, st.spec.platform, st.progress, st.spec.pin)
+                        result = await self._pull_with_secrets(st)
                 except TimeoutError:
                     self.metrics.pull_finished(st.progress, "failure")
                     raise PullTimeout(
@@ -325,6 +379,23 @@ class Daemon:
         finally:
             st.task = None
             st.settled.set()
+
+    async def _pull_with_secrets(self, st: ImageState):
+        """The engine's pull, with the credentials of the image's pull secrets (this task's context only)."""
+        spec = st.spec
+        if not spec.pull_secrets:
+            return await self.engine.pull(spec.reference, spec.platform, st.progress, spec.pin)
+        try:
+            creds, problems = await read_pull_credentials(spec.pull_secrets, self.settings.pull_secret_namespaces)
+        except KubernetesError as e:
+            creds, problems = {}, [str(e)]
+        pull_credentials.set(creds)
+        try:
+            return await self.engine.pull(spec.reference, spec.platform, st.progress, spec.pin)
+        except (Unauthorized, Forbidden) as e:
+            used = ", ".join(str(ref) for ref in spec.pull_secrets)
+            why = f"; {'; '.join(problems)}" if problems else ""
+            raise type(e)(f"{e} (pull secrets: {used}{why})", e.status, e.codes) from None
 
     def _failed(self, st: ImageState, e: Exception) -> None:
         st.failures += 1

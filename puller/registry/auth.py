@@ -1,7 +1,8 @@
 """Registry credentials and the token flow.
 
-Where credentials come from, first match wins: ``--creds user:pass`` (for the image's registry only), then
-docker's config.json (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``): ``credHelpers[host]``,
+Where credentials come from, first match wins: the pull's own credentials (:data:`pull_credentials`: the
+daemon sets them from an image's Kubernetes pull secrets), ``--creds user:pass`` (for the image's registry
+only), then docker's config.json (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``): ``credHelpers[host]``,
 then ``auths[host]``, then ``credsStore``; helpers are ``docker-credential-<name> get``. Docker Hub is also
 looked up under its legacy key ``https://index.docker.io/v1/``.
 
@@ -14,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import hashlib
 import json
 import math
 import os
 import re
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from ..errors import ConfigError, Unauthorized
 from ..reference import DEFAULT_DOMAIN, DOCKER_HUB_API_HOST
@@ -48,6 +53,11 @@ class Credentials:
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+    @property
+    def fingerprint(self) -> str:
+        """Tells credentials apart (a token got with one secret is not used with another) without holding them."""
+        return hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +87,39 @@ def docker_config_path() -> Path:
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
+# Credentials of one pull, by registry host, looked up before the node's own. A context variable, so that the
+# tasks one pull starts see them and concurrent pulls with other secrets do not.
+pull_credentials: contextvars.ContextVar[Mapping[str, Credentials]] = contextvars.ContextVar(
+    "pull_credentials", default=MappingProxyType({})
+)
+
+
+def parse_docker_config(doc: object, where: str) -> dict[str, Credentials]:
+    """The ``auths`` of a docker config.json (the ``.dockerconfigjson`` of a pull secret), or a legacy
+    ``.dockercfg`` (the same entries at the top level) -> credentials by registry host."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: not a JSON object")
+    auths = doc.get("auths", doc)
+    if not isinstance(auths, dict):
+        raise ConfigError(f"{where}: 'auths' must be an object")
+    found = {}
+    for key, entry in auths.items():
+        host = _registry_host(str(key))
+        creds = _from_auth_entry(entry, f"{where}: {host}") if isinstance(entry, dict) else None
+        if creds:
+            found[host] = creds
+            if host in DOCKER_HUB_CONFIG_KEYS:
+                found[DEFAULT_DOMAIN] = found[DOCKER_HUB_API_HOST] = creds
+    return found
+
+
+def _registry_host(key: str) -> str:
+    """``https://index.docker.io/v1/`` -> ``index.docker.io``; ``registry.example.com`` unchanged."""
+    if "://" in key:
+        key = key.split("://", 1)[1]
+    return key.split("/", 1)[0]
+
+
 class CredentialStore:
     """Looks credentials up per registry host; results (also misses) are cached for the process."""
 
@@ -99,6 +142,9 @@ class CredentialStore:
         return self._config
 
     def lookup(self, host: str) -> Credentials | None:
+        own = pull_credentials.get().get(host)
+        if own is not None:
+            return own
         if host in self._explicit:
             return self._explicit[host]
         if host not in self._cache:
@@ -174,23 +220,26 @@ class _Token:
     expires_at: float
 
 
+TokenKey = tuple[str, str, str, str]  # realm, service, scope, fingerprint of the credentials ("" anonymous)
+
+
 class TokenCache:
-    """Bearer tokens per (realm, service, scope), reused until shortly before expiry."""
+    """Bearer tokens per (realm, service, scope, credentials), reused until shortly before expiry."""
 
     def __init__(self) -> None:
-        self._tokens: dict[tuple[str, str, str], _Token] = {}
-        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._tokens: dict[TokenKey, _Token] = {}
+        self._locks: dict[TokenKey, asyncio.Lock] = {}
 
-    def get(self, key: tuple[str, str, str]) -> str | None:
+    def get(self, key: TokenKey) -> str | None:
         tok = self._tokens.get(key)
         if tok and tok.expires_at > time.monotonic():
             return tok.value
         return None
 
-    def lock(self, key: tuple[str, str, str]) -> asyncio.Lock:
+    def lock(self, key: TokenKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
-    def put(self, key: tuple[str, str, str], payload: dict) -> str:
+    def put(self, key: TokenKey, payload: dict) -> str:
         value = payload.get("token") or payload.get("access_token")
         if not value or not isinstance(value, str):
             raise Unauthorized("token server answered without a token")
@@ -205,5 +254,7 @@ class TokenCache:
         self._tokens[key] = _Token(value, time.monotonic() + max(0.0, lifetime - TOKEN_EXPIRY_MARGIN_S))
         return value
 
-    def drop(self, key: tuple[str, str, str]) -> None:
-        self._tokens.pop(key, None)
+    def drop(self, realm: str, service: str, scope: str) -> None:
+        """Forget the tokens of this scope, whichever credentials got them."""
+        for key in [k for k in self._tokens if k[:3] == (realm, service, scope)]:
+            del self._tokens[key]

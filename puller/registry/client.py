@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..reference import Reference
 from . import manifest as mf
-from .auth import Challenge, CredentialStore, TokenCache, parse_www_authenticate
+from .auth import Challenge, CredentialStore, TokenCache, TokenKey, parse_www_authenticate
 from .bodies import USER_AGENT, SpeedLimit, read_body
 from .hosts import PULL, RESOLVE, Endpoint, HostSettings
 from .lean import LeanRanges, Timeouts
@@ -235,15 +235,15 @@ class RegistryClient:
         except RegistryError as e:
             raise Unauthorized(str(e), 401) from None
         scope = f"repository:{ref.repository}:pull"
-        key = (realm, challenge.params.get("service", ""), scope)
+        key = (realm, challenge.params.get("service", ""), scope, creds.fingerprint if creds else "")
         token = self._tokens.get(key)
         if token is None:
             async with self._tokens.lock(key):
                 token = self._tokens.get(key) or await self._fetch_token(key, creds)
         return f"Bearer {token}"
 
-    async def _fetch_token(self, key: tuple[str, str, str], creds) -> str:
-        realm, service, scope = key
+    async def _fetch_token(self, key: TokenKey, creds) -> str:
+        realm, service, scope, _ = key
         query = {"scope": scope}
         if service:
             query["service"] = service
@@ -296,7 +296,7 @@ class RegistryClient:
         self._challenges[key] = challenge
         if old is not None and old.scheme == "bearer" and challenge.scheme == "bearer":
             realm = old.params.get("realm", "")
-            self._tokens.drop((realm, old.params.get("service", ""), f"repository:{ref.repository}:pull"))
+            self._tokens.drop(realm, old.params.get("service", ""), f"repository:{ref.repository}:pull")
             return old != challenge or "error" in challenge.params
         return old != challenge
 
