@@ -148,9 +148,10 @@ def containerd(request, containerds):
 PULLER = (sys.executable, "-m", "puller.cli")  # the installed package, whatever PATH says
 
 
-def start_puller(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """puller as a background process (to be killed or signalled mid-pull)."""
-    return subprocess.Popen([*PULLER, *args], env={**os.environ, **(env or {})}, **popen)
+def start_puller(*args: str, env: dict | None = None, prefix: list[str] | None = None, **popen) -> subprocess.Popen:
+    """puller as a background process (to be killed or signalled mid-pull); ``prefix`` runs it through a wrapper
+    (``ip netns exec NAME``)."""
+    return subprocess.Popen([*(prefix or []), *PULLER, *args], env={**os.environ, **(env or {})}, **popen)
 
 
 def run_puller(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -74,8 +74,16 @@ class ConfigMapDir:
 class Daemon:
     """``puller daemon`` in the background with its own OCI store, config and image list."""
 
-    def __init__(self, root: Path, settings: dict | None = None, env: dict | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        root: Path,
+        settings: dict | None = None,
+        env: dict | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ):
         self.root = root
+        self.netns = netns  # run inside this network namespace (a pod's: it then stands for a daemon pod)
         self.images = ConfigMapDir(root / "configmap")
         self.port = (settings or {}).pop("port", None) or free_port()
         self.url = f"http://{host}:{self.port}"
@@ -97,8 +105,15 @@ class Daemon:
             self.images.set_images([])
         config = self.root / "puller.yaml"
         config.write_text(yaml.safe_dump(self.settings))
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = start_puller(
-            "daemon", "--config", str(config), env=self.env, stdout=subprocess.DEVNULL, stderr=self.log.open("wb")
+            "daemon",
+            "--config",
+            str(config),
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+            prefix=prefix,
         )
         wait_http(self.url + "/healthz", timeout=30)
         return self

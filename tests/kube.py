@@ -24,6 +24,15 @@ from .rig import TEST_BIN
 
 KUBE_BINS = ("etcd", "kube-apiserver", "kube-scheduler", "kubelet", "kubectl")
 LOOPBACK_CNI = {"cniVersion": "1.0.0", "name": "puller-test", "plugins": [{"type": "loopback"}]}
+BRIDGE = "pullertest0"
+
+
+def bridge_cni(subnet: str, data_dir: Path) -> dict:
+    """A CNI configuration giving each pod its own network namespace and an address of ``subnet`` on a bridge the
+    host reaches (no masquerade, no route out): servers in a pod's namespace are reachable from the node only."""
+    ipam = {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": str(data_dir)}
+    bridge = {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False, "ipam": ipam}
+    return {"cniVersion": "1.0.0", "name": "puller-test-bridge", "plugins": [bridge]}
 
 
 def free_port() -> int:
@@ -240,7 +249,10 @@ class ControlPlane:
         self._start_component("kube-scheduler", ("system:kube-scheduler", "system:kube-scheduler"))
 
     def _start_component(self, name: str, identity: tuple[str, str], *flags: str) -> None:
-        """A control-plane component authenticating with a client certificate for (user, group)."""
+        """A control-plane component authenticating with a client certificate for (user, group); once per
+        control plane (several tests ask for it)."""
+        if (self.workdir / f"{name}.log").exists():
+            return
         cert, key = self.certs.client(name, *identity)
         kubeconfig = self.client_kubeconfig(self.workdir / f"{name}.kubeconfig", name, cert, key)
         self._start(

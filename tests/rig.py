@@ -369,8 +369,10 @@ class Registry:
         tls: tuple[Path, Path] | None = None,
         proxy_remote: str | None = None,
         bind: str = "127.0.0.1",
+        netns: str | None = None,
     ):
         self.workdir = workdir
+        self.netns = netns  # serve inside this network namespace (then bind to an address of it)
         self.proxy_remote = proxy_remote  # pull-through cache of this registry URL
         self.root = workdir / "storage"
         self.port = free_port()
@@ -432,8 +434,12 @@ class Registry:
         cfg = self.workdir / "registry.yml"
         cfg.write_text(self.config())
         self.log = open(self.workdir / "registry.log", "wb")
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            ["docker-registry", "serve", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            [*prefix, "docker-registry", "serve", str(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         if self.tls:
             wait_port(self.port)

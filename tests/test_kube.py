@@ -18,8 +18,9 @@ import yaml
 from puller.daemon.node import remove_node_taint
 from puller.errors import KubernetesError
 
+from .conftest import run_puller
 from .daemon_rig import Daemon
-from .kube import LOOPBACK_CNI, ControlPlane, Kubelet
+from .kube import BRIDGE, LOOPBACK_CNI, ControlPlane, Kubelet, bridge_cni
 from .rig import Containerd, CRIConfig, Registry, skopeo_push
 
 pytestmark = pytest.mark.kube
@@ -463,3 +464,88 @@ def test_the_list_comes_from_knative_images_and_labelled_workloads_meant_for_thi
             "the list to follow the cluster",
         )
         daemon.wait_state(f"{public}:late", "present", timeout=60)
+
+
+# ---- warmup against the real API server (scenario 5) -------------------------------------------------------------
+
+
+def test_warmup_finds_the_daemon_pods_by_deploy_labels_and_waits_for_every_node(
+    cluster: ControlPlane, layout, tmp_path: Path
+):
+    """A pod labelled as deploy/'s DaemonSet labels its pods runs on a kubelet node, in its own network namespace
+    (bridge CNI); puller's daemon runs in that namespace, so the pod's IP, as kubelet reports it, reaches it. With
+    the warmup Job's account, `puller warmup --wait` finds it through the API, reports per node and exits 0 once
+    the image is present there, and 12 when the node cannot get an image."""
+    w = tmp_path
+    with contextlib.ExitStack() as stack:
+        reg = stack.enter_context(Registry(w / "registry"))
+        skopeo_push(layout["path"], "pause", f"{reg.host}/test/pause:v1")
+        skopeo_push(layout["path"], "run", f"{reg.host}/test/run:v1")
+        hosts = w / "certs.d" / reg.host
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(f'server = "http://{reg.host}"\n')
+        (w / "ctrd" / "cni").mkdir(parents=True)
+        (w / "ctrd" / "cni" / "10-bridge.conflist").write_text(json.dumps(bridge_cni("10.244.77.0/24", w / "ipam")))
+        cri = CRIConfig(f"{reg.host}/test/pause:v1", w / "certs.d")
+        ctrd = stack.enter_context(Containerd(w / "ctrd", version="2.2", cri=cri))
+        stack.enter_context(_pods_removed(ctrd))
+        stack.enter_context(_bridge_removed())
+        stack.enter_context(Kubelet(w / "kubelet", cluster, ctrd.socket, "node-warm", [])).wait_ready()
+        cluster.start_scheduler()
+        run = {"name": "c", "image": f"{reg.host}/test/run:v1", "command": ["/bin/busybox", "sleep", "3600"]}
+        stand_in = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "puller-stand-in", "namespace": "puller", "labels": _daemon_labels()},
+            "spec": {"nodeName": "node-warm", "automountServiceAccountToken": False, "containers": [run]},
+        }
+        # The controller manager makes each namespace's default account; it may not run yet.
+        _apply(
+            cluster,
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "puller"}},
+        )
+        _apply(cluster, stand_in)
+        get_pod = ("get", "pod", "puller-stand-in", "-n", "puller", "-o", "json")
+        try:
+            _until(lambda: json.loads(cluster.kubectl(*get_pod).stdout)["status"].get("phase") == "Running", 90, "it")
+        except AssertionError:
+            raise AssertionError(cluster.kubectl("describe", "pod", "-n", "puller").stdout) from None
+        ip = json.loads(cluster.kubectl(*get_pod).stdout)["status"]["podIP"]
+        netns = _pod_netns(ctrd, "puller-stand-in")
+        # The daemon's registry is in the pod's namespace too (the tests' servers listen on loopback or there).
+        pod_reg = stack.enter_context(Registry(w / "pod-registry", bind=ip, netns=netns))
+        image, absent = f"{pod_reg.host}/test/warm:v1", f"{pod_reg.host}/test/absent:v1"
+        skopeo_push(layout["path"], "small", image)
+        daemon = stack.enter_context(
+            Daemon(w / "daemon", {"plain_http": [pod_reg.host], "port": 8470}, host=ip, netns=netns)
+        )
+        kubeconfig = cluster.service_account_kubeconfig("puller", "puller-warmup", w / "warmup.kubeconfig")
+        env = {"KUBECONFIG": str(kubeconfig)}
+        ok = run_puller("warmup", "--wait", "--timeout", "60", image, env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert "node-warm" in ok.stdout + ok.stderr
+        assert daemon.image(image)["state"] == "present"
+        late = run_puller("warmup", "--wait", "--timeout", "8", absent, env=env)
+        assert late.returncode == 12, late.stderr
+        assert "node-warm" in late.stdout + late.stderr
+
+
+def _daemon_labels() -> dict[str, str]:
+    ds = next(d for d in yaml.safe_load_all((DEPLOY / "daemonset.yaml").read_text()) if d)
+    return ds["spec"]["template"]["metadata"]["labels"]
+
+
+def _pod_netns(ctrd: Containerd, name: str) -> str:
+    """The name (under /run/netns) of the network namespace of pod ``name``'s sandbox."""
+    ids = subprocess.run(ctrd.crictl("pods", "--name", name, "-q"), capture_output=True, text=True, check=True)
+    info = subprocess.run(ctrd.crictl("inspectp", ids.stdout.split()[0]), capture_output=True, text=True, check=True)
+    namespaces = json.loads(info.stdout)["info"]["runtimeSpec"]["linux"]["namespaces"]
+    return Path(next(n["path"] for n in namespaces if n["type"] == "network")).name
+
+
+@contextlib.contextmanager
+def _bridge_removed():
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
