@@ -166,6 +166,7 @@ def run_scenario(fabric: Fabric, work: Path, sc: Scenario, nodes: list[tuple[str
                 "store": f"oci:{d / 'store'}",
                 "images_file": str(d / "images.yaml"),
                 "listen": f"{ip}:{API_PORT}",
+                "api_allow_unauthenticated": True,  # in the fleet's own network namespaces only
                 "plain_http": [f"{UPSTREAM_IP}:5000", f"{MIRROR_IP}:5000"],
                 "hosts_dir": None,
                 "watch_interval": 0.1,

@@ -59,7 +59,7 @@ async def run_daemon(settings: config.Settings) -> None:
     """Serve the API and keep the image list present until SIGTERM/SIGINT; then stop pulls at a clean point."""
     from aiohttp import web
 
-    from .daemon.api import make_app
+    from .daemon.api import make_app, make_probe_app
     from .daemon.service import Daemon
 
     loop = asyncio.get_running_loop()
@@ -67,20 +67,31 @@ async def run_daemon(settings: config.Settings) -> None:
         loop.add_signal_handler(sig, _current_task().cancel)
     node = settings.node_name or os.environ.get("NODE_NAME")
     token = _read_token(settings.api_token_file)
+    if token is None and not settings.listen_is_loopback and not settings.api_allow_unauthenticated:
+        raise ConfigError(
+            f"listen {settings.listen} is reachable from other hosts and no api_token_file is set: anyone who "
+            "reaches it could make this node pull any image; set api_token_file (deploy/ does), listen on "
+            "loopback, or set api_allow_unauthenticated: true"
+        )
     async with Engine(settings) as engine:
         daemon = Daemon(engine, settings, node)
-        runner = web.AppRunner(make_app(daemon, token), access_log=None)
-        await runner.setup()
+        sites = [(web.AppRunner(make_app(daemon, token), access_log=None), settings.listen)]
+        if settings.probe_listen:
+            sites.append((web.AppRunner(make_probe_app(daemon), access_log=None), settings.probe_listen))
+        runners = [runner for runner, _ in sites]
         try:
-            host, port = settings.listen_address
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {settings.listen}: {e.strerror}") from None
+            for runner, where in sites:
+                await runner.setup()
+                host, port = config.address(where)
+                try:
+                    await web.TCPSite(runner, host, port).start()
+                except OSError as e:
+                    raise ConfigError(f"cannot listen on {where}: {e.strerror}") from None
             log.info(
-                "daemon on node %s: API on http://%s, image list %s, store %s",
+                "daemon on node %s: API on http://%s%s, image list %s, store %s",
                 node or "(unnamed)",
                 settings.listen,
+                f", probes and metrics also on http://{settings.probe_listen}" if settings.probe_listen else "",
                 settings.images_file,
                 settings.store,
             )
@@ -88,7 +99,8 @@ async def run_daemon(settings: config.Settings) -> None:
         except asyncio.CancelledError:
             log.info("stopping: pulls stop at a clean point and resume on the next start")
         finally:
-            await runner.cleanup()
+            for runner in runners:
+                await runner.cleanup()
 
 
 async def run_warmup(args: argparse.Namespace, output: str) -> None:

@@ -7,6 +7,7 @@ silently ignored setting; so is a value of the wrong type (``true`` is not 1, ``
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -36,7 +37,7 @@ from .stores.defaults import OCI_DIR as DEFAULT_OCI_DIR
 
 CONFIG_ENV = "PULLER_CONFIG"
 DAEMON_IMAGES_FILE = "/etc/puller/images.yaml"
-DAEMON_LISTEN = "0.0.0.0:8470"
+DAEMON_LISTEN = "127.0.0.1:8470"
 STARTUP_TAINT = "puller.io/prefetch"
 HOSTS_DIR = "/etc/containerd/certs.d"
 MAX_SIZE = 1 << 60  # no setting of puller's is larger (and a float of 1e999 is not a size)
@@ -83,6 +84,7 @@ class Settings:
     # daemon (puller daemon)
     images_file: str = DAEMON_IMAGES_FILE
     listen: str = DAEMON_LISTEN
+    probe_listen: str | None = None
     api_token_file: str | None = None
     node_name: str | None = None
     watch_interval: float = 2.0
@@ -96,6 +98,8 @@ class Settings:
     pull_timeout: float = 3600.0
     api_max_images: int = 1000
     api_forget_after: float = 3600.0
+    api_allow_unauthenticated: bool = False
+    api_allow_pin: bool = False
     # daemon: image list sources in the cluster, pull secrets (deploy/sources/)
     knative_images: bool = False
     workload_selector: str | None = None
@@ -152,9 +156,13 @@ class Settings:
                     raise ConfigError(f"{name}: {namespace!r} is not a namespace name")
         if self.workload_selector is not None and not self.workload_selector.strip():
             raise ConfigError("workload_selector must be a label selector such as puller.io/prefetch=true, or null")
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
-            raise ConfigError(f"listen must be HOST:PORT with a port from 1 to 65535, not {self.listen!r}")
+        for name in ("listen", "probe_listen"):
+            value = getattr(self, name)
+            if value is None and name == "probe_listen":
+                continue
+            host, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+                raise ConfigError(f"{name} must be HOST:PORT with a port from 1 to 65535, not {value!r}")
         return self
 
     @property
@@ -172,9 +180,24 @@ class Settings:
         return SpeedLimit(self.low_speed_limit, self.low_speed_time)
 
     @property
+    def listen_is_loopback(self) -> bool:
+        host = self.listen_address[0]
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
     def listen_address(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return address(self.listen)
+
+
+def address(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (validated) -> (host without IPv6 brackets, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def parse_size(value: Any) -> int:

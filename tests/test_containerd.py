@@ -504,3 +504,30 @@ def test_unpacked_tree_holds_every_layer_and_whiteouts_hide_lower_files(containe
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["a", "d", "keep", "a1"]
+
+
+async def test_an_ingest_locked_by_another_writer_is_waited_for_then_written(containerd, tmp_path: Path):
+    """Another process (or one killed a moment ago, until containerd notices) holds the ingest's lock: the write
+    tries again within LOCKED_WAIT_S instead of failing the pull."""
+    import asyncio
+
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd.content import ingest_ref
+    from puller.stores.containerd_api import content_pb2
+
+    desc, data = _random_blob(300_000)
+    other = ContainerdStore(str(containerd.socket), "locked", staging_dir=tmp_path / "a")
+    store = ContainerdStore(str(containerd.socket), "locked", staging_dir=tmp_path / "b")
+    async with other, store:
+        held = other.content.api.content_write(metadata=other.content.api.md(None))
+        stat = content_pb2.WriteContentRequest(
+            action=content_pb2.STAT, ref=ingest_ref(desc), total=desc.size, expected=str(desc.digest)
+        )
+        await held.write(stat)
+        await held.read()  # the other writer holds the lock now
+        write = asyncio.ensure_future(store.content.put_bytes(desc, data, {}, None))
+        await asyncio.sleep(1.5)
+        assert not write.done()  # waiting, not failed
+        held.cancel()  # the other writer goes away
+        await asyncio.wait_for(write, 20)
+        assert await store.has_blob(desc)

@@ -85,6 +85,7 @@ def test_a_pull_after_an_earlier_lease_expired_works(containerd, cdn_rig, tmp_pa
 def test_pins_follow_the_list_and_others_pins_are_left_alone(containerd, cdn_rig, tmp_path: Path):
     reg, _ = cdn_rig
     listed, unpinned, theirs = (pushed(reg, r, "v1") for r in ("test/small", "test/app", "test/multi"))
+    asked = pushed(reg, "test/docker", "v1")
     ns = f"pins-{containerd.version}"
     pinned = "io.cri-containerd.pinned=pinned"
     with Daemon(tmp_path / "d", _settings(containerd, ns, tmp_path, pin=True)) as d:
@@ -98,6 +99,9 @@ def test_pins_follow_the_list_and_others_pins_are_left_alone(containerd, cdn_rig
         labels = image_labels(containerd, ns)
         assert pinned in labels[listed.ref] and "puller.io/pinned=true" in labels[listed.ref]
         assert pinned not in labels[unpinned.ref]  # the entry's pin: false wins over the global pin: true
+        # The global pin is for listed images: one the API alone asks for is not pinned.
+        assert d.post("/v1/pull", {"images": [asked.ref], "wait": True, "timeout": 120})[0] == 200
+        assert pinned not in image_labels(containerd, ns)[asked.ref]
         d.images.set_images([unpinned.ref])  # listed and theirs leave the list
         d.wait_for(lambda: pinned not in image_labels(containerd, ns)[listed.ref], 30, "listed unpinned")
         time.sleep(1)

@@ -10,9 +10,11 @@ import sys
 import time
 import urllib.parse
 
+from puller import config
+
 from .conftest import assert_store_holds, pushed, run_puller, staged_files
-from .daemon_rig import Daemon, KubeStandIn, fetched_bytes
-from .rig import skopeo_push
+from .daemon_rig import Daemon, KubeStandIn, fetched_bytes, http
+from .rig import free_port, skopeo_push
 
 TAINT = {"key": "puller.io/prefetch", "value": "pending", "effect": "NoSchedule"}
 OTHER_TAINT = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
@@ -270,6 +272,35 @@ def test_daemon_refuses_a_bad_config(tmp_path):
     config.write_text("listen: nowhere\n")
     r = run_puller("daemon", "--config", str(config))
     assert r.returncode == 2 and "listen must be HOST:PORT" in r.stderr
+
+
+def test_the_api_is_closed_by_default(tmp_path):
+    """A listen address other hosts reach needs a token (or an explicit opt-out); the default is loopback; pinning
+    through the API needs api_allow_pin."""
+    assert config.Settings().listen_is_loopback
+    for address, loopback in (("127.0.0.1:1", True), ("[::1]:1", True), ("localhost:1", True), ("0.0.0.0:1", False)):
+        assert config.apply(config.Settings(), {"listen": address}).listen_is_loopback is loopback
+    cfg = tmp_path / "puller.yaml"
+    cfg.write_text(f"images_file: {tmp_path / 'list'}\nstore: oci:{tmp_path / 'store'}\n")
+    r = run_puller("daemon", "--config", str(cfg), "--listen", "0.0.0.0:8470")  # refused before it binds
+    assert r.returncode == 2 and "no api_token_file is set" in r.stderr and "Traceback" not in r.stderr
+    with Daemon(tmp_path / "d") as d:
+        got, body = d.post("/v1/pull", {"images": [{"reference": "a/b", "pin": True}]})
+        assert got == 403 and "api_allow_pin" in body["error"]
+        assert d.image("docker.io/a/b:latest") is None  # refused whole: nothing was asked
+    with Daemon(tmp_path / "e", {"api_allow_pin": True}) as d:
+        assert d.post("/v1/pull", {"images": [{"reference": "a/b", "pin": True}]})[0] == 202
+    # probe_listen: the probes and metrics alone, without the token (what a NetworkPolicy can open to all).
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    probes = free_port()
+    with Daemon(tmp_path / "f", {"api_token_file": str(token), "probe_listen": f"127.0.0.1:{probes}"}) as d:
+        url = f"http://127.0.0.1:{probes}"
+        assert http("GET", url + "/healthz")[0] == 200 and http("GET", url + "/readyz")[0] == 200
+        assert http("GET", url + "/metrics")[0] == 200
+        assert http("GET", url + "/v1/images")[0] == 404  # the API is not there, token or not
+        assert http("POST", url + "/v1/pull", {"images": ["a/b"]}, headers={"Authorization": "Bearer s3cret"})[0] == 404
+        assert d.get("/v1/images")[0] == 401 and d.get("/healthz")[0] == 200  # the API port as before
 
 
 def test_daemon_keeps_images_in_containerd_pinned(containerd, direct_registry, tmp_path):

@@ -83,6 +83,57 @@ def test_the_pieces_agree():
     assert "memory" in container["resources"]["limits"]
 
 
+def test_the_api_is_closed_and_the_daemon_is_a_node_agent():
+    """The API port needs the cluster-generated token and admits only the warmup Job's pods; probes and metrics
+    have their own port, open; the pods carry what node agents carry."""
+    objs = objects()
+    cm = objs[("ConfigMap", "puller")]
+    settings = config.apply(config.Settings(), yaml.safe_load(cm["data"]["puller.yaml"]), where="configmap")
+    assert not settings.listen_is_loopback and settings.api_token_file and settings.probe_listen
+    assert not settings.api_allow_unauthenticated and not settings.api_allow_pin
+    secret = objs[("Secret", "puller-api-token")]
+    assert secret["type"] == "kubernetes.io/service-account-token"
+    assert secret["metadata"]["annotations"]["kubernetes.io/service-account.name"] == "puller-warmup"
+
+    def token_mount(pod_spec: dict) -> str:
+        (volume,) = [v for v in pod_spec["volumes"] if v.get("secret", {}).get("secretName") == "puller-api-token"]
+        mounts = [m for c in pod_spec["containers"] for m in c.get("volumeMounts", []) if m["name"] == volume["name"]]
+        (item,) = volume["secret"]["items"]
+        assert item["key"] == "token" and len(mounts) == 1
+        return f"{mounts[0]['mountPath']}/{item['path']}"
+
+    pod = objs[("DaemonSet", "puller")]["spec"]["template"]["spec"]
+    assert token_mount(pod) == settings.api_token_file
+    job = load("warmup-job.yaml")[0]["spec"]["template"]
+    args = job["spec"]["containers"][0]["args"]
+    assert args[args.index("--token-file") + 1] == token_mount(job["spec"])
+
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    api_port, probe_port = settings.listen_address[1], config.address(settings.probe_listen)[1]
+    assert ports == {"api": api_port, "probes": probe_port}
+    assert container["readinessProbe"]["httpGet"]["port"] == container["livenessProbe"]["httpGet"]["port"] == "probes"
+    policy = objs[("NetworkPolicy", "puller")]["spec"]
+    assert (
+        policy["podSelector"]["matchLabels"].items()
+        <= objs[("DaemonSet", "puller")]["spec"]["template"]["metadata"]["labels"].items()
+    )
+    api_rule, probe_rule = policy["ingress"]
+    assert [p["port"] for p in api_rule["ports"]] == [api_port]
+    assert api_rule["from"][0]["podSelector"]["matchLabels"].items() <= job["metadata"]["labels"].items()
+    assert [p["port"] for p in probe_rule["ports"]] == [probe_port] and "from" not in probe_rule
+
+    assert pod["priorityClassName"] == "system-node-critical"
+    quota = objs[("ResourceQuota", "puller-critical-pods")]["spec"]["scopeSelector"]["matchExpressions"][0]
+    assert quota["scopeName"] == "PriorityClass" and quota["values"] == ["system-node-critical"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert job["spec"]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert {"operator": "Exists"} in pod["tolerations"]  # every taint, NoSchedule and NoExecute alike
+    ns = objs[("Namespace", "puller")]["metadata"]["labels"]
+    assert ns["pod-security.kubernetes.io/enforce"] == "privileged"  # hostPath volumes need it
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+
+
 def test_rbac_is_least_privilege():
     objs = objects()
     ds = objs[("DaemonSet", "puller")]

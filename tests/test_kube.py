@@ -62,6 +62,30 @@ def test_every_object_of_deploy_is_accepted_by_the_api_server(cluster: ControlPl
     assert pod["containers"][0]["terminationMessagePolicy"] == "File"
 
 
+def test_the_cluster_generates_the_api_token_and_admits_the_node_agent_pods(cluster: ControlPlane):
+    """deploy/'s API token Secret is filled in by the cluster; a pod of the DaemonSet's template passes admission
+    in the puller namespace (Pod Security, the system-node-critical priority within its quota) and so does the
+    warmup Job."""
+    cluster.start_controller_manager()  # its token controller fills in the Secret
+    token = ("get", "secret", "puller-api-token", "-n", "puller", "-o", "jsonpath={.data.token}")
+    _until(lambda: cluster.kubectl(*token).stdout.strip() != "", 60, "the token controller to fill the Secret")
+    assert len(base64.b64decode(cluster.kubectl(*token).stdout)) > 32
+    ds = json.loads(cluster.kubectl("get", "daemonset", "puller", "-n", "puller", "-o", "json").stdout)
+    template = ds["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "admission-check", "namespace": "puller", "labels": template["metadata"]["labels"]},
+        "spec": {**template["spec"], "nodeName": "no-such-node"},
+    }
+    r = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod), check=False)
+    assert r.returncode == 0, r.stderr
+    admitted = json.loads(r.stdout)["spec"]
+    assert admitted["priorityClassName"] == "system-node-critical" and admitted["priority"] == 2000001000
+    job = cluster.kubectl("create", "--dry-run=server", "-f", str(DEPLOY / "warmup-job.yaml"), check=False)
+    assert job.returncode == 0, job.stderr
+
+
 def _node(cluster: ControlPlane, name: str, taints: list[dict]) -> None:
     node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {"taints": taints}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
@@ -516,16 +540,20 @@ def test_warmup_finds_the_daemon_pods_by_deploy_labels_and_waits_for_every_node(
         pod_reg = stack.enter_context(Registry(w / "pod-registry", bind=ip, netns=netns))
         image, absent = f"{pod_reg.host}/test/warm:v1", f"{pod_reg.host}/test/absent:v1"
         skopeo_push(layout["path"], "small", image)
-        daemon = stack.enter_context(
-            Daemon(w / "daemon", {"plain_http": [pod_reg.host], "port": 8470}, host=ip, netns=netns)
-        )
+        token = w / "api-token"  # the API on an address other hosts reach is closed without one
+        token.write_text("warm-s3cret\n")
+        settings = {"plain_http": [pod_reg.host], "port": 8470, "api_token_file": str(token)}
+        daemon = stack.enter_context(Daemon(w / "daemon", settings, host=ip, netns=netns))
         kubeconfig = cluster.service_account_kubeconfig("puller", "puller-warmup", w / "warmup.kubeconfig")
         env = {"KUBECONFIG": str(kubeconfig)}
-        ok = run_puller("warmup", "--wait", "--timeout", "60", image, env=env)
+        refused = run_puller("warmup", "--timeout", "10", image, env=env)
+        assert refused.returncode == 12 and "401" in refused.stderr, refused.stderr
+        ok = run_puller("warmup", "--wait", "--timeout", "60", "--token-file", str(token), image, env=env)
         assert ok.returncode == 0, ok.stderr
         assert "node-warm" in ok.stdout + ok.stderr
-        assert daemon.image(image)["state"] == "present"
-        late = run_puller("warmup", "--wait", "--timeout", "8", absent, env=env)
+        _, status = daemon.get("/v1/images", headers={"Authorization": "Bearer warm-s3cret"})
+        assert {i["reference"]: i["state"] for i in status["images"]} == {image: "present"}
+        late = run_puller("warmup", "--wait", "--timeout", "8", "--token-file", str(token), absent, env=env)
         assert late.returncode == 12, late.stderr
         assert "node-warm" in late.stdout + late.stderr
 

@@ -5,7 +5,9 @@
   one failed (its ``error`` says why), 504 when ``timeout`` passed first.
 - ``GET /v1/images``  this node's images: absent, pulling (done/total bytes), present (digest), failed (error).
 - ``/healthz`` (the process runs), ``/readyz`` (it serves: what a rollout waits for), ``/readyz?list=1`` (the
-  image list is present: 200, else 503 with what is missing), ``/metrics`` (Prometheus).
+  image list is present: 200, else 503 with what is missing), ``/metrics`` (Prometheus). These three are also
+  served alone, without a token, on ``probe_listen`` (:func:`make_probe_app`): a NetworkPolicy can then admit
+  kubelet and scrapers there and only the warmup Job to the API.
 
 Every request is validated: JSON only, known fields only, at most ``MAX_BODY`` bytes and ``MAX_IMAGES_PER_REQUEST``
 images, references parsed before anything is pulled, JSON nested too deeply refused; at most ``api_max_images``
@@ -102,6 +104,11 @@ async def pull(request: web.Request) -> web.Response:
         specs, wait, timeout = parse_pull_request(body)
     except ValueError as e:
         raise _error(web.HTTPBadRequest, str(e)) from None
+    if any(s.pin for s in specs) and not daemon.settings.api_allow_pin:
+        raise _error(
+            web.HTTPForbidden,
+            "pinning through the API is off: pinned images are kept from kubelet's image GC (api_allow_pin)",
+        )
     new = sum(1 for s in specs if s.key not in daemon.images)
     if daemon.requested_count() + new > daemon.settings.api_max_images:
         raise _error(
@@ -140,7 +147,7 @@ async def readyz(request: web.Request) -> web.Response:
     if daemon.ready:
         return web.Response(text="ready\n")
     if not daemon.list_loaded:
-        why = daemon.watcher.error or "image list not read yet"
+        why = daemon.watcher.error or daemon.unread_sources() or "image list not read yet"
         return web.Response(status=503, text=f"not ready: {why}\n")
     return web.Response(status=503, text="not ready; missing: " + ", ".join(daemon.missing()) + "\n")
 
@@ -150,11 +157,19 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_app(daemon: Daemon, token: str | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_auth])
-    app[DAEMON_KEY] = daemon
+    """The API (``/v1/*``, behind ``token`` when given) and the probes and metrics."""
+    app = make_probe_app(daemon)
+    app.middlewares.append(_auth)
     app[TOKEN_KEY] = token or ""
     app.router.add_post("/v1/pull", pull)
     app.router.add_get("/v1/images", images)
+    return app
+
+
+def make_probe_app(daemon: Daemon) -> web.Application:
+    """Only ``/healthz``, ``/readyz`` and ``/metrics``: nothing here changes the node."""
+    app = web.Application(client_max_size=MAX_BODY)
+    app[DAEMON_KEY] = daemon
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

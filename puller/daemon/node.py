@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 PATCH_ATTEMPTS = 5
 SECRET_TYPES = {"kubernetes.io/dockerconfigjson": ".dockerconfigjson", "kubernetes.io/dockercfg": ".dockercfg"}
 MAX_SERVICE_ACCOUNT_SECRETS = 16
+CALL_TIMEOUT_S = 30  # one API call, answer and body
 
 
 @asynccontextmanager
@@ -122,7 +123,7 @@ async def read_node_labels(node_name: str) -> dict[str, str]:
 
     async with kube_api() as api:
         try:
-            node = await client.CoreV1Api(api).read_node(node_name)
+            node = await client.CoreV1Api(api).read_node(node_name, _request_timeout=CALL_TIMEOUT_S)
         except ApiException as e:
             raise _api_error(e, f"reading node {node_name}") from None
     return dict(node.metadata.labels or {})
@@ -154,7 +155,9 @@ async def read_pull_credentials(
                 secrets.append(ref)
                 continue
             try:
-                account = await core.read_namespaced_service_account(ref.name, ref.namespace)
+                account = await core.read_namespaced_service_account(
+                    ref.name, ref.namespace, _request_timeout=CALL_TIMEOUT_S
+                )
             except ApiException as e:
                 problems.append(str(_api_error(e, f"reading {ref}")))
                 continue
@@ -162,7 +165,7 @@ async def read_pull_credentials(
             secrets += [KubeRef("Secret", ref.namespace, name) for name in names]
         for ref in dict.fromkeys(secrets):
             try:
-                secret = await core.read_namespaced_secret(ref.name, ref.namespace)
+                secret = await core.read_namespaced_secret(ref.name, ref.namespace, _request_timeout=CALL_TIMEOUT_S)
                 for host, creds in _secret_credentials(ref, secret.type, secret.data or {}).items():
                     found.setdefault(host, creds)
             except ApiException as e:

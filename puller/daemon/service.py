@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import Settings
 from ..engine.pull import PullProgress
@@ -106,6 +106,12 @@ class Daemon:
         """The image list and every source were read and every listed image is present."""
         return self.list_loaded and all(self.images[k].state == PRESENT for k in self.listed)
 
+    def unread_sources(self) -> str:
+        """Why the list is not composed yet, as far as the cluster sources are concerned ("" if they were read)."""
+        return "; ".join(
+            f"image source {s} not read yet" + (f": {s.error}" if s.error else "") for s in self.sources if not s.synced
+        )
+
     def missing(self) -> list[str]:
         return sorted(k for k in self.listed if self.images[k].state != PRESENT)
 
@@ -132,10 +138,11 @@ class Daemon:
         log.info("image list: %d image(s)", len(wanted))
 
     def request(self, specs: list[ImageSpec]) -> list[ImageState]:
-        """Pull these now (API): retried at once even if backing off, present ones checked again."""
+        """Pull these now (API): retried at once even if backing off, present ones checked again. An image the
+        API alone asks for is pinned only if the request says so: the ``pin`` setting is for listed images."""
         states = []
         for spec in specs:
-            st = self.images.setdefault(spec.key, ImageState(spec))
+            st = self.images.setdefault(spec.key, ImageState(replace(spec, pin=bool(spec.pin))))
             st.sources.add(REQUESTED)
             st.requested = time.monotonic()
             if st.task is None:

@@ -32,6 +32,7 @@ PAGE = 500  # objects per list request
 MAX_OBJECTS = 20000  # per source: more is refused (the daemon keeps its last good view)
 WATCH_S = 300  # the API server ends each watch after this long; it is resumed
 WATCH_SLACK_S = 30  # the client's own bound on a watch request beyond WATCH_S
+LIST_TIMEOUT_S = 60  # one page of a list, answer and body
 BACKOFF_S = (1.0, 60.0)
 
 
@@ -203,7 +204,9 @@ class Source:
         token = None
         while True:
             page: dict[str, str] = {"_continue": token} if token else {}
-            resp = await func(*args, **selector, **page, limit=PAGE, _preload_content=False)
+            resp = await func(
+                *args, **selector, **page, limit=PAGE, _preload_content=False, _request_timeout=LIST_TIMEOUT_S
+            )
             async with resp:
                 body = json.loads(await resp.read())
             for obj in body.get("items") or []:

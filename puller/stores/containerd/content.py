@@ -26,7 +26,13 @@ WRITE_MESSAGE = 1 << 20  # bytes per Write message (under gRPC's default 4 MiB m
 WRITE_DEPTH = 4  # Write messages in flight per stream: containerd handles one while the next ones travel
 _COMMIT_DIGEST = re.compile(r"unexpected commit digest (\S+), expected (\S+)")
 
+LOCKED_WAIT_S = 30.0  # how long a locked ingest is waited for
+LOCKED_RETRY_S = 0.5
 Chunks = Callable[[int], AsyncIterator[Sequence[Buffer]]]  # the blob's bytes from an offset on, in pieces
+
+
+class _Locked(Exception):
+    """containerd refused the STAT: another Write stream holds the ingest's lock."""
 
 
 def ingest_ref(desc: Descriptor) -> str:
@@ -93,7 +99,24 @@ class Content:
         lease: str | None = None,
     ) -> None:
         """One Write stream: STAT, ``chunks(offset)`` from containerd's offset, COMMIT. ``resume_at``: the offset
-        the caller's chunks must start from (containerd reporting less means it lost bytes: an error)."""
+        the caller's chunks must start from (containerd reporting less means it lost bytes: an error). The ingest
+        may be locked by a writer that is gone (a killed process: containerd frees its lock when it notices) or
+        another puller: the STAT is tried again for up to LOCKED_WAIT_S."""
+        deadline = asyncio.get_running_loop().time() + LOCKED_WAIT_S
+        while True:
+            try:
+                return await self._write(desc, chunks, labels, resume_at, lease)
+            except _Locked as e:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise StoreError(
+                        f"containerd at {self.api.address}: the ingest of {desc.digest} stayed locked by another "
+                        f"writer for {LOCKED_WAIT_S:.0f} s: {e}"
+                    ) from None
+                await asyncio.sleep(LOCKED_RETRY_S)
+
+    async def _write(
+        self, desc: Descriptor, chunks: Chunks, labels: dict[str, str], resume_at: int | None, lease: str | None
+    ) -> None:
         ref = ingest_ref(desc)
         ref_bytes = ref.encode()
         digest = str(desc.digest)
@@ -103,7 +126,12 @@ class Content:
             await call.write(
                 content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=desc.size, expected=digest)
             )
-            status = await call.read()
+            try:
+                status = await call.read()
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and "locked" in (e.details() or ""):
+                    raise _Locked(e.details()) from None
+                raise
             offset = status.offset if 0 <= status.offset <= desc.size else 0
             if resume_at is not None and offset < resume_at:
                 raise StoreError(
@@ -147,6 +175,8 @@ class Content:
             code, details = await call.code(), await call.details()
             if code == grpc.StatusCode.ALREADY_EXISTS:
                 return
+            if code == grpc.StatusCode.UNAVAILABLE and "locked" in (details or "") and offset == 0:
+                raise _Locked(details) from None
             raise StoreError(
                 f"containerd at {self.api.address} ended the write of {digest}: {code.name} {details}".rstrip()
             ) from None
