@@ -34,7 +34,7 @@ async def run_pull(ref: Reference, settings: config.Settings, creds: Credentials
     async with Engine(settings, explicit) as engine:
         progress = PullProgress(str(ref))
         async with show(progress, output):
-            return await engine.pull(ref, progress=progress)
+            return await engine.pull(ref, progress=progress, pin=settings.pin)
 
 
 def _current_task() -> asyncio.Task:
@@ -74,7 +74,7 @@ async def run_daemon(settings: config.Settings) -> None:
             "loopback, or set api_allow_unauthenticated: true"
         )
     async with Engine(settings) as engine:
-        daemon = Daemon(engine, settings, node)
+        daemon = Daemon(engine, settings.daemon(node))
         sites = [(web.AppRunner(make_app(daemon, token), access_log=None), settings.listen)]
         if settings.probe_listen:
             sites.append((web.AppRunner(make_probe_app(daemon), access_log=None), settings.probe_listen))

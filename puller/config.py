@@ -179,6 +179,28 @@ class Settings:
     def speed_limit(self) -> SpeedLimit:
         return SpeedLimit(self.low_speed_limit, self.low_speed_time)
 
+    def daemon(self, node_name: str | None) -> DaemonSettings:
+        return DaemonSettings(
+            images_file=self.images_file,
+            node_name=node_name,
+            watch_interval=self.watch_interval,
+            resolve_interval=self.resolve_interval,
+            parallel_pulls=self.parallel_pulls,
+            retry_backoff_max=self.retry_backoff_max,
+            start_jitter=self.start_jitter,
+            startup_taint=self.startup_taint,
+            startup_deadline=self.startup_deadline,
+            pull_timeout=self.pull_timeout,
+            pin=self.pin,
+            api_max_images=self.api_max_images,
+            api_forget_after=self.api_forget_after,
+            api_allow_pin=self.api_allow_pin,
+            knative_images=self.knative_images,
+            workload_selector=self.workload_selector,
+            source_namespaces=tuple(self.source_namespaces),
+            pull_secret_namespaces=tuple(self.pull_secret_namespaces),
+        )
+
     @property
     def listen_is_loopback(self) -> bool:
         host = self.listen_address[0]
@@ -198,6 +220,31 @@ def address(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (validated) -> (host without IPv6 brackets, port)."""
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """What the daemon's reconcile loop and API read: built once from :class:`Settings` (:meth:`Settings.daemon`),
+    never changed. The engine's parts have their own (ClientSettings, FetchSettings, the store's arguments)."""
+
+    images_file: str
+    node_name: str | None
+    watch_interval: float
+    resolve_interval: float
+    parallel_pulls: int
+    retry_backoff_max: float
+    start_jitter: float
+    startup_taint: str | None
+    startup_deadline: float
+    pull_timeout: float
+    pin: bool  # listed images' pin, unless an entry says otherwise; never applied to images the API alone asked for
+    api_max_images: int
+    api_forget_after: float
+    api_allow_pin: bool
+    knative_images: bool
+    workload_selector: str | None
+    source_namespaces: tuple[str, ...]
+    pull_secret_namespaces: tuple[str, ...]
 
 
 def parse_size(value: Any) -> int:

@@ -148,3 +148,32 @@ def test_rbac_is_least_privilege():
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "puller-warmup"
     assert objs[("RoleBinding", "puller-warmup")]["subjects"][0]["name"] == "puller-warmup"
     assert job["spec"]["template"]["spec"]["containers"][0]["args"][0] == "warmup"
+
+
+def test_the_image_is_reproducible_and_ci_installs_the_same_versions():
+    """The Dockerfile's base is pinned by digest, and it and CI install from the same constraints.txt, which pins
+    every dependency puller declares; what this machine runs is what it pins."""
+    import re
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = DEPLOY.parent
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert re.fullmatch(r"[\w./:-]+@sha256:[0-9a-f]{64}", base), base
+    assert "-c constraints.txt" in dockerfile and "COPY pyproject.toml README.md constraints.txt" in dockerfile
+    assert "-c constraints.txt" in (root / ".ci" / "install").read_text()
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    for text in declared:
+        name = canonicalize_name(Requirement(text).name)
+        assert name in pins, f"{name} is not pinned in constraints.txt (run .ci/freeze-constraints)"
+        assert metadata.version(name) == pins[name], f"{name}: installed {metadata.version(name)}, pinned {pins[name]}"

@@ -181,6 +181,10 @@ def test_unreadable_mirror_settings_are_clear_errors(upstream, tmp_path):
     config.write_text(json.dumps({"mirrors": {upstream.host: [{"capabilities": ["pull"]}]}}))
     r = run_puller("pull", app.ref, "--config", str(config))
     assert r.returncode == 2 and "needs host" in r.stderr
+    # puller's own mirrors setting is strict (a shared hosts.toml only warns: containerd may know more keys)
+    config.write_text(json.dumps({"mirrors": {upstream.host: [{"host": "http://m", "skip_verfy": True}]}}))
+    r = run_puller("pull", app.ref, "--config", str(config))
+    assert r.returncode == 2 and f"mirrors.{upstream.host}[0]: unknown key(s) skip_verfy" in r.stderr
 
 
 # ---- fleet controls: bandwidth cap and start jitter ------------------------------------------------------------
@@ -207,7 +211,7 @@ async def test_start_jitter_spreads_first_pulls_of_a_new_list(tmp_path):
     from puller.engine.runtime import Engine
 
     settings = Settings(store=f"oci:{tmp_path}", start_jitter=5.0)
-    daemon = Daemon(Engine(settings), settings)
+    daemon = Daemon(Engine(settings), settings.daemon(None))
     before = time.monotonic()
     specs = parse_list("images: [" + ", ".join(f"r.example/app{i}:1" for i in range(30)) + "]", "test")
     daemon.apply_list(specs)

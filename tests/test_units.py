@@ -285,6 +285,16 @@ def test_settings_file_and_sizes(tmp_path):
         config.apply(config.Settings(), {"chunk_size": "1k"})
 
 
+def test_the_daemon_gets_its_own_frozen_settings():
+    s = config.apply(config.Settings(), {"source_namespaces": ["a"], "pin": True, "watch_interval": 1})
+    d = s.daemon("node-1")
+    assert d.node_name == "node-1" and d.pin is True and d.watch_interval == 1.0 and d.source_namespaces == ("a",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.pin = False  # type: ignore[misc]
+    daemon_fields = {f.name for f in dataclasses.fields(config.DaemonSettings)} - {"node_name"}
+    assert daemon_fields <= {f.name for f in dataclasses.fields(config.Settings)}  # each from one setting
+
+
 def test_example_config_is_valid():
     s = config.load(str(Path(__file__).parent.parent / "config" / "puller.yaml"))
     assert s == config.Settings()  # the example documents the defaults

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 
-from ..config import Settings
+from ..config import DaemonSettings
 from ..engine.pull import PullProgress
 from ..engine.runtime import Engine
 from ..errors import Forbidden, KubernetesError, PullerError, PullTimeout, Unauthorized
@@ -71,10 +71,10 @@ class ImageState:
 
 
 class Daemon:
-    def __init__(self, engine: Engine, settings: Settings, node_name: str | None = None):
+    def __init__(self, engine: Engine, settings: DaemonSettings):
         self.engine = engine
         self.settings = settings
-        self.node_name = node_name
+        self.node_name = node_name = settings.node_name
         self.started = time.monotonic()
         # The start-up gate: None = no gate (no taint or no node name), False = closed, True = opened.
         self.gate_open: bool | None = None if not (node_name and settings.startup_taint) else False
@@ -177,12 +177,16 @@ class Daemon:
         if st is None:
             return
         st.sources.discard(source)
-        if source == LISTED and (self.settings.pin if st.spec.pin is None else st.spec.pin):
+        if source == LISTED and self._pinned(st.spec):
             self._background(self._unpin(st))
         if not st.sources:
             del self.images[key]
             if st.task is not None:
                 st.task.cancel()  # no longer wanted; what it fetched stays staged for a later request
+
+    def _pinned(self, spec: ImageSpec) -> bool:
+        """The one place the ``pin`` setting applies: an entry without its own ``pin`` (API specs always have one)."""
+        return self.settings.pin if spec.pin is None else spec.pin
 
     def _background(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -391,14 +395,14 @@ class Daemon:
         """The engine's pull, with the credentials of the image's pull secrets (this task's context only)."""
         spec = st.spec
         if not spec.pull_secrets:
-            return await self.engine.pull(spec.reference, spec.platform, st.progress, spec.pin)
+            return await self.engine.pull(spec.reference, spec.platform, st.progress, self._pinned(spec))
         try:
             creds, problems = await read_pull_credentials(spec.pull_secrets, self.settings.pull_secret_namespaces)
         except KubernetesError as e:
             creds, problems = {}, [str(e)]
         pull_credentials.set(creds)
         try:
-            return await self.engine.pull(spec.reference, spec.platform, st.progress, spec.pin)
+            return await self.engine.pull(spec.reference, spec.platform, st.progress, self._pinned(spec))
         except (Unauthorized, Forbidden) as e:
             used = ", ".join(str(ref) for ref in spec.pull_secrets)
             why = f"; {'; '.join(problems)}" if problems else ""

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,7 +249,7 @@ def _describe(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-def sources_for(knative: bool, workload_selector: str | None, namespaces: list[str]) -> list[Source]:
+def sources_for(knative: bool, workload_selector: str | None, namespaces: Sequence[str]) -> list[Source]:
     """The sources the settings ask for, one per kind and namespace."""
     kinds = ([KNATIVE_IMAGES] if knative else []) + ([PODS, DEPLOYMENTS] if workload_selector else [])
     where: list[str | None] = list(namespaces) or [None]

@@ -104,9 +104,9 @@ class Engine:
         ref: Reference,
         platform: str | None = None,
         progress: PullProgress | None = None,
-        pin: bool | None = None,
+        pin: bool = False,
     ) -> PullResult:
-        pinned = self.settings.pin if pin is None else pin
+        """Pull ``ref``; ``pin`` asks the store to keep it from garbage collection (the caller decides)."""
         return await pull_image(
             ref,
             self.client,
@@ -114,6 +114,6 @@ class Engine:
             self.store,
             self.platform_for(platform),
             progress,
-            pin=pinned,
+            pin=pin,
             max_blob_size=self.settings.max_blob_size,
         )

@@ -83,6 +83,9 @@ class HostSettings:
                 where = f"mirrors.{registry}[{i}]"
                 if not isinstance(entry, dict) or not isinstance(entry.get("host"), str) or not entry["host"]:
                     raise ConfigError(f"{where}: needs host: URL of the mirror")
+                unknown = set(entry) - HOST_KEYS - {"host"}
+                if unknown:  # puller's own setting: a typo is an error (a shared hosts.toml only warns)
+                    raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
                 hosts.append(parse_host_entry(entry["host"], entry, "", where))
             return self._finish(registry, [*hosts, Endpoint(registry=registry)])
         directory = find_hosts_dir(self.hosts_dir, registry) if self.hosts_dir else None
