@@ -75,9 +75,11 @@ IMAGES = {
     ],
     "fat1g": [1024 * MIB],
     "fat2g": [2048 * MIB],
+    "fat4g": [4096 * MIB],
     # 200 layers, 512 MiB in all, sizes falling off as 1/rank (a few big layers, a long tail of small ones).
     "layers200": [max(64 * 1024, int(512 * MIB / (i + 1) / sum(1 / (k + 1) for k in range(200)))) for i in range(200)],
 }
+RSS_SERIES = ("fat256", "fat1g", "fat2g", "fat4g")  # --rss: peak RSS must not grow with the image
 REAL_IMAGES = ("real2g",)  # made from this machine's files by benchmarks/realistic.py
 CURL_RANGES = 16
 KNOWN_TOOLS = (
@@ -318,7 +320,7 @@ class Bench:
             unknown = {t for t in tools if not known_tool(t)}
             if unknown:
                 raise SystemExit(f"unknown tools {sorted(unknown)}; known: {', '.join(KNOWN_TOOLS)}")
-        generate = list(dict.fromkeys(images + (["fat256", "fat2g"] if a.rss else [])))
+        generate = list(dict.fromkeys(images + (list(RSS_SERIES) if a.rss else [])))
         print(f"generating images {generate} ...", flush=True)
         lw = LayoutWriter(work / "layout")
         for name in generate:
@@ -386,6 +388,9 @@ class Bench:
                         # ctr asks containerd (in the clients' namespace) to fetch; every other tool fetches itself
                         fetches_itself = tool not in ("ctr", "ctr-pull") and not tool.startswith("ctr2-pull")
                         prefix = self.veth.prefix() if self.veth and fetches_itself else []
+                        if self.args.wrap and tool.startswith("puller"):  # a profiler, say
+                            label = f"{tool.replace('~', '-')}-{name}-{run + 1}"
+                            prefix += [part.replace("{run}", label) for part in shlex.split(self.args.wrap)]
                         sample = run_measured([*prefix, *cmd], extra)
                     shutil.rmtree(self.work / "ctrd", ignore_errors=True)
                     results.setdefault((tool, name), Result(tool, name, total)).samples.append(sample)
@@ -399,9 +404,9 @@ class Bench:
         return list(results.values())
 
     def rss_series(self, reg, cdn) -> dict[str, float]:
-        """puller's peak RSS for a 256 MiB and a 2 GiB one-layer image (loopback, link limit lifted)."""
+        """puller's peak RSS for one-layer images from 256 MiB to 4 GiB (loopback: the link limit does not apply)."""
         out = {}
-        for name in ("fat256", "fat2g"):
+        for name in RSS_SERIES:
             store = self.work / "rss-store"
             shutil.rmtree(store, ignore_errors=True)
             s = run_measured(
@@ -501,7 +506,13 @@ def main() -> int:
     ap.add_argument("--images", default="fat256,layers20")
     ap.add_argument("--tools", default="", help="comma-separated subset")
     ap.add_argument("--ctr2-config", default="d32-c8m-u4", choices=sorted(TRANSFER), help="for plain ctr2-pull")
-    ap.add_argument("--rss", action="store_true", help="also measure puller's peak RSS at 256 MiB and 2 GiB")
+    ap.add_argument(
+        "--wrap",
+        default="",
+        help="run puller's tools under this command; {run} names the run, e.g. "
+        "'py-spy record --format raw -o /tmp/{run}.txt --'",
+    )
+    ap.add_argument("--rss", action="store_true", help="also measure puller's peak RSS from 256 MiB to 4 GiB")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--name", default="pullers", help="file name stem of the results")
     args = ap.parse_args()
