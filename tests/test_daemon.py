@@ -404,3 +404,19 @@ def test_json_logs_one_object_per_line_with_an_event_per_pull(cdn_rig, tmp_path)
     assert sum(ok["hosts"].values()) == ok["bytes"]
     failed = pulls[(missing, "failure")]
     assert failed["cause"] == "NotFound" and "not found" in failed["error"]
+
+
+def test_the_list_waits_for_every_cluster_source_and_says_which(tmp_path):
+    """A source that cannot be read (here: no API access at all) keeps the list unready, named in /readyz?list=1,
+    while the daemon serves."""
+    settings = {"workload_selector": "puller.io/prefetch=true"}
+    with Daemon(tmp_path / "d", settings, env={"KUBECONFIG": str(tmp_path / "missing")}) as d:
+        d.images.set_images([])
+
+        def named():
+            answer = d.get("/readyz?list=1")
+            return answer if "no Kubernetes API access" in str(answer[1]) else None
+
+        status, text = d.wait_for(named, what="the unread source named")
+        assert status == 503 and "image source pods in all namespaces matching puller.io/prefetch=true" in text
+        assert d.get("/readyz")[0] == 200  # serving all the while

@@ -147,7 +147,7 @@ async def readyz(request: web.Request) -> web.Response:
     if daemon.ready:
         return web.Response(text="ready\n")
     if not daemon.list_loaded:
-        why = daemon.watcher.error or daemon.unread_sources() or "image list not read yet"
+        why = daemon.why_not_loaded()
         return web.Response(status=503, text=f"not ready: {why}\n")
     return web.Response(status=503, text="not ready; missing: " + ", ".join(daemon.missing()) + "\n")
 

@@ -87,6 +87,7 @@ class Daemon:
         self.node_labels: dict[str, str] | None = None  # read when an entry has a nodeSelector
         self._labels_task: asyncio.Task | None = None
         self._labels_at = 0.0
+        self._labels_error: str | None = None
         self.images: dict[str, ImageState] = {}
         self.listed: set[str] = set()
         self.list_loaded = False
@@ -106,11 +107,16 @@ class Daemon:
         """The image list and every source were read and every listed image is present."""
         return self.list_loaded and all(self.images[k].state == PRESENT for k in self.listed)
 
-    def unread_sources(self) -> str:
-        """Why the list is not composed yet, as far as the cluster sources are concerned ("" if they were read)."""
-        return "; ".join(
+    def why_not_loaded(self) -> str:
+        """Why the list is not composed yet: the file, a cluster source, or this node's labels."""
+        if self._file_specs is None:
+            return self.watcher.error or "image list not read yet"
+        unread = [
             f"image source {s} not read yet" + (f": {s.error}" if s.error else "") for s in self.sources if not s.synced
-        )
+        ]
+        if unread:
+            return "; ".join(unread)
+        return self._labels_error or f"the labels of node {self.node_name} not read yet"
 
     def missing(self) -> list[str]:
         return sorted(k for k in self.listed if self.images[k].state != PRESENT)
@@ -271,8 +277,10 @@ class Daemon:
         assert self.node_name
         try:
             self.node_labels = await read_node_labels(self.node_name)
+            self._labels_error = None
         except PullerError as e:
-            log.error("cannot read the labels of node %s: %s", self.node_name, e)
+            self._labels_error = f"cannot read the labels of node {self.node_name}: {e}"
+            log.error("%s", self._labels_error)
             self._labels_at = time.monotonic() + GATE_RETRY_S
         finally:
             self._labels_task = None
