@@ -420,3 +420,17 @@ def test_the_list_waits_for_every_cluster_source_and_says_which(tmp_path):
         status, text = d.wait_for(named, what="the unread source named")
         assert status == 503 and "image source pods in all namespaces matching puller.io/prefetch=true" in text
         assert d.get("/readyz")[0] == 200  # serving all the while
+
+
+def test_entries_for_every_node_are_pulled_while_the_node_labels_cannot_be_read(cdn_rig, tmp_path):
+    """The node's labels are unreadable (here: no API access): the entries without a nodeSelector are pulled, the
+    others wait, and the list is not complete (the start-up gate would wait), with the reason in /readyz?list=1."""
+    reg, _ = cdn_rig
+    small, app = pushed(reg, "test/small", "v1"), pushed(reg, "test/app", "v1")
+    settings = {"node_name": "gpu-7"}
+    with Daemon(tmp_path / "d", settings, env={"KUBECONFIG": str(tmp_path / "missing")}) as d:
+        d.images.set_images([small.ref, {"reference": app.ref, "nodeSelector": {"accelerator": "gpu"}}])
+        d.wait_state(small.ref, "present")
+        status, text = d.get("/readyz?list=1")
+        assert status == 503 and "cannot read the labels of node gpu-7" in text
+        assert d.image(app.ref) is None  # not known to be meant for this node

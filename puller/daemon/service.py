@@ -123,8 +123,8 @@ class Daemon:
 
     # ---- what changes the set of images ---------------------------------------------------------------------
 
-    def apply_list(self, specs: list[ImageSpec]) -> None:
-        """Make ``specs`` (this node's, one per key) the listed images."""
+    def apply_list(self, specs: list[ImageSpec], complete: bool = True) -> None:
+        """Make ``specs`` (this node's, one per key) the listed images; ``complete``: they are all of them."""
         wanted = {s.key: s for s in specs}
         for key in self.listed - wanted.keys():
             self._drop_source(key, LISTED)
@@ -140,8 +140,8 @@ class Daemon:
             st.spec = spec
             st.sources.add(LISTED)
         self.listed = set(wanted)
-        self.list_loaded = True
-        log.info("image list: %d image(s)", len(wanted))
+        self.list_loaded = complete
+        log.info("image list: %d image(s)%s", len(wanted), "" if complete else " so far")
 
     def request(self, specs: list[ImageSpec]) -> list[ImageState]:
         """Pull these now (API): retried at once even if backing off, present ones checked again. An image the
@@ -248,17 +248,18 @@ class Daemon:
         if self._file_specs is None or not all(s.synced for s in self.sources):
             return
         entries = self._file_specs + [spec for source in self.sources for spec in source.specs()]
-        if any(spec.node_selector for spec in entries) and not self._node_labels_known():
-            return
+        # Until this node's labels are read, the entries without a nodeSelector are pulled and the list is not
+        # complete (the start-up gate waits).
+        known = self._node_labels_known() if any(spec.node_selector for spec in entries) else True
         labels = self.node_labels or {}
-        inputs = (self.watcher.loaded, tuple(s.version for s in self.sources), tuple(sorted(labels.items())))
+        inputs = (self.watcher.loaded, tuple(s.version for s in self.sources), known, tuple(sorted(labels.items())))
         if inputs == self._composed:
             return
         self._composed = inputs
-        mine = merge([spec for spec in entries if spec.wanted_on(labels)])
+        mine = merge([spec for spec in entries if (spec.wanted_on(labels) if known else not spec.node_selector)])
         if len(mine) > MAX_IMAGES:
             log.error("the image list and its sources name %d images; keeping the first %d", len(mine), MAX_IMAGES)
-        self.apply_list(mine[:MAX_IMAGES])
+        self.apply_list(mine[:MAX_IMAGES], complete=known)
 
     def _node_labels_known(self) -> bool:
         """Whether this node's labels were read; starts reading them (again, every NODE_LABELS_S)."""
