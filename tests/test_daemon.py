@@ -272,6 +272,10 @@ def test_daemon_refuses_a_bad_config(tmp_path):
     config.write_text("listen: nowhere\n")
     r = run_puller("daemon", "--config", str(config))
     assert r.returncode == 2 and "listen must be HOST:PORT" in r.stderr
+    config.write_text("listen: 127.0.0.1:1\n")
+    r = run_puller("daemon", "--config", str(config), env={"PULLER_PARALLEL_PULLS": "1.5"})
+    assert r.returncode == 2 and "PULLER_PARALLEL_PULLS" in r.stderr and "whole number" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_the_api_is_closed_by_default(tmp_path):

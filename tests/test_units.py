@@ -320,6 +320,31 @@ def test_settings_null_and_types(tmp_path):
     assert config.apply(config.Settings(), {"startup_taint": None}).startup_taint == config.STARTUP_TAINT
 
 
+def test_settings_from_the_environment_are_as_strict_as_the_file(tmp_path):
+    f = tmp_path / "puller.yaml"
+    f.write_text("connections: 8\nlog_format: text\n")
+    env = {
+        "PULLER_CONFIG": str(f),
+        "PULLER_CONNECTIONS": "16",  # over the file
+        "PULLER_PLAIN_HTTP": "reg:5000",
+        "PULLER_STARTUP_TAINT": "null",
+        "PULLER_READ_TIMEOUT": "2.5",
+        "OTHER": "x",
+    }
+    s = config.load(environ=env)
+    assert s.connections == 16 and s.plain_http == ["reg:5000"] and s.startup_taint is None and s.read_timeout == 2.5
+    assert s.log_format == "text"
+    for key, value, message in [
+        ("PULLER_CONNECTIONS", "true", r"environment \(PULLER_CONNECTIONS\): connections must be a whole number"),
+        ("PULLER_CONNECTIONS", "0", "at least 1"),
+        ("PULLER_CONECTIONS", "8", r"environment \(PULLER_CONECTIONS\): unknown setting 'conections'"),
+        ("PULLER_LISTEN", "[", "not a valid YAML value"),
+        ("PULLER_MIRRORS", "{docker.io: [{host: 'http://m', colour: red}]}", r"unknown key\(s\) colour"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config.load(environ={key: value})
+
+
 def test_hosts_and_helpers():
     hs = HostSettings(plain_http=frozenset({"reg:5000"}))
     assert hs.scheme("reg:5000") == "http" and hs.scheme("ghcr.io") == "https"
