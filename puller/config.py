@@ -39,6 +39,8 @@ from .stores.defaults import OCI_DIR as DEFAULT_OCI_DIR
 
 CONFIG_ENV = "PULLER_CONFIG"
 ENV_PREFIX = "PULLER_"  # PULLER_<SETTING>: one setting from the environment
+# Variables with the prefix that are not settings: the config file's path, and those of the test and benchmark tools.
+ENV_NOT_SETTINGS = frozenset({CONFIG_ENV, "PULLER_TEST_BIN", "PULLER_BENCH_CACHE"})
 DAEMON_IMAGES_FILE = "/etc/puller/images.yaml"
 DAEMON_LISTEN = "127.0.0.1:8470"
 STARTUP_TAINT = "puller.io/prefetch"
@@ -278,7 +280,7 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV)
     settings = _load_file(path) if path else Settings()
-    overrides = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k != CONFIG_ENV}
+    overrides = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k not in ENV_NOT_SETTINGS}
     for key, text in sorted(overrides.items()):
         import yaml
 

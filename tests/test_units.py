@@ -329,6 +329,7 @@ def test_settings_from_the_environment_are_as_strict_as_the_file(tmp_path):
         "PULLER_PLAIN_HTTP": "reg:5000",
         "PULLER_STARTUP_TAINT": "null",
         "PULLER_READ_TIMEOUT": "2.5",
+        "PULLER_TEST_BIN": "/opt/x",  # the tests' own variable, not a setting
         "OTHER": "x",
     }
     s = config.load(environ=env)
