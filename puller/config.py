@@ -8,7 +8,6 @@ silently ignored setting; so is a value of the wrong type (``true`` is not 1, ``
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from .engine.staging import DEFAULT_MAX_BYTES as DEFAULT_STAGING_MAX_BYTES
 from .errors import ConfigError
 from .registry.bodies import DEFAULT_LOW_SPEED_LIMIT, DEFAULT_LOW_SPEED_TIME, SpeedLimit
 from .registry.client import CONNECT_TIMEOUT_S, DEFAULT_ATTEMPTS, READ_TIMEOUT_S
-from .registry.hosts import HostSettings
+from .registry.hosts import HostSettings, is_loopback
 from .stores.defaults import (
     CONTAINERD_ADDRESS,
     CONTAINERD_LEASE_EXPIRY,
@@ -47,7 +46,7 @@ STARTUP_TAINT = "puller.io/prefetch"
 HOSTS_DIR = "/etc/containerd/certs.d"
 MAX_SIZE = 1 << 60  # no setting of puller's is larger (and a float of 1e999 is not a size)
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace (RFC 1123 label)
 
 
 @dataclass
@@ -157,7 +156,7 @@ class Settings:
             self.host_settings.endpoints(registry)  # parse every entry now: a bad one is a ConfigError at start
         for name in ("source_namespaces", "pull_secret_namespaces"):
             for namespace in getattr(self, name):
-                if not _NAMESPACE.fullmatch(namespace):
+                if not NAMESPACE_NAME.fullmatch(namespace):
                     raise ConfigError(f"{name}: {namespace!r} is not a namespace name")
         if self.workload_selector is not None and not self.workload_selector.strip():
             raise ConfigError("workload_selector must be a label selector such as puller.io/prefetch=true, or null")
@@ -208,13 +207,7 @@ class Settings:
 
     @property
     def listen_is_loopback(self) -> bool:
-        host = self.listen_address[0]
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.listen)
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -16,12 +16,13 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from ..config import NAMESPACE_NAME
 from ..errors import ConfigError, InvalidReference
 from ..reference import Reference
 from ..registry.manifest import Platform
 
 log = logging.getLogger(__name__)
-_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a namespace or Secret name (RFC 1123)
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # RFC 1123 subdomain
 
 MAX_LIST_BYTES = 1 << 20
 MAX_IMAGES = 1000
@@ -94,9 +95,9 @@ def parse_pull_secrets(value: Any, where: str) -> tuple[KubeRef, ...]:
         if not isinstance(item, dict) or set(item) != {"namespace", "name"}:
             raise ConfigError(f"{where}: each of 'imagePullSecrets' is {{namespace: ..., name: ...}}")
         namespace, name = item["namespace"], item["name"]
-        if not (isinstance(namespace, str) and _DNS_NAME.fullmatch(namespace)):
+        if not (isinstance(namespace, str) and NAMESPACE_NAME.fullmatch(namespace)):
             raise ConfigError(f"{where}: imagePullSecrets: {namespace!r} is not a namespace name")
-        if not (isinstance(name, str) and _DNS_NAME.fullmatch(name)):
+        if not (isinstance(name, str) and _SECRET_NAME.fullmatch(name)):
             raise ConfigError(f"{where}: imagePullSecrets: {name!r} is not a secret name")
         refs.append(KubeRef("Secret", namespace, name))
     return tuple(refs)

@@ -403,16 +403,18 @@ class Daemon:
     async def _pull_with_secrets(self, st: ImageState):
         """The engine's pull, with the credentials of the image's pull secrets (this task's context only)."""
         spec = st.spec
-        if not spec.pull_secrets:
-            return await self.engine.pull(spec.reference, spec.platform, st.progress, self._pinned(spec))
-        try:
-            creds, problems = await read_pull_credentials(spec.pull_secrets, self.settings.pull_secret_namespaces)
-        except KubernetesError as e:
-            creds, problems = {}, [str(e)]
-        pull_credentials.set(creds)
+        problems: list[str] = []
+        if spec.pull_secrets:
+            try:
+                creds, problems = await read_pull_credentials(spec.pull_secrets, self.settings.pull_secret_namespaces)
+            except KubernetesError as e:
+                creds, problems = {}, [str(e)]
+            pull_credentials.set(creds)
         try:
             return await self.engine.pull(spec.reference, spec.platform, st.progress, self._pinned(spec))
         except (Unauthorized, Forbidden) as e:
+            if not spec.pull_secrets:
+                raise
             used = ", ".join(str(ref) for ref in spec.pull_secrets)
             why = f"; {'; '.join(problems)}" if problems else ""
             raise type(e)(f"{e} (pull secrets: {used}{why})", e.status, e.codes) from None

@@ -7,7 +7,9 @@ containerd's API v1, whose field numbers are the same from containerd 1.6 to 2.x
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
@@ -25,6 +27,7 @@ from ..containerd_api import (
 )
 
 MAX_MESSAGE = 16 << 20
+T = TypeVar("T")
 
 
 def _serialize_write(request: content_pb2.WriteContentRequest | bytes) -> bytes:
@@ -81,6 +84,15 @@ class Api:
         """gRPC metadata: the namespace, and the lease that what the call creates belongs to."""
         md = (("containerd-namespace", self.namespace),)
         return (*md, ("containerd-lease", lease)) if lease else md
+
+    async def unless_missing(self, call: Awaitable[T], what: str) -> T | None:
+        """The answer to ``call``, or None when containerd says NOT_FOUND; other errors are StoreErrors."""
+        try:
+            return await call
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self.error(e, what) from None
 
     def error(self, e: grpc.aio.AioRpcError, what: str) -> StoreError:
         code = e.code()

@@ -45,13 +45,9 @@ class Content:
         self.root = root  # containerd's root directory: its free space is checked
 
     async def info(self, digest: str) -> content_pb2.Info | None:
-        try:
-            resp = await self.api.content.Info(content_pb2.InfoRequest(digest=digest), metadata=self.api.md())
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise self.api.error(e, f"looking up {digest}") from None
-        return resp.info
+        call = self.api.content.Info(content_pb2.InfoRequest(digest=digest), metadata=self.api.md())
+        resp = await self.api.unless_missing(call, f"looking up {digest}")
+        return resp.info if resp is not None else None
 
     async def has(self, desc: Descriptor) -> bool:
         info = await self.info(str(desc.digest))
@@ -59,13 +55,10 @@ class Content:
 
     async def ingest_offset(self, desc: Descriptor) -> int:
         """How many bytes of ``desc`` containerd holds in its ingest (0 if none or not for this blob)."""
-        ref = ingest_ref(desc)
-        try:
-            resp = await self.api.content.Status(content_pb2.StatusRequest(ref=ref), metadata=self.api.md())
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                return 0
-            raise self.api.error(e, f"asking for the ingest of {desc.digest}") from None
+        call = self.api.content.Status(content_pb2.StatusRequest(ref=ingest_ref(desc)), metadata=self.api.md())
+        resp = await self.api.unless_missing(call, f"asking for the ingest of {desc.digest}")
+        if resp is None:
+            return 0
         status = resp.status
         if status.total not in (0, desc.size) or not 0 <= status.offset <= desc.size:
             await self.abort(desc)

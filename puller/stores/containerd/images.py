@@ -60,13 +60,9 @@ class ImageRecords:
             raise self.api.error(e, f"updating image {name}") from None
 
     async def get(self, name: str) -> images_pb2.Image | None:
-        try:
-            found = await self.api.images.Get(images_pb2.GetImageRequest(name=name), metadata=self.api.md())
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise self.api.error(e, f"looking up image {name}") from None
-        return found.image
+        call = self.api.images.Get(images_pb2.GetImageRequest(name=name), metadata=self.api.md())
+        found = await self.api.unless_missing(call, f"looking up image {name}")
+        return found.image if found is not None else None
 
     async def labels(self, name: str) -> dict[str, str]:
         """The labels of image record ``name`` ({} when there is none)."""
