@@ -6,7 +6,6 @@ TokenRequest API.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import socket
@@ -16,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .rig import TEST_BIN
+from .rig import TEST_BIN, TestCA, pem_private_key
 
 KUBE_BINS = ("etcd", "kube-apiserver", "kube-scheduler", "kubelet", "kubectl")
 LOOPBACK_CNI = {"cniVersion": "1.0.0", "name": "puller-test", "plugins": [{"type": "loopback"}]}
@@ -41,61 +39,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pem_key(key: Any) -> bytes:
-    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
-    return key.private_bytes(pem, pkcs8, serialization.NoEncryption())
-
-
 class Certificates:
     """A CA, the API server's serving certificate, an admin client certificate and the service-account keys."""
 
     def __init__(self, where: Path):
-        where.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "puller-test-ca")])
-
-        def sign(subject: x509.Name, key: Any, ca: bool, extensions: list[x509.ExtensionType]) -> x509.Certificate:
-            b = (
-                x509.CertificateBuilder()
-                .subject_name(subject)
-                .issuer_name(ca_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=2))
-                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            )
-            for ext in extensions:
-                b = b.add_extension(ext, critical=False)
-            return b.sign(ca_key, hashes.SHA256())
-
-        def write(name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:
-            (where / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            (where / f"{name}-key.pem").write_bytes(_pem_key(key))
-            (where / f"{name}-key.pem").chmod(0o600)
-            return where / f"{name}.pem", where / f"{name}-key.pem"
-
-        self.ca, _ = write("ca", sign(ca_name, ca_key, True, []), ca_key)
-        self._sign, self._write = sign, write
-        server_key = ec.generate_private_key(ec.SECP256R1())
+        self._ca = TestCA(where, "puller-test-ca")
+        self.ca = self._ca.cert
         names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
-        san = x509.SubjectAlternativeName(
-            [*(x509.DNSName(n) for n in names), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        )
-        server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")])
-        self.server, self.server_key = write("apiserver", sign(server_name, server_key, False, [san]), server_key)
-        admin_key = ec.generate_private_key(ec.SECP256R1())
-        admin_name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "puller-test-admin"),
-            ]
-        )
-        self.admin, self.admin_key = write("admin", sign(admin_name, admin_key, False, []), admin_key)
+        sans = [*(x509.DNSName(n) for n in names), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        self.server, self.server_key = self._ca.issue("apiserver", "kube-apiserver", sans=sans)
+        self.admin, self.admin_key = self._ca.issue("admin", "puller-test-admin", org="system:masters")
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.sa_key = where / "sa-key.pem"
-        self.sa_key.write_bytes(_pem_key(sa_key))
+        self.sa_key.write_bytes(pem_private_key(sa_key))
         self.sa_key.chmod(0o600)
         self.sa_pub = where / "sa.pub"
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -103,11 +59,7 @@ class Certificates:
 
     def client(self, name: str, cn: str, org: str) -> tuple[Path, Path]:
         """A client certificate for user ``cn`` in group ``org`` (e.g. a node: system:node:NAME, system:nodes)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name(
-            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        )
-        return self._write(name, self._sign(subject, key, False, []), key)
+        return self._ca.issue(name, cn, org)
 
 
 class ControlPlane:

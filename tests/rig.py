@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import shutil
@@ -24,6 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -72,46 +80,65 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def make_tls_cert(workdir: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
-    import datetime
-    import ipaddress
+def pem_private_key(key: Any) -> bytes:
+    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    return key.private_bytes(pem, pkcs8, serialization.NoEncryption())
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.UTC)
+class TestCA:
+    """A certificate authority for the tests: ``ca.pem`` under ``where``, and EC certificates it issues, each
+    written as ``NAME.pem`` and ``NAME-key.pem``."""
 
-    def build(subject: str, issuer_name, key, signer, ca: bool, san=None):
+    __test__ = False  # not a pytest class
+
+    def __init__(self, where: Path, name: str = "puller test CA"):
+        where.mkdir(parents=True, exist_ok=True)
+        self.where = where
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert, _ = self._write("ca", self._sign(self._name, self._key, True, []), self._key)
+
+    def issue(
+        self, file: str, cn: str, org: str | None = None, sans: list[x509.GeneralName] | None = None
+    ) -> tuple[Path, Path]:
+        """A certificate for ``cn`` (in organisation ``org``, for the names ``sans``): (cert.pem, key.pem)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else []
+        subject = x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        extensions = [x509.SubjectAlternativeName(sans)] if sans else []
+        return self._write(file, self._sign(subject, key, False, extensions), key)
+
+    def _sign(self, subject: x509.Name, key: Any, ca: bool, extensions: list[x509.ExtensionType]) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.UTC)
         b = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer_name)
+            .subject_name(subject)
+            .issuer_name(self._name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(signer, hashes.SHA256())
+        for ext in extensions:
+            b = b.add_extension(ext, critical=False)
+        return b.sign(self._key, hashes.SHA256())
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "puller test CA")])
-    ca = build("puller test CA", ca_name, ca_key, ca_key, True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    cert = build("127.0.0.1", ca.subject, key, ca_key, False, san)
-    paths = (workdir / "ca.pem", workdir / "cert.pem", workdir / "key.pem")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    def _write(self, name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:
+        cert_path, key_path = self.where / f"{name}.pem", self.where / f"{name}-key.pem"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(pem_private_key(key))
+        key_path.chmod(0o600)
+        return cert_path, key_path
+
+
+def make_tls_cert(workdir: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, its key)."""
+    ca = TestCA(workdir)
+    cert, key = ca.issue(
+        "cert", "127.0.0.1", sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
     )
-    return paths
+    return ca.cert, cert, key
 
 
 def flip_middle_byte(path: Path) -> None:

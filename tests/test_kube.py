@@ -86,8 +86,9 @@ def test_the_cluster_generates_the_api_token_and_admits_the_node_agent_pods(clus
     assert job.returncode == 0, job.stderr
 
 
-def _node(cluster: ControlPlane, name: str, taints: list[dict]) -> None:
-    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {"taints": taints}}
+def _node(cluster: ControlPlane, name: str, taints: list[dict], labels: dict[str, str] | None = None) -> None:
+    meta = {"name": name, "labels": labels or {}}
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": meta, "spec": {"taints": taints}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
 
 
@@ -140,15 +141,8 @@ def test_a_new_node_is_held_back_until_its_list_is_present_then_runs_it_without_
     taint; the registry is stopped; the pod is scheduled and runs from the prefetched image."""
     w = tmp_path
     with Registry(w / "registry") as reg:
-        skopeo_push(layout["path"], "pause", f"{reg.host}/test/pause:v1")
-        skopeo_push(layout["path"], "run", f"{reg.host}/test/run:v1")
+        cri = _node_images(reg, layout, w, LOOPBACK_CNI)
         image = f"{reg.host}/test/run:v1"
-        hosts = w / "certs.d" / reg.host
-        hosts.mkdir(parents=True)
-        (hosts / "hosts.toml").write_text(f'server = "http://{reg.host}"\n')
-        (w / "ctrd" / "cni").mkdir(parents=True)
-        (w / "ctrd" / "cni" / "10-loopback.conflist").write_text(json.dumps(LOOPBACK_CNI))
-        cri = CRIConfig(f"{reg.host}/test/pause:v1", w / "certs.d")
         with Containerd(w / "ctrd", version="2.2", cri=cri) as ctrd, _pods_removed(ctrd):
             subprocess.run(ctrd.crictl("pull", cri.sandbox_image), check=True, capture_output=True)  # the node's own
             with Kubelet(w / "kubelet", cluster, ctrd.socket, "node-gate", [f"{TAINT}=pending:NoSchedule"]) as node:
@@ -206,6 +200,19 @@ def test_a_new_node_is_held_back_until_its_list_is_present_then_runs_it_without_
                 events = cluster.kubectl("get", "events", "-n", "apps", "-o", "json").stdout
                 messages = [e["message"] for e in json.loads(events)["items"] if e["reason"] == "Pulled"]
                 assert any("already present on machine" in m for m in messages), messages
+
+
+def _node_images(reg: Registry, layout, w: Path, cni: dict) -> CRIConfig:
+    """A kubelet node's images in ``reg`` (test/pause:v1, its sandbox, and test/run:v1), the hosts.toml that has
+    its containerd pull them over plain HTTP, and ``cni`` as its network configuration (under ``w / "ctrd"``)."""
+    skopeo_push(layout["path"], "pause", f"{reg.host}/test/pause:v1")
+    skopeo_push(layout["path"], "run", f"{reg.host}/test/run:v1")
+    hosts = w / "certs.d" / reg.host
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(f'server = "http://{reg.host}"\n')
+    (w / "ctrd" / "cni").mkdir(parents=True)
+    (w / "ctrd" / "cni" / "10-test.conflist").write_text(json.dumps(cni))
+    return CRIConfig(f"{reg.host}/test/pause:v1", w / "certs.d")
 
 
 @contextlib.contextmanager
@@ -291,6 +298,11 @@ def _apply(cluster: ControlPlane, *objs: dict) -> None:
     cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}))
 
 
+def _default_account(cluster: ControlPlane, ns: str) -> None:
+    """The controller manager makes each namespace's default account; it may not run yet: make it now."""
+    _apply(cluster, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": ns}})
+
+
 def _pull_secret(namespace: str, name: str, host: str, user: str, password: str) -> dict:
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
     config = json.dumps({"auths": {host: {"auth": auth}}}).encode()
@@ -307,8 +319,7 @@ def _namespace_with_secrets(cluster: ControlPlane, ns: str, host: str) -> None:
     """``ns`` with deploy/sources/'s Role for pull secrets, a good secret ``regcred`` and a wrong one."""
     cluster.kubectl("apply", "-k", str(DEPLOY / "sources"), "--validate=strict")
     cluster.kubectl("create", "namespace", ns)
-    # The controller manager makes each namespace's default account; it may not run yet.
-    _apply(cluster, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": ns}})
+    _default_account(cluster, ns)
     cluster.kubectl("apply", "-n", ns, "-f", str(DEPLOY / "sources" / "pull-secrets.yaml"), "--validate=strict")
     _apply(
         cluster,
@@ -399,20 +410,7 @@ def test_the_list_comes_from_knative_images_and_labelled_workloads_meant_for_thi
     builder = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "builder", "namespace": ns}}
     _apply(cluster, {**builder, "imagePullSecrets": [{"name": "regcred"}]})
     node = "node-gpu"
-    taint = {"key": TAINT, "value": "pending", "effect": "NoSchedule"}
-    cluster.kubectl(
-        "apply",
-        "-f",
-        "-",
-        input=json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {"name": node, "labels": {"accelerator": "gpu"}},
-                "spec": {"taints": [taint]},
-            }
-        ),
-    )
+    _node(cluster, node, [{"key": TAINT, "value": "pending", "effect": "NoSchedule"}], {"accelerator": "gpu"})
     public, private_image = f"{pub.host}/test/public", f"{reg.host}/test/private"
 
     def knative(name: str, image: str, spec: dict | None = None, annotations: dict | None = None) -> dict:
@@ -503,14 +501,7 @@ def test_warmup_finds_the_daemon_pods_by_deploy_labels_and_waits_for_every_node(
     w = tmp_path
     with contextlib.ExitStack() as stack:
         reg = stack.enter_context(Registry(w / "registry"))
-        skopeo_push(layout["path"], "pause", f"{reg.host}/test/pause:v1")
-        skopeo_push(layout["path"], "run", f"{reg.host}/test/run:v1")
-        hosts = w / "certs.d" / reg.host
-        hosts.mkdir(parents=True)
-        (hosts / "hosts.toml").write_text(f'server = "http://{reg.host}"\n')
-        (w / "ctrd" / "cni").mkdir(parents=True)
-        (w / "ctrd" / "cni" / "10-bridge.conflist").write_text(json.dumps(bridge_cni("10.244.77.0/24", w / "ipam")))
-        cri = CRIConfig(f"{reg.host}/test/pause:v1", w / "certs.d")
+        cri = _node_images(reg, layout, w, bridge_cni("10.244.77.0/24", w / "ipam"))
         ctrd = stack.enter_context(Containerd(w / "ctrd", version="2.2", cri=cri))
         stack.enter_context(_pods_removed(ctrd))
         stack.enter_context(_bridge_removed())
@@ -523,11 +514,7 @@ def test_warmup_finds_the_daemon_pods_by_deploy_labels_and_waits_for_every_node(
             "metadata": {"name": "puller-stand-in", "namespace": "puller", "labels": _daemon_labels()},
             "spec": {"nodeName": "node-warm", "automountServiceAccountToken": False, "containers": [run]},
         }
-        # The controller manager makes each namespace's default account; it may not run yet.
-        _apply(
-            cluster,
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "puller"}},
-        )
+        _default_account(cluster, "puller")
         _apply(cluster, stand_in)
         get_pod = ("get", "pod", "puller-stand-in", "-n", "puller", "-o", "json")
         try:
