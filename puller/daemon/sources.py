@@ -33,6 +33,7 @@ MAX_OBJECTS = 20000  # per source: more is refused (the daemon keeps its last go
 WATCH_S = 300  # the API server ends each watch after this long; it is resumed
 WATCH_SLACK_S = 30  # the client's own bound on a watch request beyond WATCH_S
 LIST_TIMEOUT_S = 60  # one page of a list, answer and body
+MAX_PAGE_BYTES = 64 << 20  # one page's body
 BACKOFF_S = (1.0, 60.0)
 
 
@@ -208,7 +209,7 @@ class Source:
                 *args, **selector, **page, limit=PAGE, _preload_content=False, _request_timeout=LIST_TIMEOUT_S
             )
             async with resp:
-                body = json.loads(await resp.read())
+                body = json.loads(await _read_page(resp))
             for obj in body.get("items") or []:
                 objects[_uid(obj)] = self.kind.specs(obj)
             if len(objects) > MAX_OBJECTS:
@@ -233,6 +234,16 @@ class Source:
     def _drop(self, obj: dict) -> None:
         if self._objects.pop(_uid(obj), None) is not None:
             self.version += 1
+
+
+async def _read_page(resp: Any) -> bytes:
+    """One list page's body, at most MAX_PAGE_BYTES (already decompressed by the client)."""
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > MAX_PAGE_BYTES:
+            raise KubernetesError(f"a page of {PAGE} objects is larger than {MAX_PAGE_BYTES} bytes")
+    return bytes(body)
 
 
 def _uid(obj: dict) -> str:
