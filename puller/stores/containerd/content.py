@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,13 +24,33 @@ from .. import Buffer, free_bytes
 from ..containerd_api import content_pb2
 from .api import Api
 
-WRITE_MESSAGE = 1 << 20  # bytes per Write message (under gRPC's default 4 MiB message limit)
-WRITE_DEPTH = 4  # Write messages in flight per stream: containerd handles one while the next ones travel
+WRITE_MESSAGE = 1 << 20  # most bytes per Write message this module builds (gRPC's default limit is 4 MiB)
+WRITE_AHEAD = 4 << 20  # bytes of Write messages in flight per stream: containerd handles one while the next travel
 _COMMIT_DIGEST = re.compile(r"unexpected commit digest (\S+), expected (\S+)")
 
 LOCKED_WAIT_S = 30.0  # how long a locked ingest is waited for
 LOCKED_RETRY_S = 0.5
-Chunks = Callable[[int], AsyncIterator[Sequence[Buffer]]]  # the blob's bytes from an offset on, in pieces
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A Write message built before its turn (:func:`write_message`): ``n`` bytes of the blob from ``offset``."""
+
+    offset: int
+    n: int
+    wire: bytes
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.wire)[len(self.wire) - self.n :]
+
+
+Piece = Sequence[Buffer] | Message  # bytes to send: as buffers, or as a message built ahead
+Chunks = Callable[[int], AsyncIterator[Piece]]  # the blob's bytes from an offset on, in pieces
+
+
+def piece_length(piece: Piece) -> int:
+    return piece.n if isinstance(piece, Message) else sum(map(len, piece))
 
 
 class _Locked(Exception):
@@ -130,18 +152,25 @@ class Content:
                 raise StoreError(
                     f"containerd's ingest of {digest} went back from {resume_at} to {offset} bytes during the pull"
                 )
-            # containerd answers every message; up to WRITE_DEPTH wait for their answer, which bounds a stream's
-            # memory while containerd always has the next message at hand (ingest measured 15-30% faster than
-            # one at a time, containerd's own client's way).
-            unanswered = 0
-            async for data in chunks(offset):
-                await call.write(write_message(ref_bytes, offset, data))
-                offset += sum(map(len, data))
-                unanswered += 1
-                if unanswered == WRITE_DEPTH:
+            # containerd answers every message; up to WRITE_AHEAD bytes of them wait for their answer, which bounds
+            # a stream's memory while containerd always has the next message at hand (ingest measured 15-30%
+            # faster than one at a time, containerd's own client's way).
+            unanswered: deque[int] = deque()
+            in_flight = 0
+            async for piece in chunks(offset):
+                n = piece_length(piece)
+                if isinstance(piece, Message):
+                    assert piece.offset == offset, "a message built for another offset"
+                    await call.write(piece.wire)
+                else:
+                    await call.write(write_message(ref_bytes, offset, piece))
+                offset += n
+                unanswered.append(n)
+                in_flight += n
+                while in_flight >= WRITE_AHEAD:
                     await call.read()
-                    unanswered -= 1
-            for _ in range(unanswered):
+                    in_flight -= unanswered.popleft()
+            for _ in unanswered:
                 await call.read()
             await call.write(
                 content_pb2.WriteContentRequest(

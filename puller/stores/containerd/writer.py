@@ -1,7 +1,8 @@
 """The containerd store's :class:`~puller.stores.BlobWriter`: a blob's bytes into one Content.Write stream.
 
-containerd takes a blob's bytes in order only, and the engine delivers them in any order. Bytes that are not next
-are kept in memory for their turn (MAX_KEPT for all blobs together; less for blobs still waiting for a stream),
+containerd takes a blob's bytes in order only, and the engine delivers them in any order. Received bytes are kept
+in memory for their turn, copied once into the Write message that will carry them (MAX_KEPT for all blobs
+together; less for blobs still waiting for a stream),
 and the few that do not fit are staged in the store's staging directory (:class:`~puller.stores.staged.StagedFile`)
 and read back in their turn. containerd hashes what it is sent and commits only if the expected digest matches.
 
@@ -31,7 +32,7 @@ from ...ranges import RangeSet
 from ...registry.manifest import Descriptor
 from .. import Buffer, WriteStatus, store_error
 from ..staged import StagedFile
-from .content import WRITE_MESSAGE, Content
+from .content import WRITE_MESSAGE, Content, Message, Piece, ingest_ref, piece_length, write_message
 from .leases import Lease, Leases
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ class ContainerdWriter:
         self._staged = StagedFile(shared.staging, desc)  # bytes memory could not keep
         self.done = RangeSet()  # bytes containerd has, or kept here, or staged
         self.sent = 0  # bytes containerd has been given
-        self._kept: dict[int, tuple[Sequence[Buffer], int]] = {}  # offset -> (buffers, length) of kept bytes
+        self._ref = ingest_ref(desc).encode()
+        self._kept: dict[int, Message] = {}  # offset -> kept bytes, as the Write message that will carry them
         self._kept_starts: list[int] = []  # their offsets, sorted
         self._streaming = False  # its Write stream is open
         self._has_slot = False  # may send now (one of MAX_WRITE_STREAMS)
@@ -151,7 +153,9 @@ class ContainerdWriter:
         limit = MAX_KEPT if self._streaming else MAX_KEPT_WAITING
         if self._shared.kept + n > limit or self._task is None or self._task.done():
             return False
-        self._kept[offset] = ([bytes(b) for b in buffers], n)  # the caller's buffers are its own again on return
+        # Copied once, straight into the message that will carry them (the caller's buffers are its own again
+        # on return).
+        self._kept[offset] = Message(offset, n, write_message(self._ref, offset, buffers))
         bisect.insort(self._kept_starts, offset)
         self._shared.kept += n
         return True
@@ -206,7 +210,7 @@ class ContainerdWriter:
             self._shared.leases.release(self._lease)
             self._lease = None
         self._release_slot()
-        self._shared.kept -= sum(n for _, n in self._kept.values())
+        self._shared.kept -= sum(m.n for m in self._kept.values())
         self._kept.clear()
         self._kept_starts.clear()
         for _, _, waiter in self._ahead:  # writes held back go on (and meet the error at commit)
@@ -224,34 +228,29 @@ class ContainerdWriter:
             self._has_slot = False
             self._shared.slots.release()
 
-    def _pop_first_kept(self) -> tuple[int, Sequence[Buffer], int]:
-        start = self._kept_starts.pop(0)
-        buffers, n = self._kept.pop(start)
-        self._shared.kept -= n
-        return start, buffers, n
+    def _pop_first_kept(self) -> Message:
+        message = self._kept.pop(self._kept_starts.pop(0))
+        self._shared.kept -= message.n
+        return message
 
-    def _kept_bytes(self, offset: int) -> list[Buffer] | None:
-        """About WRITE_MESSAGE kept bytes from ``offset`` on (as received, not joined), or None when the bytes at
-        ``offset`` are not kept."""
+    def _kept_piece(self, offset: int) -> Piece | None:
+        """The kept bytes at ``offset`` (their message, when it starts there), or None when they are not kept."""
         starts = self._kept_starts
-        while starts and starts[0] + self._kept[starts[0]][1] <= offset:  # containerd had them already
+        while starts and starts[0] + self._kept[starts[0]].n <= offset:  # containerd had them already
             self._pop_first_kept()
         if not starts or starts[0] > offset:
             return None
-        start, buffers, n = self._pop_first_kept()
-        parts, end = _skip(buffers, offset - start), start + n
-        while starts and starts[0] == end and end - offset < WRITE_MESSAGE:
-            _, more, m = self._pop_first_kept()
-            parts.extend(more)
-            end += m
-        return parts
+        message = self._pop_first_kept()
+        if message.offset == offset:
+            return message
+        return [message.data[offset - message.offset :]]  # containerd's ingest ended inside them (a resume)
 
-    async def _chunks(self, offset: int) -> AsyncIterator[Sequence[Buffer]]:
+    async def _chunks(self, offset: int) -> AsyncIterator[Piece]:
         while True:
             self._took(offset)
             if offset >= self.desc.size:
                 return
-            data = self._kept_bytes(offset)
+            data = self._kept_piece(offset)
             if data is None:  # received bytes that are not kept are staged
                 received = self.done.prefix_end()
                 staged_end = min(self._kept_starts[0], received) if self._kept_starts else received
@@ -264,15 +263,4 @@ class ContainerdWriter:
                 n = min(WRITE_MESSAGE, staged_end - offset)
                 data = [await asyncio.to_thread(self._staged.read, offset, n)]
             yield data
-            offset += sum(map(len, data))
-
-
-def _skip(buffers: Sequence[Buffer], n: int) -> list[Buffer]:
-    """``buffers`` without their first ``n`` bytes."""
-    out = list(buffers)
-    while n and out:
-        if len(out[0]) <= n:
-            n -= len(out.pop(0))
-        else:
-            out[0], n = out[0][n:], 0
-    return out
+            offset += piece_length(data)
