@@ -14,7 +14,8 @@ import pytest
 
 from puller.errors import TransportError
 from puller.registry.bodies import SlowTransfer, SpeedLimit
-from puller.registry.lean import BLOCK, LeanRanges, NotPartial, Timeouts
+from puller.registry.http import Timeouts
+from puller.registry.lean import BLOCK, LeanRanges, NotPartial
 
 from .rig import make_tls_cert
 

@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import aiohttp
-
 from ..errors import RegistryError, SizeMismatch, TransportError
 from ..reference import Reference
 from .bodies import SpeedGuard
 from .client import ExpiredURL, RegistryClient
 from .hosts import PULL
+from .http import Response
 from .lean import Deliver
 from .manifest import Descriptor
 
@@ -40,12 +39,12 @@ class RangeBody:
 
     whole: bool
     host: str
-    resp: aiohttp.ClientResponse
+    resp: Response
     guard: SpeedGuard
 
     async def read(self) -> bytes:
         """The next bytes (b"" at the end), under the low-speed limit."""
-        return await self.guard.readany(self.resp.content)
+        return await self.guard.readany(self.resp)
 
 
 class BlobReader:
@@ -107,7 +106,7 @@ class BlobReader:
                     self.url = final_url
                 yield self._checked(resp, start, endpoint.host)
 
-    def _checked(self, resp: aiohttp.ClientResponse, start: int, host: str) -> RangeBody:
+    def _checked(self, resp: Response, start: int, host: str) -> RangeBody:
         size, digest = self.desc.size, self.desc.digest
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("identity", ""):

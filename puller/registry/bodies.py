@@ -15,10 +15,12 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from ..errors import RegistryError, TransportError
+
+if TYPE_CHECKING:
+    from .http import Response
 
 USER_AGENT = "puller/0.1"  # on every request
 DEFAULT_LOW_SPEED_LIMIT = 1024  # bytes/s; see config/puller.yaml for why
@@ -50,12 +52,12 @@ class SpeedGuard:
         self.waited = 0.0
         self.got = 0
 
-    async def readany(self, content: aiohttp.StreamReader) -> bytes:
+    async def readany(self, resp: Response) -> bytes:
         """The next bytes of the body (b"" at its end); raises :class:`SlowTransfer` when the window closes
         below the limit. One read is bounded by the session's read timeout, so a window closes within
         ``window_s`` plus that timeout."""
         t0 = time.monotonic()
-        data = await content.readany()
+        data = await resp.readany()
         self.account(time.monotonic() - t0, len(data))
         return data
 
@@ -74,9 +76,9 @@ class SpeedGuard:
             self.waited, self.got = 0.0, 0
 
 
-async def read_body(resp: aiohttp.ClientResponse, cap: int, speed: SpeedLimit, what: str) -> bytes:
+async def read_body(resp: Response, cap: int, speed: SpeedLimit, what: str) -> bytes:
     """The whole (decoded) body of ``resp``; reading stops after ``cap + 1`` bytes, so a longer result means the
-    body is over the cap (the caller decides what that means). Network errors propagate as aiohttp/OS errors."""
+    body is over the cap (the caller decides what that means). Network errors propagate (ConnectionFailed)."""
     encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "", *_DECODERS):
         raise RegistryError(f"{what}: server sent Content-Encoding {encoding!r}, which puller did not ask for")
@@ -84,7 +86,7 @@ async def read_body(resp: aiohttp.ClientResponse, cap: int, speed: SpeedLimit, w
     guard = speed.guard(what)
     out = bytearray()
     while len(out) <= cap:
-        data = await guard.readany(resp.content)
+        data = await guard.readany(resp)
         if not data:
             if decoder is not None and not decoder.eof:
                 raise RegistryError(f"{what}: {encoding} body ended early")

@@ -1,14 +1,14 @@
-"""The HTTP side: one aiohttp session, registry auth, manifests, and blob range requests.
+"""The HTTP side: one connection pool (:mod:`.http`), registry auth, manifests, and blob range requests.
 
 Redirects are followed by hand so that the Authorization header goes only to the registry host that asked
 for it; a blob's final (CDN) URL is returned to the caller to be reused for every range of that blob.
-aiohttp and OS errors are translated into :mod:`puller.errors` here and nowhere else.
+HTTP statuses are translated into :mod:`puller.errors` here and nowhere else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
+import functools
 import json
 import logging
 import ssl
@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urljoin, urlsplit
 
-import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from ..digest import Digest
@@ -40,7 +39,8 @@ from . import manifest as mf
 from .auth import Challenge, CredentialStore, TokenCache, TokenKey, parse_www_authenticate
 from .bodies import USER_AGENT, SpeedLimit, read_body
 from .hosts import PULL, RESOLVE, Endpoint, HostSettings
-from .lean import LeanRanges, Timeouts
+from .http import ConnectionFailed, HttpPool, Response, Timeouts, TLSFailed, TLSNotTrusted
+from .lean import LeanRanges
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 30.0  # between two reads of one response: a stalled connection fails after this
 MAX_ERROR_BODY = 64 * 1024
 MAX_TOKEN_BODY = 1 << 20  # a token answer: a JWT or two and a few fields
-READ_BUFSIZE = 256 * 1024  # per-connection receive buffer before aiohttp pauses the socket (default 64 KiB)
-NET_ERRORS = (aiohttp.ClientError, OSError)  # OSError covers TimeoutError
+NET_ERRORS = (ConnectionFailed, OSError)  # OSError covers TimeoutError
 DEFAULT_ATTEMPTS = 6  # tries per request (a manifest, a chunk) on the last host of a registry
 MIRROR_ATTEMPTS = 2  # tries per request on a mirror before the next host takes over
 MAX_RETRY_AFTER_S = 60.0
@@ -152,41 +151,31 @@ class RegistryClient:
         self._tokens = TokenCache()
         # (host, repository) -> challenge last seen, so later requests authenticate up front
         self._challenges: dict[tuple[str, str], Challenge] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HttpPool | None = None
         self._ssl: dict[tuple[str, Endpoint | None], ssl.SSLContext | bool] = {}  # (host, its hosts.toml entry)
         self._schemes: dict[str, str] = {}  # loopback hosts found to speak plain HTTP
         self._endpoints: dict[str, tuple[Endpoint, ...]] = {}  # registry -> its hosts, mirrors first
         s = self.settings
-        timeouts = Timeouts(s.connect_timeout_s, s.headers_timeout_s, s.read_timeout_s)
-        self.lean = LeanRanges(self._ssl_for, timeouts) if s.lean_ranges else None
+        self._timeouts = Timeouts(s.connect_timeout_s, s.headers_timeout_s, s.read_timeout_s)
+        self.lean = LeanRanges(self._ssl_for, self._timeouts) if s.lean_ranges else None
 
     async def __aenter__(self) -> RegistryClient:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.settings.connect_timeout_s, sock_read=self.settings.read_timeout_s
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,
-            # identity: registries' gzip would hide the bytes that digests and ranges are about (bodies.py)
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-            read_bufsize=READ_BUFSIZE,
-        )
+        # identity: registries' gzip would hide the bytes that digests and ranges are about (bodies.py)
+        self._http = HttpPool(self._ssl_for, self._timeouts, {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.lean is not None:
             await self.lean.__aexit__()
-        if self._session:
-            await self._session.close()
-            self._session = None
+        if self._http:
+            self._http.close()
+            self._http = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def http(self) -> HttpPool:
+        if self._http is None:
             raise RuntimeError("RegistryClient used outside 'async with'")
-        return self._session
+        return self._http
 
     def _ssl_for(self, url: str, endpoint: Endpoint | None = None) -> ssl.SSLContext | bool:
         """TLS for ``url``: the endpoint's own settings (hosts.toml) on its host, puller's rules elsewhere."""
@@ -250,14 +239,16 @@ class RegistryClient:
         if creds and creds.username == "<token>":
             # identity token (refresh token): the OAuth2 POST form of the token spec
             form = {"grant_type": "refresh_token", "refresh_token": creds.password, "client_id": "puller", **query}
-            req = self.session.post(realm, data=form, ssl=self._ssl_for(realm), allow_redirects=False)
+            body = urlencode(form).encode()
+            req = self.http.request(
+                "POST", realm, {"Content-Type": "application/x-www-form-urlencoded"}, body, ssl_for=self._ssl_for
+            )
         else:
             headers = {"Authorization": creds.basic_header()} if creds else {}
             url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
-            req = self.session.get(url, headers=headers, ssl=self._ssl_for(realm), allow_redirects=False)
+            req = self.http.request("GET", url, headers, ssl_for=self._ssl_for)
         try:
-            async with asyncio.timeout(self.settings.headers_timeout_s):
-                resp = await req
+            resp = await req
             async with resp:
                 body = await read_body(
                     resp, MAX_TOKEN_BODY, self.settings.speed, f"token server {urlsplit(realm).netloc}"
@@ -282,7 +273,7 @@ class RegistryClient:
             raise Unauthorized("token server answered with invalid JSON", 200)
         return self._tokens.put(key, payload)
 
-    def _remember_challenge(self, ref: Reference, endpoint: Endpoint, resp: aiohttp.ClientResponse) -> bool:
+    def _remember_challenge(self, ref: Reference, endpoint: Endpoint, resp: Response) -> bool:
         """Record the 401's challenge; True when it is new (worth one more try)."""
         challenge = None
         for header in resp.headers.getall("WWW-Authenticate", []):
@@ -305,7 +296,7 @@ class RegistryClient:
     @asynccontextmanager
     async def registry_get(
         self, ref: Reference, path: str, headers: dict[str, str] | None = None, endpoint: Endpoint | None = None
-    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, str]]:
+    ) -> AsyncIterator[tuple[Response, str]]:
         """GET ``<endpoint>/v2/<repo>/<path>`` (default: the registry itself) with auth, following redirects by
         hand. Yields the final successful (2xx) response and its URL. Credentials and the host's configured
         headers go only to the endpoint's own origin."""
@@ -340,7 +331,7 @@ class RegistryClient:
             resp.release()
 
     @asynccontextmanager
-    async def url_get(self, url: str, headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def url_get(self, url: str, headers: dict[str, str]) -> AsyncIterator[Response]:
         """GET a redirect target (CDN URL) without credentials. 401/403/410 raise :class:`ExpiredURL`."""
         resp, final_url = await self._get_following(url, headers, {})
         try:
@@ -359,26 +350,24 @@ class RegistryClient:
         origin_headers: dict[str, str],
         endpoint: Endpoint | None = None,
         tls_fallback: bool = False,
-    ) -> tuple[aiohttp.ClientResponse, str]:
+    ) -> tuple[Response, str]:
         origin = url
         for _ in range(MAX_REDIRECTS + 1):
             h = {**headers, **origin_headers} if same_origin(url, origin) else dict(headers)
             try:
-                async with asyncio.timeout(self.settings.headers_timeout_s):
-                    resp = await self.session.get(
-                        url, headers=h, allow_redirects=False, ssl=self._ssl_for(url, endpoint)
-                    )
-            except aiohttp.ClientConnectorCertificateError as e:
+                tls = functools.partial(self._ssl_for, endpoint=endpoint)
+                resp = await self.http.request("GET", url, h, ssl_for=tls)
+            except TLSNotTrusted as e:
                 raise TransportError(
-                    f"{urlsplit(url).netloc}: TLS certificate not trusted ({_describe(e.certificate_error)}); "
+                    f"{urlsplit(url).netloc}: TLS certificate not trusted ({e.reason}); "
                     "add its CA with ca_file, or list the host in insecure_skip_verify"
                 ) from None
-            except (aiohttp.ClientConnectorSSLError, aiohttp.ServerDisconnectedError) as e:
+            except TLSFailed as e:
                 netloc = urlsplit(url).netloc
                 if tls_fallback and url == origin and self.settings.hosts.may_fall_back_to_http(netloc):
                     raise _NoTLS from None
-                raise TransportError(f"{netloc}: {_describe(e)}") from None
-            except NET_ERRORS as e:
+                raise TransportError(str(e)) from None
+            except OSError as e:
                 raise TransportError(f"{urlsplit(url).netloc}: {_describe(e)}") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 resp.release()
@@ -444,7 +433,7 @@ class RegistryClient:
         return mf.Descriptor(media_type, actual, len(body)), body
 
 
-async def _raise_for_status(resp: aiohttp.ClientResponse, ref: Reference | None, url: str) -> None:
+async def _raise_for_status(resp: Response, ref: Reference | None, url: str) -> None:
     status = resp.status
     try:
         body = (await read_body(resp, MAX_ERROR_BODY, SpeedLimit(), "error body"))[:MAX_ERROR_BODY]

@@ -23,12 +23,12 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
 from ..errors import TransportError
 from .bodies import USER_AGENT, SpeedGuard
+from .http import Timeouts, tls_context
 
 BLOCK = 512 * 1024  # bytes per buffer; two per connection (larger ones fall out of the CPU caches: slower)
 MAX_HEAD = 64 * 1024
@@ -272,13 +272,6 @@ class _Connection(asyncio.BufferedProtocol):
             return
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect_s: float
-    headers_s: float  # from sending the request to the end of the answer's head
-    read_s: float  # between two reads of the body
-
-
 class LeanRanges:
     """Ranges of resolved blob URLs over pooled lean connections. Use as ``async with``."""
 
@@ -286,7 +279,6 @@ class LeanRanges:
         self._ssl_for = ssl_for
         self._timeouts = timeouts
         self._idle: dict[Origin, list[_Connection]] = {}
-        self._contexts: dict[bool, ssl.SSLContext] = {}
 
     async def __aenter__(self) -> LeanRanges:
         return self
@@ -343,7 +335,7 @@ class LeanRanges:
         context: ssl.SSLContext | None = None
         if scheme == "https":
             wanted = self._ssl_for(url)
-            context = wanted if isinstance(wanted, ssl.SSLContext) else self._context(wanted)
+            context = wanted if isinstance(wanted, ssl.SSLContext) else tls_context(wanted)
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -357,12 +349,3 @@ class LeanRanges:
         except OSError as e:
             raise TransportError(f"{host}:{port}: {e.strerror or e}") from None
         return conn
-
-    def _context(self, verify: bool) -> ssl.SSLContext:
-        if verify not in self._contexts:
-            context = ssl.create_default_context()
-            if not verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._contexts[verify] = context
-        return self._contexts[verify]
