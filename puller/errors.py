@@ -25,7 +25,7 @@
     ├── KubernetesError            the Kubernetes API refused or could not be reached (daemon, warmup)
     └── WarmupError                warmup: a daemon refused the request, or the images were not everywhere in time
 
-Lower-level exceptions (aiohttp, OSError) are translated into these in one place each:
+Lower-level exceptions (HTTP connections, OSError) are translated into these in one place each:
 :mod:`puller.registry.client` for HTTP and :mod:`puller.stores` for files.
 """
 

@@ -306,7 +306,7 @@ class _BlobDownload:
                 await self.reader.read_lean(chunk.pos, chunk.end, deliver)
                 return
             except NotPartial:
-                pass  # asked again through aiohttp, which maps the status (an expired URL, an error)
+                pass  # asked again through the client's pool, which maps the status (an expired URL, an error)
             finally:
                 chunk.streaming = False
         async with self.reader.open(chunk.pos, chunk.end) as body:

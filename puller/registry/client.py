@@ -134,7 +134,7 @@ class ClientSettings:
     read_timeout_s: float = READ_TIMEOUT_S
     attempts: int = DEFAULT_ATTEMPTS  # tries per manifest request
     speed: SpeedLimit = field(default_factory=SpeedLimit)  # the low-speed limit of every response body
-    lean_ranges: bool = True  # ranges of resolved blob URLs through lean.py (else aiohttp)
+    lean_ranges: bool = True  # ranges of resolved blob URLs through lean.py (else http.py)
 
     @property
     def headers_timeout_s(self) -> float:

@@ -1,16 +1,16 @@
 """A lean HTTP/1.1 range client for blob bodies: the bytes land in buffers puller owns, no object per read.
 
-aiohttp makes a new bytes object for every read, and on a node with few cores the event loop's CPU per byte is
-what limits a pull (benchmarks/README.md). For the requests that carry nearly every byte, ranges of a blob at its
-resolved URL (the CDN URL a registry redirected to, fetched without credentials), this module speaks HTTP/1.1
+A general client makes a new bytes object for every read, and on a node with few cores the event loop's CPU per
+byte is what limits a pull (benchmarks/README.md). For the requests that carry nearly every byte, ranges of a blob at
+its resolved URL (the CDN URL a registry redirected to, fetched without credentials), this module speaks HTTP/1.1
 itself over an :class:`asyncio.BufferedProtocol`: the transport receives (for TLS: decrypts) straight into one of
 two buffers of the connection; a full buffer is handed to the caller while the other one fills, and reading
 pauses when both wait.
 
 It does only that: GET with Range, and a 206 answer with a Content-Length and a Content-Range equal to the range
 asked for, identity encoding, keep-alive. Any other status raises :class:`NotPartial` before a body byte is
-taken, and the caller asks again through aiohttp, which maps every status to puller's errors. Chunked or encoded
-bodies and malformed heads are transport errors (retried). Waits are bounded as aiohttp's are: the head within
+taken, and the caller asks again through :mod:`.http`, which maps every status to puller's errors. Chunked or encoded
+bodies and malformed heads are transport errors (retried). Waits are bounded as :mod:`.http`'s are: the head within
 ``headers_timeout_s``, each read within ``read_timeout_s``, and the low-speed limit over the time spent waiting
 on the server (:class:`~puller.registry.bodies.SpeedGuard`).
 """
