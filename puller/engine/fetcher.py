@@ -7,8 +7,9 @@ A blob is fetched like this:
 1. The store's writer for it is opened (:meth:`~puller.stores.Store.writer`; this may wait for another writer of
    the same blob) and asked what it holds already (a resumed pull fetches only the rest).
 2. Ranges are read through a :class:`~puller.registry.blobs.BlobReader` (the HTTP half: the redirect resolved
-   once and reused, expiry, Content-Range checks, mirror failover). If the server answers the Range with 200,
-   the blob is streamed whole over that one connection.
+   once and reused, expiry, Content-Range checks, mirror failover). The first request (the probe) asks for at
+   most PROBE_BYTES: it goes through the general client, and the contiguous prefix, with it the hash, waits for
+   it. If the server answers the Range with 200, the blob is streamed whole over that one connection.
 3. Other chunks go out in parallel; when none are left, the slowest streaming range is split (tail split).
 4. Received bytes are handed to the writer at their offsets, about WRITE_BLOCK at a time.
 5. The writer commits: it checks size and digest, and makes the blob visible only if both are right. A digest
@@ -42,6 +43,7 @@ DEFAULT_CHUNK_SIZE = 8 * MIB
 DEFAULT_MIN_SPLIT = 1 * MIB
 MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
 CHUNKS_PER_CONNECTION = 4
+PROBE_BYTES = 1 * MIB  # the first range of a blob, which resolves its URL and learns whether ranges work
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 MAX_OPEN_BLOBS = 64  # blobs with open files at once (at least twice the connections)
 VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
@@ -237,6 +239,9 @@ class _BlobDownload:
             return
         self.progress.state = "fetching"
         probe = self.pending.pop(0)
+        if probe.end - probe.start > PROBE_BYTES:  # the rest of its chunk goes out like any other
+            self.pending.insert(0, Chunk(probe.start + PROBE_BYTES, probe.end))
+            probe.end = probe.start + PROBE_BYTES
         n_workers = min(self.f.budget.total, max(1, len(self.pending) + 1))
         workers = [self._worker(writer, probe), *(self._worker(writer, None) for _ in range(n_workers - 1))]
         await gather_or_cancel(workers)

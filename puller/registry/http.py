@@ -304,7 +304,9 @@ class HttpPool:
     async def _connect(self, host: str, port: int, netloc: str, context: ssl.SSLContext | None) -> _Connection:
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=context, server_hostname=host if context else None),
+                asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
+                ),
                 self.timeouts.connect_s,
             )
         except TimeoutError:
