@@ -19,6 +19,9 @@ Peers, measured alternately in each run (the order rotates), medians reported:
   oras-py         oras.client.OrasClient(...).pull(REF) (layers one after another, one stream each)
   curl-1          curl, one stream per blob, one blob after another (what a single-stream puller can do)
   curl-16         curl --parallel, each blob cut into 16 ranges, 16 at a time: the physical reference
+  curl-sync       curl-16, then sync: the bytes made durable, as puller makes them
+  sha256          openssl dgst -sha256 of the blobs in the registry's storage (in the page cache): with curl-sync's,
+                  the CPU floor of a verified pull (the table's "x floor" column for puller's tools)
   TOOL~REV        a puller tool (puller, puller-ctrd, puller-ctrd2) as of git revision REV: before/after tables
 
 Needs root (tc), docker-registry, nginx, skopeo, curl; containerd and oras-py are used when installed.
@@ -41,6 +44,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -94,6 +98,7 @@ KNOWN_TOOLS = (
     "puller-ctrd",
     "ctr2-pull",
     "puller-ctrd2",
+    "sha256",
 )
 # containerd 2.2's transfer service (what `ctr images pull` uses): max_concurrent_downloads (also the ranges per
 # layer when concurrent_layer_fetch_buffer, the bytes per range, is set), max_concurrent_unpacks (parallel unpack
@@ -292,6 +297,14 @@ class Bench:
             for i, (url, _) in enumerate(urls):
                 cmd += ["-o", str(out / f"b{i}"), url]
             return cmd, None
+        if tool == "sha256":  # what verifying the bytes costs at least: OpenSSL's sha256 over them
+            storage = self.work / "registry" / "storage"
+            return [
+                "openssl",
+                "dgst",
+                "-sha256",
+                *(str(storage / urlsplit(url).path.lstrip("/")) for url, _ in urls),
+            ], None
         if tool == "curl-sync":  # curl-16, then the data made durable as puller makes it (fsync before rename)
             curl, _ = self.commands("curl-16", ref, urls, out, ctrd)
             return ["sh", "-c", f"{shlex.join(curl)} && sync"], None
@@ -442,6 +455,12 @@ class Bench:
         return out
 
 
+def floor_cpu(rs: list[Result]) -> float | None:
+    """CPU seconds of the floor: curl-sync (fetch, write, make durable) plus sha256 (verify), when both ran."""
+    parts = [next((r for r in rs if r.tool == t), None) for t in ("curl-sync", "sha256")]
+    return sum(r.median("cpu") for r in parts if r) if all(parts) else None
+
+
 def table(results: list[Result], rig: dict) -> str:
     by_image: dict[str, list[Result]] = {}
     for r in results:
@@ -451,29 +470,33 @@ def table(results: list[Result], rig: dict) -> str:
     for image, rs in by_image.items():
         ref = next((r for r in rs if r.tool == "curl-16"), None)
         pul = next((r for r in rs if r.tool == "puller"), None)
+        floor = floor_cpu(rs)
         lines.append(f"\n{image}: {rs[0].bytes / 1e6:.0f} MB, {len(rs[0].samples)} runs, medians")
+        if floor:
+            lines.append(f"CPU floor (curl-sync + sha256, medians of this run): {floor / (rs[0].bytes / 1e9):.2f} s/GB")
         lines.append(
             "| tool | seconds | MB/s | vs curl-16 | puller is x faster | of link | CPU s/GB | own CPU s/GB "
-            "| peak RSS MB |"
+            "| x floor | peak RSS MB |"
         )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in sorted(rs, key=lambda r: r.median("seconds")):
             sec = r.median("seconds")
             mbps = r.bytes / 1e6 / sec
             vs_ref = f"{ref.median('seconds') / sec:.2f}" if ref else "-"
             faster = f"{sec / pul.median('seconds'):.1f}" if pul else "-"
             of_link = f"{mbps / link_mb:.2f}" if link_mb else "-"
+            x_floor = f"{r.median('cpu') / floor:.2f}" if floor and r.tool.startswith("puller") else "-"
             lines.append(
                 f"| {r.tool} | {sec:.2f} | {mbps:.1f} | {vs_ref} | {faster} | {of_link} | "
                 f"{r.median('cpu') / (r.bytes / 1e9):.2f} | {r.median('own_cpu') / (r.bytes / 1e9):.2f} | "
-                f"{r.median('rss_mb'):.0f} |"
+                f"{x_floor} | {r.median('rss_mb'):.0f} |"
             )
             if ref and r.samples[0].inner_seconds:
                 inner = statistics.median(s.inner_seconds or 0 for s in r.samples)
                 of_link_inner = f"{r.bytes / 1e6 / inner / link_mb:.2f}" if link_mb else "-"
                 lines.append(
                     f"| {r.tool} (in-process) | {inner:.2f} | {r.bytes / 1e6 / inner:.1f} | "
-                    f"{ref.median('seconds') / inner:.2f} | | {of_link_inner} | | | |"
+                    f"{ref.median('seconds') / inner:.2f} | | {of_link_inner} | | | | |"
                 )
     if rig.get("rss"):
         lines.append("\npuller peak RSS by image size: " + ", ".join(f"{k} {v} MB" for k, v in rig["rss"].items()))
