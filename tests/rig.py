@@ -677,6 +677,17 @@ class TokenIssuer:
         self.server.server_close()
 
 
+def wait_for(predicate, timeout: float, what: str):
+    """``predicate()``'s first truthy value, polled every 0.1 s for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @contextlib.contextmanager
 def tempdir(prefix: str = "puller-") -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=prefix))

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from .conftest import pushed
-from .rig import Containerd, Registry, skopeo_push
+from .rig import Containerd, Registry, skopeo_push, wait_for
 from .test_containerd import NS, ctr, pull
 
 
@@ -27,16 +26,6 @@ def cri_image(c: Containerd, ref: str) -> dict | None:
 
 def blob_requests(cdn) -> int:
     return sum(1 for line in cdn.requests() if "/blobs/" in line)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_cri_lists_a_prefetched_image_under_tag_and_digest_with_its_size(containerd, cdn_rig, tmp_path: Path):

@@ -37,9 +37,13 @@ class Behaviour:
     fail_first: int = 0  # answer 500 to this many
     cut_first: int = 0  # send half the range, then close
     stall_first: int = 0  # send half the range, then go silent (connection left open) for STALL_S
+    stall_at: int | None = None  # the first request for the range starting here: the head, then silence until
+    # the range is asked for again (which records whether the stalled connection was still open then)
     corrupt: bool = False
     delay_s: float = 0.0  # before each range is answered
     requests: list[dict] = field(default_factory=list)
+    stalls: int = 0
+    open_when_asked_again: bool | None = None
 
 
 class Fake:
@@ -50,6 +54,8 @@ class Fake:
 
     async def start(self):
         self.released = asyncio.Event()
+        self.asked_again = asyncio.Event()
+        self.stalled: asyncio.BaseTransport | None = None
         cdn = web.Application()
         cdn.router.add_get("/cdn/{digest}", self.cdn_blob)
         self.cdn_runner = web.AppRunner(cdn)
@@ -128,6 +134,16 @@ class Fake:
             status=206, headers={"Content-Range": f"bytes {start}-{end}/{len(data)}", "Content-Length": str(len(body))}
         )
         await resp.prepare(request)
+        if b.stall_at == start and b.stalls == 0:
+            b.stalls += 1
+            self.stalled = request.transport
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.asked_again.wait(), STALL_S)
+            return resp
+        if b.stall_at == start and b.stalls == 1:
+            b.stalls += 1
+            b.open_when_asked_again = self.stalled is not None and not self.stalled.is_closing()
+            self.asked_again.set()
         if b.cut_first:
             b.cut_first -= 1
             await resp.write(body[: len(body) // 2])
@@ -166,10 +182,10 @@ async def fake(request):
     await f.stop()
 
 
-async def _pull(fake: Fake, tmp_path, attempts: int = 6, ref_text: str = "r:t"):
+async def _pull(fake: Fake, tmp_path, attempts: int = 6, ref_text: str = "r:t", read_timeout_s: float = READ_TIMEOUT_S):
     ref = Reference.parse(f"{fake.host}/{ref_text}")
     creds = CredentialStore({fake.host: AUTH}, config_path=tmp_path / "none.json")
-    settings = ClientSettings(read_timeout_s=READ_TIMEOUT_S)
+    settings = ClientSettings(read_timeout_s=read_timeout_s)
     async with RegistryClient(settings, creds) as client, OCILayoutStore(tmp_path / "store") as store:
         fetcher = BlobFetcher(client, ConnectionBudget(8, 8), FetchSettings(chunk_size=128 * 1024, attempts=attempts))
         return await pull_image(ref, client, fetcher, store), store
@@ -209,6 +225,23 @@ async def test_transient_faults_recover(fake, tmp_path):
     _, store = await _pull(fake, tmp_path)
     _assert_complete(fake, store)
     assert list((store.staging_dir).glob("*.partial")) == []
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(tmp_path):
+    """The range after the probe goes silent (head sent, no body) while the others stream: another connection asks
+    for it again while the silent one is still open, the silent request is dropped (the pull does not wait out
+    the read timeout, which is longer than the test's own), and the blob is complete and verified."""
+    blobs, config = _blobs(1, 40 << 20, seed=11)
+    f = Fake(blobs, Behaviour(stall_at=128 * 1024))
+    f.config = config
+    await f.start()
+    try:
+        _, store = await _pull(f, tmp_path, read_timeout_s=STALL_S)
+    finally:
+        await f.stop()
+    _assert_complete(f, store)
+    assert f.b.stalls == 2 and f.b.open_when_asked_again is True
 
 
 @pytest.mark.parametrize("fake", [Behaviour(fail_first=100)], indirect=True)

@@ -20,7 +20,7 @@ from puller.registry.hosts import (
 )
 
 from .conftest import assert_store_holds, pushed, run_puller
-from .rig import FaultProxy, Registry, skopeo_push
+from .rig import FaultProxy, Registry, skopeo_push, wait_for
 
 # ---- parsing, against the forms containerd documents ---------------------------------------------------------
 
@@ -128,7 +128,8 @@ def test_pull_through_a_pull_through_cache_mirror(upstream, tmp_path):
         )
         done = pull_json(app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
         assert done["hosts"] == {cache.host: sum(app.blobs.values())}  # every blob byte came from the mirror
-        assert all(cache.blob_path(d).exists() for d in app.blobs)  # ... which really fetched and cached them
+        # ... which really fetched and cached them (the proxy commits a blob after its last byte went out)
+        wait_for(lambda: all(cache.blob_path(d).exists() for d in app.blobs), 10, "the mirror to cache the blobs")
         assert_store_holds(tmp_path / "store", app)
 
 

@@ -16,7 +16,7 @@ import yaml
 from puller import config
 from puller.digest import Digest
 from puller.engine.budget import ConnectionBudget
-from puller.engine.plan import Chunk, plan_chunks, split_for_tail
+from puller.engine.plan import Chunk, plan_chunks, split_for_tail, take_stalled_front
 from puller.errors import (
     ConfigError,
     InvalidDigest,
@@ -227,6 +227,24 @@ def test_tail_split_takes_second_half_of_slowest():
     tail = split_for_tail([slow, fast, idle], min_split=mib)
     assert tail is not None and tail.end == 16 * mib and slow.end == tail.start == 9 * mib
     assert split_for_tail([fast], min_split=mib) is None
+
+
+def test_a_stalled_front_range_is_taken_over_whole():
+    mib = 1 << 20
+    front = Chunk(8 * mib, 16 * mib, pos=9 * mib, streaming=True, mark=100 * mib)
+    others = [Chunk(s * mib, (s + 8) * mib, pos=(s + 4) * mib, streaming=True, mark=130 * mib) for s in (16, 24, 32)]
+    waiting = Chunk(0, mib)  # lower, but not streaming (waiting for a retry): not the stalled one
+    # the other three received 10 MiB each (in all 30) since the front's last bytes: patience 10 MiB is not exceeded
+    assert take_stalled_front([front, *others, waiting], received=130 * mib, patience=10 * mib) is None
+    front.writing = True  # its bytes are being handed to the store: not stalled
+    assert take_stalled_front([front, *others], received=131 * mib, patience=10 * mib) is None
+    front.writing = False
+    taken = take_stalled_front([front, *others, waiting], received=131 * mib, patience=10 * mib)
+    assert taken is not None and taken[0] is front
+    assert (taken[1].start, taken[1].end) == (9 * mib, 16 * mib) and front.end == front.pos == 9 * mib
+    # taken over once: the new front is the next streaming range, which is not stalled
+    assert front.remaining == 0 and take_stalled_front([front, *others], received=131 * mib, patience=10 * mib) is None
+    assert take_stalled_front([others[0]], received=500 * mib, patience=mib) is None  # alone: nothing to compare
 
 
 async def test_priority_semaphore_serves_the_most_urgent_first():

@@ -10,7 +10,9 @@ A blob is fetched like this:
    once and reused, expiry, Content-Range checks, mirror failover). The first request (the probe) asks for at
    most PROBE_BYTES: it goes through the general client, and the contiguous prefix, with it the hash, waits for
    it. If the server answers the Range with 200, the blob is streamed whole over that one connection.
-3. Other chunks go out in parallel; when none are left, the slowest streaming range is split (tail split).
+3. Other chunks go out in parallel; when none are left, the slowest streaming range is split (tail split). A
+   range at the front of the blob that has stalled while the others stream is taken over by the next free
+   connection (see :func:`~puller.engine.plan.take_stalled_front`).
 4. Received bytes are handed to the writer at their offsets, about WRITE_BLOCK at a time.
 5. The writer commits: it checks size and digest, and makes the blob visible only if both are right. A digest
    mismatch leaves nothing behind and the blob is fetched once more before the pull fails.
@@ -35,7 +37,7 @@ from ..registry.lean import NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Buffer, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
-from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail
+from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail, take_stalled_front
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ DEFAULT_CHUNK_SIZE = 8 * MIB
 DEFAULT_MIN_SPLIT = 1 * MIB
 MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
 CHUNKS_PER_CONNECTION = 4
+STALL_PATIENCE = 4 * MIB  # the front range is stalled when the others received this much each while it had none
 PROBE_BYTES = 1 * MIB  # the first range of a blob, which resolves its URL and learns whether ranges work
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 MAX_OPEN_BLOBS = 64  # blobs with open files at once (at least twice the connections)
@@ -204,6 +207,7 @@ class _BlobDownload:
         self.done = RangeSet()  # bytes the writer holds
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
+        self.requests: dict[Chunk, asyncio.Future] = {}  # the request of each streaming chunk (see _request)
         self.range_ok: bool | None = None
         self.range_known = asyncio.Event()
 
@@ -270,6 +274,13 @@ class _BlobDownload:
             conn.release()
 
     def _next_chunk(self) -> Chunk | None:
+        taken = take_stalled_front(self.inflight, self.progress.fetched, STALL_PATIENCE)
+        if taken is not None:
+            stalled, rest = taken
+            log.debug("%s: taking over the stalled range at %d", self.desc.digest, rest.start)
+            if (request := self.requests.get(stalled)) is not None:
+                request.cancel()  # its connection is closed; its worker goes on with the next chunk
+            return rest
         if self.pending:
             return self.pending.pop(0)
         return split_for_tail(self.inflight, self.f.settings.min_split)
@@ -296,16 +307,29 @@ class _BlobDownload:
                     self.progress.retries += 1
                 await conn.acquire(self.ref.api_host)
                 try:
-                    await self._stream(writer, chunk)
+                    await self._request(writer, chunk)
                 except BaseException:
                     conn.release()  # not held while a retry waits
                     raise
+
+    async def _request(self, writer: BlobWriter, chunk: Chunk) -> None:
+        """:meth:`_stream` as a task of its own, which a takeover of the chunk cancels (:meth:`_next_chunk`)."""
+        request = asyncio.ensure_future(self._stream(writer, chunk))
+        self.requests[chunk] = request
+        try:
+            await request
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if chunk.remaining or (current is not None and current.cancelling()):
+                raise  # not (only) a takeover
+        finally:
+            self.requests.pop(chunk, None)
 
     async def _stream(self, writer: BlobWriter, chunk: Chunk) -> None:
         if chunk.pos >= chunk.end:
             return
         if self.range_ok and self.reader.lean_ready:
-            chunk.streaming = True
+            chunk.streaming, chunk.mark = True, self.progress.fetched
             try:
                 deliver = functools.partial(self._deliver, writer, chunk, self.reader.host)
                 await self.reader.read_lean(chunk.pos, chunk.end, deliver)
@@ -321,7 +345,7 @@ class _BlobDownload:
                 size = self.desc.size
                 chunk.pos = skip = next(iter(self.done.missing(size)), (size, size))[0]
                 chunk.end = size
-            chunk.streaming = True
+            chunk.streaming, chunk.mark = True, self.progress.fetched
             try:
                 await self._copy_body(writer, chunk, body, skip)
             finally:
@@ -369,7 +393,7 @@ class _BlobDownload:
 
     async def _deliver(self, writer: BlobWriter, chunk: Chunk, host: str, offset: int, block: memoryview) -> bool:
         """A block of the lean client's body at ``chunk.pos`` (its buffer is ours until we return); False once the
-        chunk (which a tail split may have cut short) needs no more."""
+        chunk (which a tail split or a takeover may have cut short) needs no more."""
         n = min(len(block), chunk.end - offset)
         if n <= 0:
             return False
@@ -385,8 +409,28 @@ class _BlobDownload:
             await self.f.bandwidth.take(n)
 
     async def _write(self, writer: BlobWriter, chunk: Chunk, buffers: Sequence[Buffer], n: int) -> None:
-        start = chunk.pos
-        await writer.write_at(start, buffers)
+        room = chunk.end - chunk.pos  # less than n when the chunk was taken over or split meanwhile
+        if room <= 0:
+            return
+        if n > room:
+            buffers, n = _clip(buffers, room), room
+        start, chunk.mark, chunk.writing = chunk.pos, self.progress.fetched, True  # bytes arrived: not stalled
+        try:
+            await writer.write_at(start, buffers)
+        finally:
+            chunk.writing = False
         chunk.pos = start + n
         self.done.add(start, start + n)
         self.progress.done += n
+
+
+def _clip(buffers: Sequence[Buffer], n: int) -> list[Buffer]:
+    """The first ``n`` bytes of ``buffers``."""
+    out: list[Buffer] = []
+    for b in buffers:
+        if n <= 0:
+            break
+        view = memoryview(b)[:n]
+        out.append(view)
+        n -= len(view)
+    return out

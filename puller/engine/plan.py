@@ -2,7 +2,9 @@
 
 A blob is split into chunks of ``chunk_size`` bytes over the ranges not yet done; when nothing is left to hand
 out, the largest range still streaming is split in two (:func:`split_for_tail`), so the last seconds of a blob
-do not wait on one slow connection.
+do not wait on one slow connection. A stalled range at the front of the blob is taken over whole
+(:func:`take_stalled_front`): the contiguous prefix, and with it the hash and a store that takes bytes in order,
+waits for it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class Chunk:
     end: int
     pos: int = -1
     streaming: bool = False
+    mark: int = 0  # the blob's received bytes when this chunk last received some (or started streaming)
+    writing: bool = False  # its bytes are being handed to the store: not stalled, not to be taken over
 
     def __post_init__(self) -> None:
         if self.pos < 0:
@@ -56,3 +60,18 @@ def split_for_tail(inflight: Iterable[Chunk], min_split: int) -> Chunk | None:
     tail = Chunk(mid, victim.end)
     victim.end = mid
     return tail
+
+
+def take_stalled_front(inflight: Iterable[Chunk], received: int, patience: int) -> tuple[Chunk, Chunk] | None:
+    """The front chunk (the lowest streaming one) and the rest of it, taken over, when it has received nothing while
+    the other streaming chunks received ``patience`` bytes each on average (``received``: the blob's bytes so far):
+    a stalled connection, say a TCP flow backing off after losses. The stalled chunk then ends where it is."""
+    streaming = [c for c in inflight if c.streaming and c.remaining > 0]
+    if len(streaming) < 2:
+        return None  # nothing to compare with: the read timeout and the low-speed limit judge a lone request
+    front = min(streaming, key=lambda c: c.pos)
+    if front.writing or received - front.mark <= patience * (len(streaming) - 1):
+        return None
+    rest = Chunk(front.pos, front.end)
+    front.end = front.pos
+    return front, rest
