@@ -169,3 +169,21 @@ async def test_a_post_carries_its_body_and_length():
         async with await http.request("POST", server.base + "/token", {"X-A": "1"}, b"a=b&c=d") as resp:
             assert resp.status == 200 and await resp.readany() == b"{}"
         assert server.paths == ["/token"] and server.bodies == [b"a=b&c=d"]
+
+
+async def test_a_small_body_is_discarded_to_keep_its_connection_a_large_one_closes_it():
+    answers = {
+        "/redirect": [b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /x\r\nContent-Length: 20\r\n\r\n", b"r" * 20],
+        "/large": ok(b"l" * 200_000),
+        "/next": ok(b"n"),
+    }
+    async with Server(lambda path: answers[path]) as server, pool() as http:
+        resp = await http.request("GET", server.base + "/redirect")
+        assert resp.status == 307
+        await resp.discard()
+        assert await get_body(http, server.base + "/next") == (200, b"n")
+        assert server.connections == 1  # kept: the redirect's body was read to its end
+        resp = await http.request("GET", server.base + "/large")
+        await resp.discard()
+        assert await get_body(http, server.base + "/next") == (200, b"n")
+        assert server.connections == 2  # a body over MAX_DISCARD is not read: its connection is closed

@@ -315,7 +315,7 @@ class RegistryClient:
                 resp, final_url = await self._get_following(url, headers or {}, origin_headers, ep)
             if resp.status == 401 and attempt == 0 and same_origin(final_url, url):
                 retry = self._remember_challenge(ref, ep, resp)
-                resp.release()
+                await resp.discard()
                 if retry:
                     continue
                 raise Unauthorized(f"{ep.host}: 401 Unauthorized for {ref.repository}", 401)
@@ -370,7 +370,7 @@ class RegistryClient:
             except OSError as e:
                 raise TransportError(f"{urlsplit(url).netloc}: {_describe(e)}") from None
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                resp.release()
+                await resp.discard()  # the registry's connection serves the next blob's redirect
                 try:
                     url = urljoin(url, resp.headers["Location"])
                 except ValueError:

@@ -30,6 +30,7 @@ from ..errors import TransportError
 MAX_HEAD = 64 * 1024  # an answer's status line and headers
 READ_SIZE = 256 * 1024  # bytes asked of the socket per read
 MAX_IDLE = 64  # idle connections kept, all origins together
+MAX_DISCARD = 64 * 1024  # a body read to its end only to keep its connection (a redirect's, a 401's)
 
 SSLFor = Callable[[str], ssl.SSLContext | bool]  # the TLS of a URL: a context, or verify (True) or not (False)
 
@@ -123,7 +124,8 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), read_s)
+                async with asyncio.timeout(read_s):  # not wait_for: on 3.11 it can lose a cancellation
+                    data = await self.reader.read(READ_SIZE)
             except TimeoutError:
                 raise ConnectionFailed(f"{self.netloc}: timed out waiting {read_s:.0f} s for the next bytes") from None
             except OSError as e:
@@ -171,6 +173,19 @@ class Response:
             return b""
         self.release()
         raise ConnectionFailed(f"{conn.netloc}: the answer ended early")
+
+    async def discard(self) -> None:
+        """Read what is left of a small body (at most MAX_DISCARD bytes, within one read timeout) so that its
+        connection serves the next request; a longer body, or a failure, closes the connection instead."""
+        left = MAX_DISCARD
+        try:
+            async with asyncio.timeout(self._pool.timeouts.read_s):
+                while left > 0 and not self._ended and self._conn is not None:
+                    left -= len(await self.readany())
+        except (ConnectionFailed, TimeoutError):
+            pass
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Hand the connection back (kept for the next request if the whole answer was read), else close it."""
@@ -303,12 +318,10 @@ class HttpPool:
 
     async def _connect(self, host: str, port: int, netloc: str, context: ssl.SSLContext | None) -> _Connection:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            async with asyncio.timeout(self.timeouts.connect_s):
+                reader, writer = await asyncio.open_connection(
                     host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
-                ),
-                self.timeouts.connect_s,
-            )
+                )
         except TimeoutError:
             raise ConnectionFailed(f"{netloc}: connect timed out") from None
         except ssl.SSLCertVerificationError as e:

@@ -261,7 +261,8 @@ class _Connection(asyncio.BufferedProtocol):
             before, t0 = self.received, time.monotonic()
             timeout = read_s if head_by is None else max(0.0, head_by - t0)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can lose a cancellation
+                    await self._wake.wait()
             except TimeoutError:
                 if head_by is not None or self.received == before:
                     what = "the answer's head" if head_by is not None else "the next bytes"
@@ -338,10 +339,10 @@ class LeanRanges:
             context = wanted if isinstance(wanted, ssl.SSLContext) else tls_context(wanted)
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_Connection, host, port, ssl=context, server_hostname=host if context else None),
-                self._timeouts.connect_s,
-            )
+            async with asyncio.timeout(self._timeouts.connect_s):
+                _, conn = await loop.create_connection(
+                    _Connection, host, port, ssl=context, server_hostname=host if context else None
+                )
         except TimeoutError:
             raise TransportError(f"{host}:{port}: connect timed out") from None
         except ssl.SSLError as e:
