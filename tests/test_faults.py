@@ -193,6 +193,10 @@ def test_files_have_safe_permissions(cdn_rig, tmp_path: Path):
     assert (store / ".puller" / "staging").stat().st_mode & 0o077 == 0
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_pull_stops_cleanly_and_resumes(slow_rig, tmp_path: Path, sig, code):
     reg, _ = slow_rig
@@ -201,7 +205,9 @@ def test_interrupted_pull_stops_cleanly_and_resumes(slow_rig, tmp_path: Path, si
     layer = p.manifest["layers"][0]
     ranges_file = store / ".puller" / "staging" / f"sha256-{layer['digest'][7:]}.ranges"
     args = ["pull", p.ref, "--store", str(store), "--concurrency", "4"]
-    proc = start_puller(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a test run started in the background inherits SIGINT ignored, and Python (rightly)
+    # keeps ignoring it then.
+    proc = start_puller(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not ranges_file.exists():
         time.sleep(0.05)
