@@ -5,7 +5,7 @@ byte is what limits a pull (benchmarks/README.md). For the requests that carry n
 its resolved URL (the CDN URL a registry redirected to, fetched without credentials), this module speaks HTTP/1.1
 itself over an :class:`asyncio.BufferedProtocol`: the transport receives (for TLS: decrypts) straight into one of
 two buffers of the connection; a full buffer is handed to the caller while the other one fills, and reading
-pauses when both wait.
+pauses when both wait. The buffers go back to a small spare list after a request that ended normally.
 
 It does only that: GET with Range, and a 206 answer with a Content-Length and a Content-Range equal to the range
 asked for, identity encoding, keep-alive. Any other status raises :class:`NotPartial` before a body byte is
@@ -33,6 +33,7 @@ from .http import Timeouts, tls_context
 BLOCK = 512 * 1024  # bytes per buffer; two per connection (larger ones fall out of the CPU caches: slower)
 MAX_HEAD = 64 * 1024
 MAX_IDLE = 64  # idle connections kept, all origins together (holding no buffers; a registry may redirect anywhere)
+MAX_SPARE = 16  # buffer pairs kept for the next requests (16 MiB): fresh ones cost page faults and zeroing
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 Deliver = Callable[[int, memoryview], Awaitable[bool]]  # bytes at an offset; False: stop, the range was cut short
@@ -214,12 +215,21 @@ class _Connection(asyncio.BufferedProtocol):
     # ---- one request ------------------------------------------------------------------------------------
 
     async def fetch(
-        self, host: str, target: str, start: int, end: int, deliver: Deliver, guard: SpeedGuard, timeouts: Timeouts
+        self,
+        host: str,
+        target: str,
+        start: int,
+        end: int,
+        deliver: Deliver,
+        guard: SpeedGuard,
+        timeouts: Timeouts,
+        buffers: list[bytearray],
     ) -> None:
-        """GET bytes ``[start, end)`` and hand them to ``deliver`` in order, one block at a time."""
+        """GET bytes ``[start, end)`` into ``buffers`` (two of BLOCK bytes) and hand them to ``deliver`` in order,
+        one block at a time."""
         assert self._transport is not None and not self._active
-        self._arrays = [bytearray(BLOCK), bytearray(BLOCK)]
-        self._views = [memoryview(a) for a in self._arrays]
+        self._arrays = buffers
+        self._views = [memoryview(a) for a in buffers]
         self._active, self._head, self._range, self._pos = True, True, (start, end), start
         self._cur, self._fill, self._start, self._remaining, self.received = 0, 0, 0, end - start, 0
         self._transport.write(
@@ -280,6 +290,7 @@ class LeanRanges:
         self._ssl_for = ssl_for
         self._timeouts = timeouts
         self._idle: dict[Origin, list[_Connection]] = {}
+        self._spare: list[list[bytearray]] = []  # buffer pairs of requests that ended normally
 
     async def __aenter__(self) -> LeanRanges:
         return self
@@ -297,18 +308,23 @@ class LeanRanges:
         origin = (scheme, host, parts.port or (443 if scheme == "https" else 80))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         host_header = parts.netloc.rpartition("@")[2]
+        # Reused only after a request that ended normally: after a failure or a cancellation, a worker thread of the
+        # store may still be reading a block of them.
+        buffers = self._spare.pop() if self._spare else [bytearray(BLOCK), bytearray(BLOCK)]
         for attempt in (1, 2):
             conn = self._idle_connection(origin)
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(origin, url)
             try:
-                await conn.fetch(host_header, target, start, end, deliver, guard, self._timeouts)
-            except _Stale:
+                await conn.fetch(host_header, target, start, end, deliver, guard, self._timeouts, buffers)
+            except _Stale:  # nothing was delivered
                 if attempt == 2 or not reused:
                     raise TransportError(f"{host}: connection closed before the answer") from None
                 continue
             self._park(origin, conn)
+            if len(self._spare) < MAX_SPARE:
+                self._spare.append(buffers)
             return
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
