@@ -17,7 +17,7 @@ from puller.registry.bodies import SlowTransfer, SpeedLimit
 from puller.registry.http import Timeouts
 from puller.registry.lean import BLOCK, LeanRanges, NotPartial
 
-from .rig import make_tls_cert
+from .rig import start_scripted_server
 
 BLOB = random.Random(7).randbytes(3 * BLOCK + 1234)
 Answer = Callable[[int, int], list[bytes]]  # (start, end) -> the pieces to send, in order
@@ -57,15 +57,8 @@ class Server:
         self.requests: list[str] = []
 
     async def __aenter__(self) -> Server:
-        context = None
-        if self.tls:
-            ca, cert, key = make_tls_cert(self.tls)
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(cert, key)
-            self.ca = ca
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}/blob?sig=abc"
+        self._server, base, self.ca = await start_scripted_server(self._serve, self.tls)
+        self.url = f"{base}/blob?sig=abc"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -119,7 +112,7 @@ async def test_ranges_arrive_whole_in_order_over_one_kept_alive_connection():
     async with Server() as server, client() as lean:
         assert await fetch(lean, server.url, 0, len(BLOB)) == BLOB
         assert await fetch(lean, server.url, 100, 2 * BLOCK + 7) == BLOB[100 : 2 * BLOCK + 7]
-        pooled = [c for conns in lean._idle.values() for c in conns]
+        pooled = list(lean._idle)
         assert len(pooled) == 1 and not pooled[0]._arrays  # kept for the next range, without its buffers
     assert server.connections == 1
     assert "GET /blob?sig=abc HTTP/1.1" in server.requests[0] and "Accept-Encoding: identity" in server.requests[0]

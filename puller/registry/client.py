@@ -240,13 +240,11 @@ class RegistryClient:
             # identity token (refresh token): the OAuth2 POST form of the token spec
             form = {"grant_type": "refresh_token", "refresh_token": creds.password, "client_id": "puller", **query}
             body = urlencode(form).encode()
-            req = self.http.request(
-                "POST", realm, {"Content-Type": "application/x-www-form-urlencoded"}, body, ssl_for=self._ssl_for
-            )
+            req = self.http.request("POST", realm, {"Content-Type": "application/x-www-form-urlencoded"}, body)
         else:
             headers = {"Authorization": creds.basic_header()} if creds else {}
             url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
-            req = self.http.request("GET", url, headers, ssl_for=self._ssl_for)
+            req = self.http.request("GET", url, headers)
         try:
             resp = await req
             async with resp:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import overload
+from typing import Generic, Protocol, TypeVar, overload
 from urllib.parse import urlsplit
 
 import h11
@@ -56,6 +56,60 @@ class TLSNotTrusted(ConnectionFailed):
 
 class TLSFailed(ConnectionFailed):
     """The TLS handshake failed for another reason (a server that speaks plain HTTP, say)."""
+
+
+class Pooled(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Pooled)
+
+
+class IdleConnections(Generic[C]):
+    """Kept-alive connections by origin for the next request, at most MAX_IDLE in all (a registry may redirect
+    anywhere); those the servers closed meanwhile are dropped, of every origin (a daemon meets many over weeks)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Hashable, list[C]] = {}
+
+    def take(self, origin: Hashable) -> C | None:
+        idle = self._idle.get(origin, [])
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+            conn.close()
+        return None
+
+    def keep(self, origin: Hashable, conn: C) -> None:
+        """Keep ``conn`` for ``origin``, or close it when the pool is full or the server closed it."""
+        for key, conns in list(self._idle.items()):
+            conns[:] = [c for c in conns if not c.closed]
+            if not conns:
+                del self._idle[key]
+        if conn.closed or sum(map(len, self._idle.values())) >= MAX_IDLE:
+            conn.close()
+        else:
+            self._idle.setdefault(origin, []).append(conn)
+
+    def __iter__(self) -> Iterator[C]:
+        return (conn for conns in self._idle.values() for conn in conns)
+
+    def close(self) -> None:
+        for conn in self:
+            conn.close()
+        self._idle.clear()
+
+
+def tls_for(ssl_for: SSLFor, url: str) -> ssl.SSLContext | None:
+    """The TLS context for ``url`` (None for plain HTTP): the one ``ssl_for`` gives, or a default one."""
+    if urlsplit(url).scheme != "https":
+        return None
+    wanted = ssl_for(url)
+    return wanted if isinstance(wanted, ssl.SSLContext) else tls_context(wanted)
 
 
 @functools.cache
@@ -207,7 +261,7 @@ class HttpPool:
         self._ssl_for = ssl_for
         self.timeouts = timeouts
         self._headers = headers  # sent with every request
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle: IdleConnections[_Connection] = IdleConnections()
 
     async def __aenter__(self) -> HttpPool:
         return self
@@ -216,10 +270,7 @@ class HttpPool:
         self.close()
 
     def close(self) -> None:
-        for conns in self._idle.values():
-            for conn in conns:
-                conn.close()
-        self._idle.clear()
+        self._idle.close()
 
     async def request(
         self,
@@ -234,10 +285,7 @@ class HttpPool:
         parts = urlsplit(url)
         scheme, host = parts.scheme, parts.hostname or ""
         port = parts.port or (443 if scheme == "https" else 80)
-        context = None
-        if scheme == "https":
-            wanted = (ssl_for or self._ssl_for)(url)
-            context = wanted if isinstance(wanted, ssl.SSLContext) else tls_context(wanted)
+        context = tls_for(ssl_for or self._ssl_for, url)
         origin = (scheme, host, port, id(context))
         netloc = parts.netloc.rpartition("@")[2]
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -246,7 +294,7 @@ class HttpPool:
             fields.append(("Content-Length", str(len(body))))
         request = h11.Request(method=method, target=target, headers=fields)
         for attempt in (1, 2):
-            conn = self._idle_connection(origin)
+            conn = self._idle.take(origin)
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(host, port, netloc, context)
@@ -293,28 +341,14 @@ class HttpPool:
             raise ConnectionFailed(f"{conn.netloc}: {e.strerror or e}") from None
         raise _Stale
 
-    def _idle_connection(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin, [])
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn
-            conn.close()
-        return None
-
     def done(self, origin: Origin, conn: _Connection, reuse: bool) -> None:
-        """A response is over: keep its connection for the next request to ``origin`` if it can serve one (at
-        most MAX_IDLE idle in all; those servers closed meanwhile are dropped), else close it."""
-        if reuse and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE and not conn.closed:
+        """A response is over: keep its connection for the next request to ``origin`` if it can serve one (see
+        :class:`IdleConnections`), else close it."""
+        if reuse and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
             conn.h11.start_next_cycle()
-            for key, conns in list(self._idle.items()):
-                conns[:] = [c for c in conns if not c.closed]
-                if not conns:
-                    del self._idle[key]
-            if sum(map(len, self._idle.values())) < MAX_IDLE:
-                self._idle.setdefault(origin, []).append(conn)
-                return
-        conn.close()
+            self._idle.keep(origin, conn)
+        else:
+            conn.close()
 
     async def _connect(self, host: str, port: int, netloc: str, context: ssl.SSLContext | None) -> _Connection:
         try:

@@ -28,11 +28,10 @@ from urllib.parse import urlsplit
 
 from ..errors import TransportError
 from .bodies import USER_AGENT, SpeedGuard
-from .http import Timeouts, tls_context
+from .http import IdleConnections, SSLFor, Timeouts, tls_for
 
 BLOCK = 512 * 1024  # bytes per buffer; two per connection (larger ones fall out of the CPU caches: slower)
 MAX_HEAD = 64 * 1024
-MAX_IDLE = 64  # idle connections kept, all origins together (holding no buffers; a registry may redirect anywhere)
 MAX_SPARE = 16  # buffer pairs kept for the next requests (16 MiB): fresh ones cost page faults and zeroing
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -286,20 +285,17 @@ class _Connection(asyncio.BufferedProtocol):
 class LeanRanges:
     """Ranges of resolved blob URLs over pooled lean connections. Use as ``async with``."""
 
-    def __init__(self, ssl_for: Callable[[str], ssl.SSLContext | bool], timeouts: Timeouts):
+    def __init__(self, ssl_for: SSLFor, timeouts: Timeouts):
         self._ssl_for = ssl_for
         self._timeouts = timeouts
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle: IdleConnections[_Connection] = IdleConnections()  # (an idle connection holds no buffers)
         self._spare: list[list[bytearray]] = []  # buffer pairs of requests that ended normally
 
     async def __aenter__(self) -> LeanRanges:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for conns in self._idle.values():
-            for conn in conns:
-                conn.close()
-        self._idle.clear()
+        self._idle.close()
 
     async def get(self, url: str, start: int, end: int, deliver: Deliver, guard: SpeedGuard) -> None:
         """Bytes ``[start, end)`` of ``url`` to ``deliver``; :class:`NotPartial` when the answer is not a 206."""
@@ -312,7 +308,7 @@ class LeanRanges:
         # store may still be reading a block of them.
         buffers = self._spare.pop() if self._spare else [bytearray(BLOCK), bytearray(BLOCK)]
         for attempt in (1, 2):
-            conn = self._idle_connection(origin)
+            conn = self._idle.take(origin)
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(origin, url)
@@ -322,37 +318,17 @@ class LeanRanges:
                 if attempt == 2 or not reused:
                     raise TransportError(f"{host}: connection closed before the answer") from None
                 continue
-            self._park(origin, conn)
+            if conn.keep:
+                self._idle.keep(origin, conn)
+            else:
+                conn.close()
             if len(self._spare) < MAX_SPARE:
                 self._spare.append(buffers)
             return
 
-    def _idle_connection(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin, [])
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:  # the server may have closed it meanwhile
-                return conn
-        return None
-
-    def _park(self, origin: Origin, conn: _Connection) -> None:
-        """Keep ``conn`` for the next range of ``origin`` (at most MAX_IDLE idle in all); drop the connections
-        servers closed meanwhile, of every origin (a daemon meets many over weeks)."""
-        for key, conns in list(self._idle.items()):
-            conns[:] = [c for c in conns if not c.closed]
-            if not conns:
-                del self._idle[key]
-        if conn.closed or not conn.keep or sum(map(len, self._idle.values())) >= MAX_IDLE:
-            conn.close()
-        else:
-            self._idle.setdefault(origin, []).append(conn)
-
     async def _connect(self, origin: Origin, url: str) -> _Connection:
-        scheme, host, port = origin
-        context: ssl.SSLContext | None = None
-        if scheme == "https":
-            wanted = self._ssl_for(url)
-            context = wanted if isinstance(wanted, ssl.SSLContext) else tls_context(wanted)
+        _, host, port = origin
+        context = tls_for(self._ssl_for, url)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeouts.connect_s):
