@@ -4,6 +4,7 @@ with its context manager."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime
@@ -16,13 +17,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tarfile
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -139,6 +141,21 @@ def make_tls_cert(workdir: Path) -> tuple[Path, Path, Path]:
         "cert", "127.0.0.1", sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
     )
     return ca.cert, cert, key
+
+
+async def start_scripted_server(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], tls: Path | None = None
+) -> tuple[asyncio.Server, str, Path | None]:
+    """An asyncio server on 127.0.0.1 answering with ``serve``; with ``tls`` (a directory for the test CA), HTTPS.
+    Returns the server, its base URL and the CA certificate (None without TLS)."""
+    context, ca = None, None
+    if tls:
+        ca, cert, key = make_tls_cert(tls)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"{'https' if tls else 'http'}://127.0.0.1:{port}", ca
 
 
 def flip_middle_byte(path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from puller.registry.bodies import SpeedLimit, read_body
 from puller.registry.http import ConnectionFailed, HttpPool, Timeouts, TLSFailed, TLSNotTrusted
 
-from .rig import make_tls_cert
+from .rig import start_scripted_server
 
 Answer = Callable[[str], list[bytes]]  # request path -> the pieces to send ([] sends nothing; b"" closes)
 
@@ -45,14 +45,7 @@ class Server:
         self.ca: Path | None = None
 
     async def __aenter__(self) -> Server:
-        context = None
-        if self.tls:
-            self.ca, cert, key = make_tls_cert(self.tls)
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(cert, key)
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context)
-        port = self._server.sockets[0].getsockname()[1]
-        self.base = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        self._server, self.base, self.ca = await start_scripted_server(self._serve, self.tls)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
