@@ -18,13 +18,16 @@ owns the caller's buffers only until ``write_at`` returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..digest import Digest
@@ -39,7 +42,9 @@ log = logging.getLogger(__name__)
 LOCK_POLL_S = 0.2  # while another process writes the same blob
 MAX_RANGES_RECORD = 16 << 20  # a .ranges file larger than this was not written by puller
 SAVE_EVERY_S = 0.5  # a .ranges record at most this old (and one at every stop): what a killed pull loses
-READ_BLOCK = 1 << 20  # read-back of bytes that arrived before the prefix reached them
+READ_BLOCK = 1 << 20  # read-back of bytes that arrived before the prefix reached them (pread)
+MAP_WINDOW = 8 << 20  # read-back through a mapping of the file: this much mapped at a time
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
 WRITEBACK_STEP = 8 << 20  # hashed bytes are handed to writeback in steps of this
 MIN_READ_BACK = 4 << 20  # the thread is not woken to read back less than this, except at the end
 
@@ -164,6 +169,20 @@ class StagedFile:
             raise StoreError(f"staged file of {self.desc.digest} ended at {offset + len(data)}")
         return data
 
+    @contextlib.contextmanager
+    def mapped(self, offset: int, n: int) -> Iterator[memoryview]:
+        """Bytes ``[offset, offset + n)`` as a read-only mapping of the file, faulted in first with
+        MADV_POPULATE_READ, which reports a failed read as OSError where touching the mapping would raise
+        SIGBUS. Raises OSError(EINVAL) on a kernel without it."""
+        lead = offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self.fd, n + lead, prot=mmap.PROT_READ, offset=offset - lead)
+        try:
+            m.madvise(MADV_POPULATE_READ)
+            with memoryview(m) as view, view[lead:] as data:
+                yield data
+        finally:
+            m.close()
+
     def published(self) -> None:
         """The file was moved into the store: drop its record."""
         self.staging.unlink(self.ranges_name)
@@ -206,6 +225,7 @@ class PrefixHasher:
         self.queued = 0  # bytes [0, queued) are hashed or queued for hashing (loop side)
         self._advised = 0
         self._read_backs: list[Future] = []
+        self._map = True  # read back through a mapping until the kernel says it cannot
 
     async def write(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
         """Write a block (and hash it, if it extends the hashed prefix)."""
@@ -230,8 +250,22 @@ class PrefixHasher:
             self._read_backs.append(self._thread.submit(self._read_back, start, prefix_end))  # errors: finish()
 
     def _read_back(self, start: int, end: int) -> None:
-        for pos in range(start, end, READ_BLOCK):
-            self._hash.update(self._staged.read(pos, min(READ_BLOCK, end - pos)))
+        """Hash ``[start, end)`` from the file: through a mapping (no copy into Python; about 0.1 CPU-s/GB less
+        than pread here), or by pread where the kernel cannot fault a mapping in ahead."""
+        pos = start
+        while pos < end and self._map:
+            n = min(MAP_WINDOW, end - pos)
+            try:
+                with self._staged.mapped(pos, n) as data:
+                    self._hash.update(data)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._map = False
+                break
+            pos += n
+        for at in range(pos, end, READ_BLOCK):
+            self._hash.update(self._staged.read(at, min(READ_BLOCK, end - at)))
         self._writeback(end)
 
     def _writeback(self, hashed: int) -> None:
