@@ -231,20 +231,29 @@ def test_tail_split_takes_second_half_of_slowest():
 
 def test_a_stalled_front_range_is_taken_over_whole():
     mib = 1 << 20
-    front = Chunk(8 * mib, 16 * mib, pos=9 * mib, streaming=True, mark=100 * mib)
+    front = Chunk(8 * mib, 16 * mib, pos=9 * mib, streaming=True, mark=100 * mib, heard_at=10.0)
     others = [Chunk(s * mib, (s + 8) * mib, pos=(s + 4) * mib, streaming=True, mark=130 * mib) for s in (16, 24, 32)]
     waiting = Chunk(0, mib)  # lower, but not streaming (waiting for a retry): not the stalled one
+
+    def take(chunks: list[Chunk], received: int, patience: int = 10 * mib, now: float = 11.0):
+        return take_stalled_front(chunks, received=received, patience=patience, silence=0.5, now=now)
+
     # the other three received 10 MiB each (in all 30) since the front's last bytes: patience 10 MiB is not exceeded
-    assert take_stalled_front([front, *others, waiting], received=130 * mib, patience=10 * mib) is None
+    assert take([front, *others, waiting], received=130 * mib) is None
     front.writing = True  # its bytes are being handed to the store: not stalled
-    assert take_stalled_front([front, *others], received=131 * mib, patience=10 * mib) is None
+    assert take([front, *others], received=131 * mib) is None
     front.writing = False
-    taken = take_stalled_front([front, *others, waiting], received=131 * mib, patience=10 * mib)
+    # enough bytes went by, but only 0.4 s: a request just sent while short chunks completed in a burst
+    assert take([front, *others, waiting], received=131 * mib, now=10.4) is None
+    taken = take([front, *others, waiting], received=131 * mib)
     assert taken is not None and taken[0] is front
     assert (taken[1].start, taken[1].end) == (9 * mib, 16 * mib) and front.end == front.pos == 9 * mib
     # taken over once: the new front is the next streaming range, which is not stalled
-    assert front.remaining == 0 and take_stalled_front([front, *others], received=131 * mib, patience=10 * mib) is None
-    assert take_stalled_front([others[0]], received=500 * mib, patience=mib) is None  # alone: nothing to compare
+    assert front.remaining == 0 and take([front, *others], received=131 * mib) is None
+    # alone, a range is judged by what the blob received since its last bytes: nothing, so not stalled ...
+    assert take([others[0]], received=130 * mib, patience=mib) is None
+    # ... unless the ranges before it finished meanwhile (the front is then the last one streaming)
+    assert take([others[0]], received=135 * mib, patience=mib) is not None
 
 
 async def test_priority_semaphore_serves_the_most_urgent_first():

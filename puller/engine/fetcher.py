@@ -21,6 +21,7 @@ A blob is fetched like this:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -46,6 +47,7 @@ DEFAULT_MIN_SPLIT = 1 * MIB
 MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
 CHUNKS_PER_CONNECTION = 4
 STALL_PATIENCE = 4 * MIB  # the front range is stalled when the others received this much each while it had none
+STALL_SILENCE_S = 0.5  # ... and it has been silent this long (TCP's least retransmission timeout is 0.2 s)
 PROBE_BYTES = 1 * MIB  # the first range of a blob, which resolves its URL and learns whether ranges work
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 MAX_OPEN_BLOBS = 64  # blobs with open files at once (at least twice the connections)
@@ -208,6 +210,8 @@ class _BlobDownload:
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
         self.requests: dict[Chunk, asyncio.Future] = {}  # the request of each streaming chunk (see _request)
+        self.watching = False  # a worker watches the front range for a stall (see _watch_front)
+        self.chunk_ended = asyncio.Event()  # set when a chunk leaves inflight: wakes the watcher
         self.range_ok: bool | None = None
         self.range_known = asyncio.Event()
 
@@ -266,24 +270,51 @@ class _BlobDownload:
                     await self._fetch_chunk(writer, chunk, conn)
                 finally:
                     self.inflight.discard(chunk)
+                    self.chunk_ended.set()
                     if not self.range_known.is_set():
                         self.range_known.set()  # a failed probe: let the others try (and fail) on their own
                 conn.yield_if_outranked()
                 chunk = self._next_chunk() if self.range_ok else None
+                if chunk is None and self.range_ok:
+                    chunk = await self._watch_front(conn)
         finally:
             conn.release()
 
     def _next_chunk(self) -> Chunk | None:
-        taken = take_stalled_front(self.inflight, self.progress.fetched, STALL_PATIENCE)
-        if taken is not None:
-            stalled, rest = taken
-            log.debug("%s: taking over the stalled range at %d", self.desc.digest, rest.start)
-            if (request := self.requests.get(stalled)) is not None:
-                request.cancel()  # its connection is closed; its worker goes on with the next chunk
+        if (rest := self._take_stalled_front()) is not None:
             return rest
         if self.pending:
             return self.pending.pop(0)
         return split_for_tail(self.inflight, self.f.settings.min_split)
+
+    def _take_stalled_front(self) -> Chunk | None:
+        taken = take_stalled_front(self.inflight, self.progress.fetched, STALL_PATIENCE, STALL_SILENCE_S)
+        if taken is None:
+            return None
+        stalled, rest = taken
+        log.debug("%s: taking over the stalled range at %d", self.desc.digest, rest.start)
+        if (request := self.requests.get(stalled)) is not None:
+            request.cancel()  # its connection is closed; its worker goes on with the next chunk
+        return rest
+
+    async def _watch_front(self, conn: Connection) -> Chunk | None:
+        """Nothing is left to hand out: one worker of the blob stays, without its slot, while others stream, and
+        takes over the front range if it stalls (no other worker may come free to notice)."""
+        if self.watching:
+            return None
+        self.watching = True
+        conn.release()
+        try:
+            while self.range_ok and any(c.streaming and c.remaining for c in self.inflight):
+                self.chunk_ended.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STALL_SILENCE_S / 2):
+                        await self.chunk_ended.wait()
+                if (rest := self._take_stalled_front()) is not None:
+                    return rest
+            return None
+        finally:
+            self.watching = False
 
     async def _fetch_chunk(self, writer: BlobWriter, chunk: Chunk, conn: Connection) -> None:
         """Fetch ``chunk`` from the current host; when a mirror fails (after MIRROR_ATTEMPTS) or lacks the blob,
@@ -329,7 +360,8 @@ class _BlobDownload:
         if chunk.pos >= chunk.end:
             return
         if self.range_ok and self.reader.lean_ready:
-            chunk.streaming, chunk.mark = True, self.progress.fetched
+            chunk.streaming = True
+            chunk.heard(self.progress.fetched)
             try:
                 deliver = functools.partial(self._deliver, writer, chunk, self.reader.host)
                 await self.reader.read_lean(chunk.pos, chunk.end, deliver)
@@ -345,7 +377,8 @@ class _BlobDownload:
                 size = self.desc.size
                 chunk.pos = skip = next(iter(self.done.missing(size)), (size, size))[0]
                 chunk.end = size
-            chunk.streaming, chunk.mark = True, self.progress.fetched
+            chunk.streaming = True
+            chunk.heard(self.progress.fetched)
             try:
                 await self._copy_body(writer, chunk, body, skip)
             finally:
@@ -414,7 +447,8 @@ class _BlobDownload:
             return
         if n > room:
             buffers, n = _clip(buffers, room), room
-        start, chunk.mark, chunk.writing = chunk.pos, self.progress.fetched, True  # bytes arrived: not stalled
+        start, chunk.writing = chunk.pos, True  # bytes arrived: not stalled
+        chunk.heard(self.progress.fetched)
         try:
             await writer.write_at(start, buffers)
         finally:

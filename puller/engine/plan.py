@@ -9,6 +9,7 @@ waits for it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,11 +26,16 @@ class Chunk:
     pos: int = -1
     streaming: bool = False
     mark: int = 0  # the blob's received bytes when this chunk last received some (or started streaming)
+    heard_at: float = 0.0  # when that was (time.monotonic)
     writing: bool = False  # its bytes are being handed to the store: not stalled, not to be taken over
 
     def __post_init__(self) -> None:
         if self.pos < 0:
             self.pos = self.start
+
+    def heard(self, received: int) -> None:
+        """The chunk received bytes (or started streaming) when the blob had received ``received``."""
+        self.mark, self.heard_at = received, time.monotonic()
 
     @property
     def remaining(self) -> int:
@@ -62,15 +68,21 @@ def split_for_tail(inflight: Iterable[Chunk], min_split: int) -> Chunk | None:
     return tail
 
 
-def take_stalled_front(inflight: Iterable[Chunk], received: int, patience: int) -> tuple[Chunk, Chunk] | None:
-    """The front chunk (the lowest streaming one) and the rest of it, taken over, when it has received nothing while
-    the other streaming chunks received ``patience`` bytes each on average (``received``: the blob's bytes so far):
-    a stalled connection, say a TCP flow backing off after losses. The stalled chunk then ends where it is."""
+def take_stalled_front(
+    inflight: Iterable[Chunk], received: int, patience: int, silence: float, now: float | None = None
+) -> tuple[Chunk, Chunk] | None:
+    """The front chunk (the lowest streaming one) and the rest of it, taken over, when for ``silence`` seconds or
+    more it has received nothing while the blob received ``patience`` bytes per other streaming chunk (at least
+    ``patience``; ``received``: the blob's bytes so far): a stalled connection, say a TCP flow backing off after
+    losses. The stalled chunk then ends where it is. Bytes alone would misjudge a request just sent while short
+    chunks complete in a burst from full socket buffers (loopback, many small layers); time alone, a slow link."""
     streaming = [c for c in inflight if c.streaming and c.remaining > 0]
-    if len(streaming) < 2:
-        return None  # nothing to compare with: the read timeout and the low-speed limit judge a lone request
+    if not streaming:
+        return None
     front = min(streaming, key=lambda c: c.pos)
-    if front.writing or received - front.mark <= patience * (len(streaming) - 1):
+    if front.writing or received - front.mark <= patience * max(1, len(streaming) - 1):
+        return None
+    if (time.monotonic() if now is None else now) - front.heard_at < silence:
         return None
     rest = Chunk(front.pos, front.end)
     front.end = front.pos
