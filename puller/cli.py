@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -202,6 +203,7 @@ def _pull_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    gc.freeze()  # what the imports made lives as long as the process: the cyclic collector need not walk it again
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else (logging.INFO if args.command == "daemon" else logging.WARNING)
     logs.configure("text", level)
