@@ -468,15 +468,16 @@ def table(results: list[Result], rig: dict) -> str:
     lines = []
     link_mb = rig["link_mbit"] / 8 if rig["link_mbit"] else None
     for image, rs in by_image.items():
-        ref = next((r for r in rs if r.tool == "curl-16"), None)
+        # the reference: curl-16 where it ran, else curl-sync (loopback: curl's 16 ranges, then sync)
+        ref = next((r for t in ("curl-16", "curl-sync") for r in rs if r.tool == t), None)
         pul = next((r for r in rs if r.tool == "puller"), None)
         floor = floor_cpu(rs)
         lines.append(f"\n{image}: {rs[0].bytes / 1e6:.0f} MB, {len(rs[0].samples)} runs, medians")
         if floor:
             lines.append(f"CPU floor (curl-sync + sha256, medians of this run): {floor / (rs[0].bytes / 1e9):.2f} s/GB")
         lines.append(
-            "| tool | seconds | MB/s | vs curl-16 | puller is x faster | of link | CPU s/GB | own CPU s/GB "
-            "| x floor | peak RSS MB |"
+            f"| tool | seconds | MB/s | vs {ref.tool if ref else 'curl-16'} | puller is x faster | of link | CPU s/GB "
+            "| own CPU s/GB | x floor | peak RSS MB |"
         )
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in sorted(rs, key=lambda r: r.median("seconds")):
