@@ -43,7 +43,7 @@ LOCK_POLL_S = 0.2  # while another process writes the same blob
 MAX_RANGES_RECORD = 16 << 20  # a .ranges file larger than this was not written by puller
 SAVE_EVERY_S = 0.5  # a .ranges record at most this old (and one at every stop): what a killed pull loses
 READ_BLOCK = 1 << 20  # read-back of bytes that arrived before the prefix reached them (pread)
-MAP_WINDOW = 8 << 20  # read-back through a mapping of the file: this much mapped at a time
+MAP_WINDOW = 2 << 20  # read-back through a mapping of the file: this much mapped at a time (bounds RSS)
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
 WRITEBACK_STEP = 8 << 20  # hashed bytes are handed to writeback in steps of this
 MIN_READ_BACK = 4 << 20  # the thread is not woken to read back less than this, except at the end
