@@ -136,6 +136,7 @@ class StagedFile:
                 self.fd = self.staging.open_file(self.data_name, os.O_RDWR | os.O_CREAT)
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, self.desc.size)
+                self._saved_at = time.monotonic()  # a blob written within SAVE_EVERY_S is never recorded
 
     def write(self, offset: int, buffers: Sequence[Buffer]) -> None:
         """Write ``buffers`` at ``offset`` (in a worker thread; made the file first if need be). The range is
