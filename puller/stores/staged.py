@@ -74,7 +74,7 @@ class StagedFile:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.close)  # unlink and close wait on the filesystem's journal: not on the loop
+        self.close()
 
     async def _lock(self) -> None:
         """An exclusive flock on the lock file (the inode check guards against a file unlinked meanwhile)."""
@@ -228,10 +228,6 @@ class PrefixHasher:
         self._read_backs: list[Future] = []
         self._map = True  # read back through a mapping until the kernel says it cannot
 
-    def start(self) -> None:
-        """Start the thread (in a worker thread: starting one waits for it to run, which the loop should not)."""
-        self._thread.submit(int).result()
-
     async def write(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
         """Write a block (and hash it, if it extends the hashed prefix)."""
         loop = asyncio.get_running_loop()
@@ -288,9 +284,9 @@ class PrefixHasher:
             f.result()  # a failed read-back raises here
         return digest
 
-    def close(self, wait: bool = True) -> None:
+    def close(self) -> None:
         """Wait out queued work (before the file is closed)."""
-        self._thread.shutdown(wait=wait)
+        self._thread.shutdown(wait=True)
 
 
 class FileWriter:
@@ -313,20 +309,12 @@ class FileWriter:
         self._there = False
 
     async def __aenter__(self) -> FileWriter:
-        await asyncio.to_thread(self._hasher.start)
-        try:
-            await self._staged.__aenter__()
-        except BaseException:
-            self._hasher.close(wait=False)  # its thread is idle and ends by itself
-            raise
+        await self._staged.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self._close)
-
-    def _close(self) -> None:
         try:
-            self._hasher.close()
+            await asyncio.to_thread(self._hasher.close)
         finally:
             self._staged.close()
 
@@ -361,19 +349,14 @@ class FileWriter:
         if actual != digest.hex:
             self._staged.remove()  # never keep bad bytes: the next attempt starts from nothing
             raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}", what="blob")
+        staged = self._staged
         try:
-            await asyncio.to_thread(self._publish_staged)
+            await asyncio.to_thread(self._publish, staged.staging, staged.data_name)
         except OSError as e:
             raise store_error(e, f"committing {digest}") from None
+        staged.published()
         self._there = True
 
-    def _publish_staged(self) -> None:
-        self._publish(self._staged.staging, self._staged.data_name)
-        self._staged.published()
-
     async def abort(self) -> None:
-        await asyncio.to_thread(self._abort)
-
-    def _abort(self) -> None:
-        self._hasher.close()
+        await asyncio.to_thread(self._hasher.close)
         self._staged.remove()

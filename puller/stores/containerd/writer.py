@@ -96,7 +96,7 @@ class ContainerdWriter:
         try:
             await self._stop()
         finally:
-            await asyncio.to_thread(self._staged.close)
+            self._staged.close()
 
     async def status(self) -> WriteStatus:
         """Present; or what containerd's ingest holds (from byte 0) plus what is staged; starts the stream."""
@@ -172,14 +172,14 @@ class ContainerdWriter:
         except DigestMismatch:
             await self.abort()
             raise
-        await asyncio.to_thread(self._staged.remove)
+        self._staged.remove()
         self._present = True
         self._state.ready.set()
 
     async def abort(self) -> None:
         await self._stop()
         await self._shared.content.abort(self.desc)
-        await asyncio.to_thread(self._staged.remove)
+        self._staged.remove()
         self.done = RangeSet()
 
     async def _stop(self) -> None:
