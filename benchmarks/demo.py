@@ -65,6 +65,13 @@ def main() -> int:
         f"from resolve to commit)  digest {done['digest']}"
     )
     print(f"one stream: {single:7.2f} s  {size / 1e6 / single:8.1f} MB/s")
+    if done["fetched"] < size:  # the same seeded image, pulled by an earlier run: no comparison to make
+        print(
+            f"{args.store} already held {(size - done['fetched']) / 1e6:.0f} of {size / 1e6:.0f} MB of the image "
+            f"(an earlier run); remove it for a cold pull. Image in {args.store} "
+            f"(skopeo inspect oci:{args.store}:{ref})"
+        )
+        return 0
     print(f"puller was {single / wall:.1f}x faster; image is in {args.store} (skopeo inspect oci:{args.store}:{ref})")
     return 0
 
