@@ -114,6 +114,18 @@ async def test_a_kept_connection_the_server_let_go_is_replaced_without_an_error(
         assert server.paths == ["/a", "/b"]
 
 
+async def test_a_body_read_to_its_last_byte_keeps_its_connection():
+    """A range reader stops once it has its bytes, before the end of the answer is read: the connection is
+    still kept (a blob's probe to a CDN once opened a new connection, and a new TLS session, per blob)."""
+    async with Server(lambda path: ok(b"r" * 65536)) as server, pool() as http:
+        for _ in range(3):
+            async with await http.request("GET", server.base + "/range") as resp:
+                got = 0
+                while got < 65536:
+                    got += len(await resp.readany())
+        assert server.connections == 1
+
+
 async def test_an_answer_left_unread_closes_its_connection():
     async with Server(lambda path: ok(b"y" * 100000)) as server, pool() as http:
         resp = await http.request("GET", server.base + "/big")

@@ -169,6 +169,13 @@ class _Connection:
         transport = self.writer.transport
         transport.abort()
 
+    def answer_complete(self) -> bool:
+        """The answer ends with the bytes received so far (no I/O; anything still buffered is dropped)."""
+        try:
+            return isinstance(self.h11.next_event(), h11.EndOfMessage)
+        except h11.ProtocolError:
+            return False
+
     async def next_event(self, read_s: float) -> object:
         while True:
             try:
@@ -242,9 +249,12 @@ class Response:
             self.release()
 
     def release(self) -> None:
-        """Hand the connection back (kept for the next request if the whole answer was read), else close it."""
+        """Hand the connection back (kept for the next request if the whole answer was read), else close it. A
+        reader that stopped at the body's last byte (a range read to its end) has read it whole: h11 says so
+        without more I/O."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._ended = self._ended or conn.answer_complete()
             self._pool.done(self._origin, conn, reuse=self._ended)
 
     async def __aenter__(self) -> Response:
