@@ -24,11 +24,11 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -143,19 +143,37 @@ def make_tls_cert(workdir: Path) -> tuple[Path, Path, Path]:
     return ca.cert, cert, key
 
 
-async def start_scripted_server(
-    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], tls: Path | None = None
-) -> tuple[asyncio.Server, str, Path | None]:
-    """An asyncio server on 127.0.0.1 answering with ``serve``; with ``tls`` (a directory for the test CA), HTTPS.
-    Returns the server, its base URL and the CA certificate (None without TLS)."""
-    context, ca = None, None
-    if tls:
-        ca, cert, key = make_tls_cert(tls)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"{'https' if tls else 'http'}://127.0.0.1:{port}", ca
+class ScriptedServer:
+    """An asyncio server on 127.0.0.1 whose subclass answers each connection in :meth:`serve`; with ``tls`` (a
+    directory for the test CA), HTTPS. Use as ``async with``: ``base`` is its URL, ``ca`` the CA certificate (None
+    without TLS), ``connections`` how many it accepted."""
+
+    def __init__(self, tls: Path | None = None):
+        self.tls = tls
+        self.connections = 0
+        self.base = ""
+        self.ca: Path | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await self.serve(reader, writer)
+
+    async def __aenter__(self) -> Self:
+        context = None
+        if self.tls:
+            self.ca, cert, key = make_tls_cert(self.tls)
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert, key)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=context)
+        port = self._server.sockets[0].getsockname()[1]
+        self.base = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
 
 
 def flip_middle_byte(path: Path) -> None:

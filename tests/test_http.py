@@ -15,7 +15,7 @@ import pytest
 from puller.registry.bodies import SpeedLimit, read_body
 from puller.registry.http import ConnectionFailed, HttpPool, Timeouts, TLSFailed, TLSNotTrusted
 
-from .rig import start_scripted_server
+from .rig import ScriptedServer
 
 Answer = Callable[[str], list[bytes]]  # request path -> the pieces to send ([] sends nothing; b"" closes)
 
@@ -32,27 +32,18 @@ def chunked(*parts: bytes) -> list[bytes]:
     return [*out, b"0\r\n\r\n"]
 
 
-class Server:
+class Server(ScriptedServer):
     """Answers each request with ``answer(path)``; ``drop_after``: closes a connection when the request after
     that many answers arrives (a kept-alive connection the server let go)."""
 
     def __init__(self, answer: Answer, drop_after: int = 0, tls: Path | None = None, greet: bytes = b""):
-        self.answer, self.drop_after, self.tls = answer, drop_after, tls
+        super().__init__(tls)
+        self.answer, self.drop_after = answer, drop_after
         self.greet = greet  # sent as soon as a connection is made
-        self.connections = 0
         self.paths: list[str] = []
         self.bodies: list[bytes] = []
-        self.ca: Path | None = None
 
-    async def __aenter__(self) -> Server:
-        self._server, self.base, self.ca = await start_scripted_server(self._serve, self.tls)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         answered = 0
         try:
             if self.greet:

@@ -17,7 +17,7 @@ from puller.registry.bodies import SlowTransfer, SpeedLimit
 from puller.registry.http import Timeouts
 from puller.registry.lean import BLOCK, LeanRanges, NotPartial
 
-from .rig import start_scripted_server
+from .rig import ScriptedServer
 
 BLOB = random.Random(7).randbytes(3 * BLOCK + 1234)
 Answer = Callable[[int, int], list[bytes]]  # (start, end) -> the pieces to send, in order
@@ -33,7 +33,7 @@ def ranged(start: int, end: int) -> list[bytes]:
     return [partial(start, end), BLOB[start:end]]
 
 
-class Server:
+class Server(ScriptedServer):
     """Answers each request with ``answer(start, end)``, ``delay`` seconds between pieces; ``close_after``
     closes a connection once it has sent that many answers; ``drop_after`` closes it when the request after that
     many answers arrives (a kept-alive connection the server let go)."""
@@ -46,26 +46,15 @@ class Server:
         delay: float = 0.0,
         tls: Path | None = None,
     ):
-        self.answer, self.close_after, self.drop_after, self.delay, self.tls = (
-            answer,
-            close_after,
-            drop_after,
-            delay,
-            tls,
-        )
-        self.connections = 0
+        super().__init__(tls)
+        self.answer, self.close_after, self.drop_after, self.delay = answer, close_after, drop_after, delay
         self.requests: list[str] = []
 
-    async def __aenter__(self) -> Server:
-        self._server, base, self.ca = await start_scripted_server(self._serve, self.tls)
-        self.url = f"{base}/blob?sig=abc"
-        return self
+    @property
+    def url(self) -> str:
+        return f"{self.base}/blob?sig=abc"
 
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         answered = 0
         try:
             while True:
