@@ -38,7 +38,7 @@ from ..registry.lean import NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Buffer, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
-from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail, take_stalled_front
+from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail, streaming_chunks, take_stalled_front
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class _BlobDownload:
         self.watching = True
         conn.release()
         try:
-            while self.range_ok and any(c.streaming and c.remaining for c in self.inflight):
+            while self.range_ok and streaming_chunks(self.inflight):
                 self.chunk_ended.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(STALL_SILENCE_S / 2):

@@ -68,6 +68,11 @@ def split_for_tail(inflight: Iterable[Chunk], min_split: int) -> Chunk | None:
     return tail
 
 
+def streaming_chunks(inflight: Iterable[Chunk]) -> list[Chunk]:
+    """The chunks receiving now that still want bytes: those a stall can be found among."""
+    return [c for c in inflight if c.streaming and c.remaining > 0]
+
+
 def take_stalled_front(
     inflight: Iterable[Chunk], received: int, patience: int, silence: float, now: float | None = None
 ) -> tuple[Chunk, Chunk] | None:
@@ -76,7 +81,7 @@ def take_stalled_front(
     ``patience``; ``received``: the blob's bytes so far): a stalled connection, say a TCP flow backing off after
     losses. The stalled chunk then ends where it is. Bytes alone would misjudge a request just sent while short
     chunks complete in a burst from full socket buffers (loopback, many small layers); time alone, a slow link."""
-    streaming = [c for c in inflight if c.streaming and c.remaining > 0]
+    streaming = streaming_chunks(inflight)
     if not streaming:
         return None
     front = min(streaming, key=lambda c: c.pos)
