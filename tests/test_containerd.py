@@ -519,15 +519,15 @@ async def test_an_ingest_locked_by_another_writer_is_waited_for_then_written(con
     other = ContainerdStore(str(containerd.socket), "locked", staging_dir=tmp_path / "a")
     store = ContainerdStore(str(containerd.socket), "locked", staging_dir=tmp_path / "b")
     async with other, store:
-        held = other.content.api.content_write(metadata=other.content.api.md(None))
+        held = await other.content.api.open_write()
         stat = content_pb2.WriteContentRequest(
             action=content_pb2.STAT, ref=ingest_ref(desc), total=desc.size, expected=str(desc.digest)
         )
-        await held.write(stat)
-        await held.read()  # the other writer holds the lock now
+        await held.send([stat.SerializeToString()])
+        await held.receive()  # the other writer holds the lock now
         write = asyncio.ensure_future(store.content.put_bytes(desc, data, {}, None))
         await asyncio.sleep(1.5)
         assert not write.done()  # waiting, not failed
-        held.cancel()  # the other writer goes away
+        held.close()  # the other writer goes away
         await asyncio.wait_for(write, 20)
         assert await store.has_blob(desc)

@@ -23,6 +23,7 @@ from ...registry.manifest import Descriptor
 from .. import Buffer, free_bytes
 from ..containerd_api import content_pb2
 from .api import Api
+from .stream import RpcError, WriteStream
 
 WRITE_MESSAGE = 1 << 20  # most bytes per Write message this module builds (gRPC's default limit is 4 MiB)
 WRITE_AHEAD = 4 << 20  # bytes of Write messages in flight per stream: containerd handles one while the next travel
@@ -135,16 +136,16 @@ class Content:
         ref = ingest_ref(desc)
         ref_bytes = ref.encode()
         digest = str(desc.digest)
-        call = self.api.content_write(metadata=self.api.md(lease))
         offset = 0
+        stream: WriteStream | None = None
         try:
-            await call.write(
-                content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=desc.size, expected=digest)
-            )
+            stream = await self.api.open_write(lease)
+            stat = content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=desc.size, expected=digest)
+            await stream.send([stat.SerializeToString()])
             try:
-                status = await call.read()
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and "locked" in (e.details() or ""):
+                status = content_pb2.WriteContentResponse.FromString(await stream.receive())
+            except RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and "locked" in e.details():
                     raise _Locked(e.details()) from None
                 raise
             offset = status.offset if 0 <= status.offset <= desc.size else 0
@@ -161,49 +162,39 @@ class Content:
                 n = piece_length(piece)
                 if isinstance(piece, Message):
                     assert piece.offset == offset, "a message built for another offset"
-                    await call.write(piece.wire)
+                    await stream.send([piece.wire])
                 else:
-                    await call.write(write_message(ref_bytes, offset, piece))
+                    await stream.send([message_head(ref_bytes, offset, n), *piece])
                 offset += n
                 unanswered.append(n)
                 in_flight += n
                 while in_flight >= WRITE_AHEAD:
-                    await call.read()
+                    await stream.receive()
                     in_flight -= unanswered.popleft()
             for _ in unanswered:
-                await call.read()
-            await call.write(
-                content_pb2.WriteContentRequest(
-                    action=content_pb2.COMMIT, ref=ref, offset=offset, total=desc.size, expected=digest, labels=labels
-                )
+                await stream.receive()
+            commit = content_pb2.WriteContentRequest(
+                action=content_pb2.COMMIT, ref=ref, offset=offset, total=desc.size, expected=digest, labels=labels
             )
-            await call.read()
-            await call.done_writing()
-        except grpc.aio.AioRpcError as e:
+            await stream.send([commit.SerializeToString()])
+            await stream.receive()
+            await stream.finish()
+        except RpcError as e:
             if e.code() == grpc.StatusCode.ALREADY_EXISTS:
                 if labels:
                     await self.update_labels(digest, labels)
                 return
-            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                # The stream broke on our side first (containerd's own status is lost then): a full disk is the
-                # usual cause, and one that must say so (exit 10).
+            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE):
+                # containerd's status may not say why (a stream broken mid-message): a full disk is the usual
+                # cause, and one that must say so (exit 10).
                 await self.raise_if_full(f"writing {digest}", desc.size - offset)
-            mismatch = _COMMIT_DIGEST.search(e.details() or "")
+            mismatch = _COMMIT_DIGEST.search(e.details())
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and mismatch:
                 raise DigestMismatch(digest, mismatch.group(1), what="blob (checked by containerd)") from None
             raise self.api.error(e, f"writing {digest}") from None
-        except asyncio.InvalidStateError:
-            # The stream ended under us (containerd restarted, say) while we were writing: report why.
-            code, details = await call.code(), await call.details()
-            if code == grpc.StatusCode.ALREADY_EXISTS:
-                return
-            if code == grpc.StatusCode.UNAVAILABLE and "locked" in (details or "") and offset == 0:
-                raise _Locked(details) from None
-            raise StoreError(
-                f"containerd at {self.api.address} ended the write of {digest}: {code.name} {details}".rstrip()
-            ) from None
         finally:
-            call.cancel()
+            if stream is not None:
+                stream.close()
 
     async def raise_if_full(self, what: str, wanted: int) -> None:
         """DiskFull when containerd's root filesystem has less than ``wanted`` bytes free."""
@@ -247,10 +238,14 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def message_head(ref: bytes, offset: int, size: int) -> bytes:
+    """The start of a WriteContentRequest{action=WRITE, ref, offset, data} in protobuf's wire format, up to the
+    ``size`` data bytes that follow it (field numbers as in containerd_api/content.proto): sent before the received
+    buffers, the message is never built (building and serializing it would copy every byte twice)."""
+    return b"\x08\x01\x12" + _varint(len(ref)) + ref + b"\x28" + _varint(offset) + b"\x32" + _varint(size)
+
+
 def write_message(ref: bytes, offset: int, data: Sequence[Buffer]) -> bytes:
-    """A WriteContentRequest{action=WRITE, ref, offset, data} in protobuf's wire format, built around the received
-    buffers in one copy (building the message and serializing it would copy every byte twice more: ~10% of the
-    client's CPU on a loopback pull). Field numbers as in containerd_api/content.proto."""
-    size = sum(map(len, data))
-    head = b"\x08\x01\x12" + _varint(len(ref)) + ref + b"\x28" + _varint(offset) + b"\x32" + _varint(size)
-    return b"".join([head, *data])
+    """The whole WRITE message around ``data``, in one copy (a kept block, whose buffers are the caller's again on
+    return)."""
+    return b"".join([message_head(ref, offset, sum(map(len, data))), *data])
