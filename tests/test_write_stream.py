@@ -1,0 +1,140 @@
+"""The containerd Write stream's own HTTP/2 framing (puller/stores/containerd/stream.py) against a scripted peer:
+the call's status reaches the caller, and a peer that breaks the protocol or its bounds ends the call with one
+error instead of growing memory or hanging. (Against containerd itself: test_containerd.py and the store
+conformance suite.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import hpack
+import pytest
+
+from puller.stores.containerd.stream import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    PREFACE,
+    SETTINGS,
+    RpcError,
+    WriteStream,
+    frame_header,
+)
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, int, int, bytes]:
+    head = await reader.readexactly(9)
+    length = int.from_bytes(head[:3], "big")
+    return head[3], head[4], int.from_bytes(head[5:9], "big"), await reader.readexactly(length)
+
+
+async def _call(tmp_path: Path, script: Script, body: Callable[[WriteStream], Awaitable[object]]) -> object:
+    """Run ``body`` on a stream to a peer that reads the preface and then follows ``script``."""
+    seen: list[tuple[int, int, int, bytes]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(len(PREFACE)) == PREFACE
+        writer.write(frame_header(0, SETTINGS, 0, 0))
+        while True:  # up to the request's headers
+            frame = await _read_frame(reader)
+            seen.append(frame)
+            if frame[0] == HEADERS:
+                break
+        await script(reader, writer)
+
+    sock = str(tmp_path / "peer.sock")
+    server = await asyncio.start_unix_server(serve, sock)
+    try:
+        stream = await WriteStream.open(sock, "/svc/Method", [("containerd-namespace", "ns")])
+        try:
+            return await asyncio.wait_for(body(stream), 10)
+        finally:
+            stream.close()
+    finally:
+        server.close()
+
+
+def _headers(fields: list[tuple[str, str]], flags: int) -> bytes:
+    block = hpack.Encoder().encode(fields)
+    return frame_header(len(block), HEADERS, flags | END_HEADERS, 1) + block
+
+
+async def test_an_error_status_reaches_the_caller_with_its_message_decoded(tmp_path: Path):
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        trailers = [(":status", "200"), ("grpc-status", "9"), ("grpc-message", "ref locked: 100%25 busy")]
+        writer.write(_headers(trailers, END_STREAM))  # a trailers-only answer
+        await asyncio.sleep(5)
+
+    with pytest.raises(RpcError) as caught:
+        await _call(tmp_path, script, lambda stream: stream.receive())
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details() == "ref locked: 100% busy"
+
+
+async def test_messages_go_out_framed_and_answers_come_back_in_order(tmp_path: Path):
+    received = bytearray()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_headers([(":status", "200"), ("content-type", "application/grpc")], 0))
+        while True:
+            kind, flags, _, payload = await _read_frame(reader)
+            if kind == DATA:
+                received.extend(payload)
+                if flags & END_STREAM:
+                    break
+        for answer in (b"one", b"two"):
+            message = b"\x00" + len(answer).to_bytes(4, "big") + answer
+            writer.write(frame_header(len(message), DATA, 0, 1) + message)
+        writer.write(_headers([("grpc-status", "0")], END_STREAM))
+
+    async def body(stream: WriteStream) -> list[bytes]:
+        await stream.send([b"abc", memoryview(b"defg")])
+        await stream.send([bytes(40_000)])  # more than one frame
+        stream_done = asyncio.ensure_future(stream.finish())
+        answers = [await stream.receive(), await stream.receive()]
+        await stream_done
+        return answers
+
+    assert await _call(tmp_path, script, body) == [b"one", b"two"]
+    expected = b"\x00\x00\x00\x00\x07abcdefg" + b"\x00" + (40_000).to_bytes(4, "big") + bytes(40_000)
+    assert bytes(received) == expected
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        frame_header(1 << 20, DATA, 0, 1),  # a frame larger than we accept
+        frame_header(6, DATA, 0, 1) + b"\x01\x00\x00\x00\x01x",  # a compressed answer
+        frame_header(5, DATA, 0, 1) + b"\x00\x7f\xff\xff\xff",  # an answer of 2 GiB announced
+    ],
+    ids=["huge-frame", "compressed", "huge-answer"],
+)
+async def test_a_peer_that_breaks_the_bounds_ends_the_call(tmp_path: Path, hostile: bytes):
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_headers([(":status", "200")], 0) + hostile)
+        await asyncio.sleep(5)
+
+    with pytest.raises(RpcError) as caught:
+        await _call(tmp_path, script, lambda stream: stream.receive())
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "malformed" in caught.value.details()
+
+
+async def test_a_peer_that_goes_away_mid_call_is_unavailable(tmp_path: Path):
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def body(stream: WriteStream) -> None:
+        for _ in range(100):  # the first sends may fit in the socket before the close is seen
+            await stream.send([bytes(1 << 16)])
+            await asyncio.sleep(0.01)
+
+    with pytest.raises(RpcError) as caught:
+        await _call(tmp_path, script, body)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
