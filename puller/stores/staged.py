@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import mmap
@@ -28,7 +29,8 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from ..digest import Digest
 from ..errors import DigestMismatch, SizeMismatch, StoreError
@@ -36,6 +38,9 @@ from ..ranges import RangeSet
 from ..registry.manifest import Descriptor
 from . import Buffer, WriteStatus, staged_stem, store_error
 from .safedir import SafeDir
+from .threads import SerialLane, hash_pool, in_thread, settled
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -63,41 +68,66 @@ class StagedFile:
         self._unsaved = 0  # bytes written since the last record
         self._saved_at = time.monotonic()
         self._create_lock = threading.Lock()
+        self._busy: set[asyncio.Future[Any]] = set()  # thread work on the file, not yet ended
 
     async def __aenter__(self) -> StagedFile:
         await self._lock()
         try:
-            await asyncio.to_thread(self._load)
+            await self.run(self._load)
         except BaseException:
-            self._unlock()
+            self.close()
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self.aclose()
+
+    async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """``fn(*args)`` on a worker thread, awaited to its end even under cancellation, and waited for by
+        :meth:`settle` (the file is closed only after every thread is done with it)."""
+        future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+        self._busy.add(future)
+        future.add_done_callback(self._busy.discard)
+        return await settled(future)
+
+    async def settle(self) -> None:
+        """Wait until no thread works on the file (whatever their outcome)."""
+        while self._busy:
+            await settled(asyncio.gather(*self._busy, return_exceptions=True))
+
+    async def aclose(self) -> None:
+        """:meth:`close` once no thread works on the file, on a thread (it renames and unlinks)."""
+        await self.settle()
+        await in_thread(self.close)
 
     async def _lock(self) -> None:
-        """An exclusive flock on the lock file (the inode check guards against a file unlinked meanwhile)."""
+        """An exclusive flock on the lock file, polled: a wait that is cancelled leaves nothing behind."""
+        while True:
+            fd = await in_thread(self._try_lock, undo=_close_lock)
+            if fd is not None:
+                self._lock_fd = fd
+                return
+            await asyncio.sleep(LOCK_POLL_S)
+
+    def _try_lock(self) -> int | None:
+        """The lock file's descriptor, locked; None while another writer holds it (the inode check guards
+        against a lock file unlinked by its holder meanwhile)."""
         while True:
             try:
                 fd = self.staging.open_file(self.lock_name, os.O_RDWR | os.O_CREAT)
             except OSError as e:
                 raise store_error(e, f"locking {self.desc.digest} in {self.staging.path}") from None
             try:
-                while True:  # polled, not a blocking flock in a thread: cancelling the wait leaves nothing behind
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        await asyncio.sleep(LOCK_POLL_S)
-                now = self.staging.stat(self.lock_name)
-                same = now is not None and os.fstat(fd).st_ino == now.st_ino
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
             except BaseException:
                 os.close(fd)
                 raise
-            if same:
-                self._lock_fd = fd
-                return
+            now = self.staging.stat(self.lock_name)
+            if now is not None and os.fstat(fd).st_ino == now.st_ino:
+                return fd
             os.close(fd)
 
     def _unlock(self) -> None:
@@ -185,13 +215,17 @@ class StagedFile:
             m.close()
 
     def published(self) -> None:
-        """The file was moved into the store: drop its record."""
+        """The file was moved into the store: drop its record (on a worker thread)."""
         self.staging.unlink(self.ranges_name)
-        self.ranges = RangeSet()
         self._unsaved = 0
 
+    async def discard(self) -> None:
+        """:meth:`remove`, once no thread works on the file."""
+        await self.settle()
+        self.remove()
+
     def remove(self) -> None:
-        """Forget the staged bytes (the file and its record)."""
+        """Forget the staged bytes (the file and its record); no thread may be working on the file."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -211,18 +245,23 @@ class StagedFile:
             self._unlock()
 
 
+def _close_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
 class PrefixHasher:
-    """The digest of a blob's bytes, taken in offset order on the writer's own thread: a block that starts where
-    the hash has got to is written and hashed there from the bytes in hand; other blocks are written by pool
-    threads, and when the prefix of written bytes jumps past the hash, the bytes jumped over are read back on
-    that thread. One thread keeps the hash in order without a lock; hashlib and the writes release the GIL, so
-    this runs beside the event loop. Hashed bytes are final: their writeback is started, so the fsync at commit
-    finds little left."""
+    """The digest of a blob's bytes, taken in offset order on the blob's lane of the shared hash threads
+    (:class:`~puller.stores.threads.SerialLane`): a block that starts where the hash has got to is written and
+    hashed there from the bytes in hand; other blocks are written by pool threads, and when the prefix of written
+    bytes jumps past the hash, the bytes jumped over are read back on the lane. The lane keeps the hash in order
+    without a lock; hashlib and the writes release the GIL, so this runs beside the event loop. Hashed bytes are
+    final: their writeback is started, so the fsync at commit finds little left."""
 
     def __init__(self, staged: StagedFile, digest: Digest):
         self._staged = staged
         self._hash = digest.hasher()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hash")
+        self._lane = SerialLane(hash_pool())
         self.queued = 0  # bytes [0, queued) are hashed or queued for hashing (loop side)
         self._advised = 0
         self._read_backs: list[Future] = []
@@ -230,12 +269,11 @@ class PrefixHasher:
 
     async def write(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
         """Write a block (and hash it, if it extends the hashed prefix)."""
-        loop = asyncio.get_running_loop()
         if offset == self.queued:
             self.queued += n
-            await loop.run_in_executor(self._thread, self._write_hash, offset, buffers, n)
+            await self._lane.run(self._write_hash, offset, buffers, n)
         else:
-            await loop.run_in_executor(None, self._staged.write, offset, buffers)
+            await self._staged.run(self._staged.write, offset, buffers)
 
     def _write_hash(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
         self._staged.write(offset, buffers)
@@ -248,7 +286,7 @@ class PrefixHasher:
         if prefix_end > self.queued + (MIN_READ_BACK if prefix_end < self._staged.desc.size else 0):
             start, self.queued = self.queued, prefix_end
             self._read_backs = [f for f in self._read_backs if not f.done() or f.exception() is not None]
-            self._read_backs.append(self._thread.submit(self._read_back, start, prefix_end))  # errors: finish()
+            self._read_backs.append(self._lane.submit(self._read_back, start, prefix_end))  # errors: finish()
 
     def _read_back(self, start: int, end: int) -> None:
         """Hash ``[start, end)`` from the file: through a mapping (no copy into Python; about 0.1 CPU-s/GB less
@@ -279,14 +317,14 @@ class PrefixHasher:
     async def finish(self, size: int) -> str:
         """Hash up to ``size`` (every byte is written) and return the hex digest."""
         self.written_up_to(size)
-        digest = await asyncio.get_running_loop().run_in_executor(self._thread, self._hash.hexdigest)
+        digest = await self._lane.run(self._hash.hexdigest)
         for f in self._read_backs:
             f.result()  # a failed read-back raises here
         return digest
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Wait out queued work (before the file is closed)."""
-        self._thread.shutdown(wait=True)
+        await self._lane.drained()
 
 
 class FileWriter:
@@ -314,9 +352,9 @@ class FileWriter:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            await asyncio.to_thread(self._hasher.close)
+            await self._hasher.close()
         finally:
-            self._staged.close()
+            await self._staged.aclose()
 
     async def status(self) -> WriteStatus:
         if await self._present():
@@ -327,7 +365,7 @@ class FileWriter:
     async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
         n = sum(map(len, buffers))
         if self._staged.fd < 0:
-            await asyncio.to_thread(self._staged.create)
+            await self._staged.run(self._staged.create)
         try:
             await self._hasher.write(offset, buffers, n)
         except OSError as e:
@@ -347,16 +385,20 @@ class FileWriter:
         except OSError as e:
             raise store_error(e, f"reading back {digest}") from None
         if actual != digest.hex:
-            self._staged.remove()  # never keep bad bytes: the next attempt starts from nothing
+            await self._staged.discard()  # never keep bad bytes: the next attempt starts from nothing
             raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}", what="blob")
-        staged = self._staged
         try:
-            await asyncio.to_thread(self._publish, staged.staging, staged.data_name)
+            await self._staged.run(self._publish_staged)
         except OSError as e:
             raise store_error(e, f"committing {digest}") from None
-        staged.published()
+        self._staged.ranges = RangeSet()
         self._there = True
 
+    def _publish_staged(self) -> None:
+        staged = self._staged
+        self._publish(staged.staging, staged.data_name)
+        staged.published()
+
     async def abort(self) -> None:
-        await asyncio.to_thread(self._hasher.close)
-        self._staged.remove()
+        await self._hasher.close()
+        await self._staged.discard()

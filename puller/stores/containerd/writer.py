@@ -96,7 +96,7 @@ class ContainerdWriter:
         try:
             await self._stop()
         finally:
-            self._staged.close()
+            await self._staged.aclose()
 
     async def status(self) -> WriteStatus:
         """Present; or what containerd's ingest holds (from byte 0) plus what is staged; starts the stream."""
@@ -120,7 +120,7 @@ class ContainerdWriter:
             raise error  # the stream failed: say why now, not after the whole blob
         if not self._keep(offset, buffers, n):
             try:
-                await asyncio.to_thread(self._staged.write, offset, buffers)
+                await self._staged.run(self._staged.write, offset, buffers)
             except OSError as e:
                 raise store_error(e, f"staging {self.desc.digest}") from None
             self._staged.written(offset, n)
@@ -172,14 +172,14 @@ class ContainerdWriter:
         except DigestMismatch:
             await self.abort()
             raise
-        self._staged.remove()
+        await self._staged.discard()
         self._present = True
         self._state.ready.set()
 
     async def abort(self) -> None:
         await self._stop()
         await self._shared.content.abort(self.desc)
-        self._staged.remove()
+        await self._staged.discard()
         self.done = RangeSet()
 
     async def _stop(self) -> None:
@@ -261,6 +261,6 @@ class ContainerdWriter:
                     await self._take_slot()
                     continue
                 n = min(WRITE_MESSAGE, staged_end - offset)
-                data = [await asyncio.to_thread(self._staged.read, offset, n)]
+                data = [await self._staged.run(self._staged.read, offset, n)]
             yield data
             offset += piece_length(data)

@@ -1,0 +1,96 @@
+"""Work on files in threads, awaited so that no thread outlives what it works on.
+
+A store writes, hashes and renames in worker threads (the GIL is released there) while the event loop receives.
+Two rules make that safe: a thread's work is awaited to its end even when the awaiting task is cancelled (else
+the task would close a file descriptor a thread is still writing through, and the number could be another file's
+by then), and a blob's hashing runs in order on a :class:`SerialLane` of one shared pool (a thread per blob cost
+0.5 ms of the event loop's time to start: 0.1 s for a 200-layer image).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+HASH_THREADS = min(8, max(2, os.cpu_count() or 2))  # threads hashing blobs, all blobs together
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+async def settled(future: asyncio.Future[T], undo: Callable[[T], object] | None = None) -> T:
+    """``future``'s result, awaited to its end even if the caller is cancelled meanwhile: the cancellation is
+    raised after (and ``undo`` is called on the result first, to release what the work acquired)."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if undo is not None and not future.cancelled() and future.exception() is None:
+            undo(future.result())
+        raise asyncio.CancelledError
+    return future.result()
+
+
+async def in_thread(fn: Callable[..., T], /, *args: Any, undo: Callable[[T], object] | None = None) -> T:
+    """``fn(*args)`` on the default pool, :func:`settled`."""
+    loop = asyncio.get_running_loop()
+    return await settled(loop.run_in_executor(None, functools.partial(fn, *args)), undo)
+
+
+def hash_pool() -> ThreadPoolExecutor:
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
+    return _hash_pool
+
+
+class SerialLane:
+    """Runs what is submitted one at a time and in order, on a shared pool: a blob's hash is taken in offset
+    order without a thread of its own, while other blobs' lanes use the pool's other threads."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._queue: collections.deque[tuple[Future[Any], Callable[[], Any]]] = collections.deque()
+        self._running = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            self._queue.append((future, functools.partial(fn, *args)))
+            if self._running:
+                return future
+            self._running = True
+        self._pool.submit(self._drain)
+        return future
+
+    async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """``fn(*args)`` in its turn, :func:`settled`."""
+        return await settled(asyncio.wrap_future(self.submit(fn, *args)))
+
+    async def drained(self) -> None:
+        """Wait until everything submitted so far has run."""
+        await self.run(lambda: None)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    return
+                future, call = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as e:  # the submitter sees it
+                future.set_exception(e)
