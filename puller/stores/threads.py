@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-HASH_THREADS = min(8, max(2, os.cpu_count() or 2))  # threads hashing blobs, all blobs together
+HASH_THREADS = 16  # threads hashing blobs, all blobs together: started once, used by many blobs
 _hash_pool: ThreadPoolExecutor | None = None
 
 
