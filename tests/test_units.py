@@ -24,13 +24,14 @@ from puller.errors import (
     KubernetesError,
     ManifestError,
     PlatformNotFound,
+    RegistryError,
 )
 from puller.priority import PrioritySemaphore
 from puller.ranges import RangeSet
 from puller.reference import Reference
 from puller.registry import manifest as mf
 from puller.registry.auth import Credentials, CredentialStore, parse_www_authenticate
-from puller.registry.client import parse_retry_after, same_origin
+from puller.registry.client import RetryableStatus, parse_retry_after, retried, same_origin
 from puller.registry.hosts import HostSettings
 
 H = "a" * 64
@@ -532,3 +533,36 @@ def test_python_dash_m_puller_runs():
 
     r = subprocess.run([sys.executable, "-m", "puller", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("puller "), r.stderr
+
+
+async def test_retried_tries_once_then_hands_failures_to_the_retry_policy():
+    """The first try runs alone; a retryable failure is tenacity's first outcome (its Retry-After waited for),
+    a non-retryable one is raised at once, and the tries are bounded."""
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def script(*outcomes: BaseException | str):
+        todo = list(outcomes)
+
+        async def call() -> str:
+            calls.append(loop.time())
+            outcome = todo.pop(0)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return call
+
+    assert await retried(3, script("ok")) == "ok" and len(calls) == 1
+    calls.clear()
+    assert await retried(3, script(RetryableStatus("busy", 503, retry_after=0.2), "ok")) == "ok"
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.2  # the first failure's Retry-After was honoured
+    calls.clear()
+    with pytest.raises(RegistryError, match="denied"):
+        await retried(3, script(RegistryError("denied"), "ok"))
+    assert len(calls) == 1
+    calls.clear()
+    busy = [RetryableStatus(f"busy {i}", 503, retry_after=0) for i in range(3)]
+    with pytest.raises(RetryableStatus, match="busy 2"):
+        await retried(3, script(*busy, "ok"))
+    assert len(calls) == 3

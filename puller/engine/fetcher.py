@@ -33,7 +33,7 @@ from ..priority import PrioritySemaphore
 from ..ranges import RangeSet
 from ..reference import Reference
 from ..registry.blobs import BlobReader, RangeBody
-from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, RegistryClient, retrying
+from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, RegistryClient, retried
 from ..registry.lean import NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Buffer, Store
@@ -332,16 +332,21 @@ class _BlobDownload:
                 self.reader.fail_over(index, e)
 
     async def _fetch_chunk_from(self, writer: BlobWriter, chunk: Chunk, conn: Connection, attempts: int) -> None:
-        async for attempt in retrying(attempts):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    self.progress.retries += 1
-                await conn.acquire(self.ref.api_host)
-                try:
-                    await self._request(writer, chunk)
-                except BaseException:
-                    conn.release()  # not held while a retry waits
-                    raise
+        tries = 0
+
+        async def attempt() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                self.progress.retries += 1
+            await conn.acquire(self.ref.api_host)
+            try:
+                await self._request(writer, chunk)
+            except BaseException:
+                conn.release()  # not held while a retry waits
+                raise
+
+        await retried(attempts, attempt)
 
     async def _request(self, writer: BlobWriter, chunk: Chunk) -> None:
         """:meth:`_stream` as a task of its own, which a takeover of the chunk cancels (:meth:`_next_chunk`)."""
