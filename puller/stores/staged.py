@@ -69,6 +69,7 @@ class StagedFile:
         self._saved_at = time.monotonic()
         self._create_lock = threading.Lock()
         self._busy: set[asyncio.Future[Any]] = set()  # thread work on the file, not yet ended
+        self._saving = False  # a record is being written
 
     async def __aenter__(self) -> StagedFile:
         await self._lock()
@@ -177,18 +178,31 @@ class StagedFile:
             raise StoreError(f"short write of {self.desc.digest} at {offset}")
 
     def written(self, offset: int, n: int) -> None:
+        """Bytes ``[offset, offset + n)`` are in the file (on the event loop): recorded every SAVE_EVERY_S, on a
+        worker thread (one record in flight at a time), which :meth:`settle` waits for."""
         self.ranges.add(offset, offset + n)
         self._unsaved += n
-        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
-            self.save()
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S and not self._saving:
+            self._saving = True
+            future = asyncio.get_running_loop().run_in_executor(None, self._write_record, self._take_record())
+            self._busy.add(future)
+            future.add_done_callback(self._saved)
+
+    def _saved(self, future: asyncio.Future[None]) -> None:
+        self._busy.discard(future)
+        self._saving = False
 
     def save(self) -> None:
-        """Record the ranges (temp + rename)."""
-        if not self._unsaved:
-            return
+        """Record the ranges now (temp + rename), if anything was written since the last record."""
+        if self._unsaved:
+            self._write_record(self._take_record())
+
+    def _take_record(self) -> bytes:
         self._unsaved = 0
         self._saved_at = time.monotonic()
-        record = json.dumps({"size": self.desc.size, "done": self.ranges.as_list()}).encode()
+        return json.dumps({"size": self.desc.size, "done": self.ranges.as_list()}).encode()
+
+    def _write_record(self, record: bytes) -> None:
         try:
             self.staging.write_atomic(self.ranges_name, record, mode=0o600, durable=False)
         except OSError as e:
@@ -388,6 +402,7 @@ class FileWriter:
             await self._staged.discard()  # never keep bad bytes: the next attempt starts from nothing
             raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}", what="blob")
         try:
+            await self._staged.settle()  # a record of the ranges written meanwhile would outlive the blob's
             await self._staged.run(self._publish_staged)
         except OSError as e:
             raise store_error(e, f"committing {digest}") from None
