@@ -275,7 +275,8 @@ class PrefixHasher:
     def __init__(self, staged: StagedFile, digest: Digest):
         self._staged = staged
         self._hash = digest.hasher()
-        self._lane = SerialLane(hash_pool())
+        self._lane = SerialLane(hash_pool())  # in-order writes with their hash, and read-backs
+        self._writes = SerialLane(hash_pool())  # the other writes, beside the hash
         self.queued = 0  # bytes [0, queued) are hashed or queued for hashing (loop side)
         self._advised = 0
         self._read_backs: list[Future] = []
@@ -287,7 +288,7 @@ class PrefixHasher:
             self.queued += n
             await self._lane.run(self._write_hash, offset, buffers, n)
         else:
-            await self._staged.run(self._staged.write, offset, buffers)
+            await self._writes.run(self._staged.write, offset, buffers)
 
     def _write_hash(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
         self._staged.write(offset, buffers)
@@ -338,6 +339,7 @@ class PrefixHasher:
 
     async def close(self) -> None:
         """Wait out queued work (before the file is closed)."""
+        await self._writes.drained()
         await self._lane.drained()
 
 

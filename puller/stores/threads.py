@@ -60,17 +60,29 @@ class SerialLane:
         self._pool = pool
         self._lock = threading.Lock()
         self._queue: collections.deque[tuple[Future[Any], Callable[[], Any]]] = collections.deque()
-        self._running = False
+        self._running = False  # a pool thread drains the queue
+        self._starting = False  # a start is scheduled on the event loop
 
     def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        """Queue ``fn(*args)`` (from the event loop's thread). An idle lane is started at the end of the loop's
+        current iteration, so that what is submitted meanwhile goes in one wake-up of a pool thread (a wake-up
+        costs 60-80 us of CPU on these VMs)."""
         future: Future[T] = Future()
         with self._lock:
             self._queue.append((future, functools.partial(fn, *args)))
-            if self._running:
+            if self._running or self._starting:
                 return future
+            self._starting = True
+        asyncio.get_running_loop().call_soon(self._start)
+        return future
+
+    def _start(self) -> None:
+        with self._lock:
+            self._starting = False
+            if self._running or not self._queue:
+                return
             self._running = True
         self._pool.submit(self._drain)
-        return future
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
         """``fn(*args)`` in its turn, :func:`settled`."""
