@@ -566,3 +566,35 @@ async def test_retried_tries_once_then_hands_failures_to_the_retry_policy():
     with pytest.raises(RetryableStatus, match="busy 2"):
         await retried(3, script(*busy, "ok"))
     assert len(calls) == 3
+
+
+async def test_thread_work_is_awaited_to_its_end_even_when_the_caller_is_cancelled():
+    """A cancelled caller of in_thread gets its CancelledError only once the thread is done (so what the
+    thread works on, a file descriptor, may be closed after), and what the work acquired is undone."""
+    import threading
+
+    from puller.stores.threads import SerialLane, hash_pool, in_thread
+
+    started, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def work() -> int:
+        started.set()
+        release.wait(5)
+        events.append("thread done")
+        return 7
+
+    task = asyncio.ensure_future(in_thread(work, undo=lambda result: events.append(f"undo {result}")))
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # still waiting for the thread
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert events == ["thread done", "undo 7"]
+
+    lane = SerialLane(hash_pool())  # one lane runs in order, one at a time
+    order: list[int] = []
+    results = await asyncio.gather(*(lane.run(order.append, i) for i in range(50)))
+    assert order == list(range(50)) and results == [None] * 50
