@@ -30,9 +30,9 @@ from ..errors import TransportError
 from .bodies import USER_AGENT, SpeedGuard
 from .http import IdleConnections, SSLFor, Timeouts, tls_for
 
-BLOCK = 512 * 1024  # bytes per buffer; two per connection (larger ones fall out of the CPU caches: slower)
+BLOCK = 1024 * 1024  # bytes per buffer; two per connection (each full one is a write, a thread hand-off)
 MAX_HEAD = 64 * 1024
-MAX_SPARE = 16  # buffer pairs kept for the next requests (16 MiB): fresh ones cost page faults and zeroing
+MAX_SPARE = 8  # buffer pairs kept for the next requests (16 MiB): fresh ones cost page faults and zeroing
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 Deliver = Callable[[int, memoryview], Awaitable[bool]]  # bytes at an offset; False: stop, the range was cut short
