@@ -23,19 +23,25 @@ HASH_THREADS = 16  # threads hashing blobs, all blobs together: started once, us
 _hash_pool: ThreadPoolExecutor | None = None
 
 
+class _Settling(asyncio.Future[None]):
+    """A waiter that a task's cancel() cannot cancel: the task gets its CancelledError once the waiter is done."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 async def settled(future: asyncio.Future[T], undo: Callable[[T], object] | None = None) -> T:
     """``future``'s result, awaited to its end even if the caller is cancelled meanwhile: the cancellation is
     raised after (and ``undo`` is called on the result first, to release what the work acquired)."""
-    cancelled = False
-    while not future.done():
+    if not future.done():
+        waiter = _Settling(loop=future.get_loop())
+        future.add_done_callback(lambda _: waiter.set_result(None))
         try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if undo is not None and not future.cancelled() and future.exception() is None:
-            undo(future.result())
-        raise asyncio.CancelledError
+            await waiter
+        except asyncio.CancelledError:  # only ever raised once the waiter, and so ``future``, is done
+            if undo is not None and not future.cancelled() and future.exception() is None:
+                undo(future.result())
+            raise
     return future.result()
 
 
@@ -62,18 +68,21 @@ class SerialLane:
         self._queue: collections.deque[tuple[Future[Any], Callable[[], Any]]] = collections.deque()
         self._running = False  # a pool thread drains the queue
         self._starting = False  # a start is scheduled on the event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
         """Queue ``fn(*args)`` (from the event loop's thread). An idle lane is started at the end of the loop's
         current iteration, so that what is submitted meanwhile goes in one wake-up of a pool thread (a wake-up
         costs 60-80 us of CPU on these VMs)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()  # a lane serves one blob, in one event loop
         future: Future[T] = Future()
         with self._lock:
             self._queue.append((future, functools.partial(fn, *args)))
             if self._running or self._starting:
                 return future
             self._starting = True
-        asyncio.get_running_loop().call_soon(self._start)
+        self._loop.call_soon(self._start)
         return future
 
     def _start(self) -> None:
@@ -86,7 +95,9 @@ class SerialLane:
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
         """``fn(*args)`` in its turn, :func:`settled`."""
-        return await settled(asyncio.wrap_future(self.submit(fn, *args)))
+        future = self.submit(fn, *args)
+        assert self._loop is not None
+        return await settled(asyncio.wrap_future(future, loop=self._loop))
 
     async def drained(self) -> None:
         """Wait until everything submitted so far has run."""
