@@ -1,7 +1,8 @@
 """containerd's gRPC services over one channel, in one namespace, and its errors in the project's terms.
 
 Stubs: puller/stores/containerd_api (our own minimal .proto files, generated code committed); they follow
-containerd's API v1, whose field numbers are the same from containerd 1.6 to 2.x.
+containerd's API v1, whose field numbers are the same from containerd 1.6 to 2.x. Content.Write alone goes
+through :mod:`.stream` (:meth:`Api.open_write`), on a connection of its own.
 """
 
 from __future__ import annotations

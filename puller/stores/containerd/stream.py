@@ -92,19 +92,19 @@ class WriteStream(asyncio.Protocol):
         self._header_block_ends_stream = False
         self._message = bytearray()  # answer bytes: gRPC's 5-byte prefix, then the message
         self._answers: collections.deque[bytes] = collections.deque()
-        self._ended: RpcError | None = None  # why the call is over (OK too: then it raises only when used after)
-        self._ok = False
+        self._ended: RpcError | None = None  # why the call is over (OK too: then nothing raises)
         self._changed = asyncio.Event()  # an answer, window credit, the end, or room in the socket buffer
         self._paused = False  # the transport's buffer is full
 
     @classmethod
-    async def open(cls, socket: str, path: str, metadata: Sequence[tuple[str, str]]) -> WriteStream:
-        """Connect to ``socket`` and start the call ``path`` (``/package.Service/Method``) with ``metadata``."""
+    async def open(cls, address: str, path: str, metadata: Sequence[tuple[str, str]]) -> WriteStream:
+        """Connect to the unix socket ``address`` and start the call ``path`` (``/package.Service/Method``) with
+        ``metadata``."""
         loop = asyncio.get_running_loop()
         try:
-            _, stream = await loop.create_unix_connection(cls, socket)
+            _, stream = await loop.create_unix_connection(cls, address)
         except OSError as e:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"connecting to {socket}: {e.strerror or e}") from None
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"connecting to {address}: {e.strerror or e}") from None
         headers = [
             (":method", "POST"),
             (":scheme", "http"),
@@ -177,7 +177,7 @@ class WriteStream(asyncio.Protocol):
         self._end(grpc.StatusCode.CANCELLED, "closed by the client")
 
     def _raise_if_ended(self) -> None:
-        if self._ended is not None and not self._ok:
+        if self._ended is not None and self._ended.code() != grpc.StatusCode.OK:
             raise self._ended
 
     async def _wait(self) -> None:
@@ -193,7 +193,6 @@ class WriteStream(asyncio.Protocol):
 
     def _end(self, code: grpc.StatusCode, details: str) -> None:
         if self._ended is None:
-            self._ok = code == grpc.StatusCode.OK
             self._ended = RpcError(code, details)
         self._changed.set()
 
