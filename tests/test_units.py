@@ -573,7 +573,7 @@ async def test_thread_work_is_awaited_to_its_end_even_when_the_caller_is_cancell
     thread works on, a file descriptor, may be closed after), and what the work acquired is undone."""
     import threading
 
-    from puller.stores.threads import SerialLane, hash_pool, in_thread
+    from puller.stores.threads import SerialLane, in_thread, lane_pool
 
     started, release = threading.Event(), threading.Event()
     events: list[str] = []
@@ -594,7 +594,7 @@ async def test_thread_work_is_awaited_to_its_end_even_when_the_caller_is_cancell
         await task
     assert events == ["thread done", "undo 7"]
 
-    lane = SerialLane(hash_pool())  # one lane runs in order, one at a time
+    lane = SerialLane(lane_pool())  # one lane runs in order, one at a time
     order: list[int] = []
     results = await asyncio.gather(*(lane.run(order.append, i) for i in range(50)))
     assert order == list(range(50)) and results == [None] * 50

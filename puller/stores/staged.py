@@ -9,8 +9,9 @@ A staged blob is three names in the store's checked staging directory (see :mod:
   crash of the machine may lose the record, never correctness, since the whole blob is verified before commit.
 
 :class:`StagedFile` is that part, shared by every writer. :class:`FileWriter` is the :class:`~puller.stores.BlobWriter`
-of the OCI layout and overlaybd stores: it hashes the blob's contiguous prefix as it grows, on a thread of its own
-(:class:`PrefixHasher`: the bytes in hand when they extend the prefix, else read back from the file), checks
+of the OCI layout and overlaybd stores: it hashes the blob's contiguous prefix as it grows, on the blob's lane of
+a shared thread pool (:class:`PrefixHasher`: the bytes in hand when they extend the prefix, else read back from
+the file), checks
 size and digest at commit and hands the fsynced file to the store's ``publish`` (a rename into place). A writer
 owns the caller's buffers only until ``write_at`` returns.
 """
@@ -38,7 +39,7 @@ from ..ranges import RangeSet
 from ..registry.manifest import Descriptor
 from . import Buffer, WriteStatus, staged_stem, store_error
 from .safedir import SafeDir
-from .threads import SerialLane, hash_pool, in_thread, settled
+from .threads import SerialLane, in_thread, lane_pool, settled
 
 T = TypeVar("T")
 
@@ -69,7 +70,7 @@ class StagedFile:
         self._saved_at = time.monotonic()
         self._create_lock = threading.Lock()
         self._busy: set[asyncio.Future[Any]] = set()  # thread work on the file, not yet ended
-        self._saving = False  # a record is being written
+        self._recording: asyncio.Future[None] | None = None  # the .ranges record being written
 
     async def __aenter__(self) -> StagedFile:
         await self._lock()
@@ -84,12 +85,16 @@ class StagedFile:
         await self.aclose()
 
     async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
-        """``fn(*args)`` on a worker thread, awaited to its end even under cancellation, and waited for by
-        :meth:`settle` (the file is closed only after every thread is done with it)."""
+        """``fn(*args)`` on a worker thread, awaited to its end even under cancellation."""
+        return await settled(self._start(fn, *args))
+
+    def _start(self, fn: Callable[..., T], /, *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on a worker thread, waited for by :meth:`settle` (the file is closed only after every
+        thread is done with it)."""
         future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
         self._busy.add(future)
         future.add_done_callback(self._busy.discard)
-        return await settled(future)
+        return future
 
     async def settle(self) -> None:
         """Wait until no thread works on the file (whatever their outcome)."""
@@ -182,15 +187,9 @@ class StagedFile:
         worker thread (one record in flight at a time), which :meth:`settle` waits for."""
         self.ranges.add(offset, offset + n)
         self._unsaved += n
-        if time.monotonic() - self._saved_at >= SAVE_EVERY_S and not self._saving:
-            self._saving = True
-            future = asyncio.get_running_loop().run_in_executor(None, self._write_record, self._take_record())
-            self._busy.add(future)
-            future.add_done_callback(self._saved)
-
-    def _saved(self, future: asyncio.Future[None]) -> None:
-        self._busy.discard(future)
-        self._saving = False
+        recording = self._recording
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S and (recording is None or recording.done()):
+            self._recording = self._start(self._write_record, self._take_record())
 
     def save(self) -> None:
         """Record the ranges now (temp + rename), if anything was written since the last record."""
@@ -265,18 +264,18 @@ def _close_lock(fd: int | None) -> None:
 
 
 class PrefixHasher:
-    """The digest of a blob's bytes, taken in offset order on the blob's lane of the shared hash threads
+    """The digest of a blob's bytes, taken in offset order on the blob's hash lane of the shared pool
     (:class:`~puller.stores.threads.SerialLane`): a block that starts where the hash has got to is written and
-    hashed there from the bytes in hand; other blocks are written by pool threads, and when the prefix of written
-    bytes jumps past the hash, the bytes jumped over are read back on the lane. The lane keeps the hash in order
-    without a lock; hashlib and the writes release the GIL, so this runs beside the event loop. Hashed bytes are
-    final: their writeback is started, so the fsync at commit finds little left."""
+    hashed there from the bytes in hand; other blocks are written on the blob's write lane beside it, and when the
+    prefix of written bytes jumps past the hash, the bytes jumped over are read back on the hash lane. The lane
+    keeps the hash in order without a lock; hashlib and the writes release the GIL, so this runs beside the event
+    loop. Hashed bytes are final: their writeback is started, so the fsync at commit finds little left."""
 
     def __init__(self, staged: StagedFile, digest: Digest):
         self._staged = staged
         self._hash = digest.hasher()
-        self._lane = SerialLane(hash_pool())  # in-order writes with their hash, and read-backs
-        self._writes = SerialLane(hash_pool())  # the other writes, beside the hash
+        self._lane = SerialLane(lane_pool())  # in-order writes with their hash, and read-backs
+        self._writes = SerialLane(lane_pool())  # the other writes, beside the hash
         self.queued = 0  # bytes [0, queued) are hashed or queued for hashing (loop side)
         self._advised = 0
         self._read_backs: list[Future] = []

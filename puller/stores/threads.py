@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-HASH_THREADS = 16  # threads hashing blobs, all blobs together: started once, used by many blobs
-_hash_pool: ThreadPoolExecutor | None = None
+LANE_THREADS = 16  # threads of every blob's lanes (hashing, writes): started once, used by many blobs
+_lane_pool: ThreadPoolExecutor | None = None
 
 
 class _Settling(asyncio.Future[None]):
@@ -51,11 +51,11 @@ async def in_thread(fn: Callable[..., T], /, *args: Any, undo: Callable[[T], obj
     return await settled(loop.run_in_executor(None, functools.partial(fn, *args)), undo)
 
 
-def hash_pool() -> ThreadPoolExecutor:
-    global _hash_pool
-    if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
-    return _hash_pool
+def lane_pool() -> ThreadPoolExecutor:
+    global _lane_pool
+    if _lane_pool is None:
+        _lane_pool = ThreadPoolExecutor(LANE_THREADS, thread_name_prefix="lane")
+    return _lane_pool
 
 
 class SerialLane:
