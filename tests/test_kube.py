@@ -508,13 +508,23 @@ def test_warmup_finds_the_daemon_pods_by_deploy_labels_and_waits_for_every_node(
         stack.enter_context(Kubelet(w / "kubelet", cluster, ctrd.socket, "node-warm", [])).wait_ready()
         cluster.start_scheduler()
         run = {"name": "c", "image": f"{reg.host}/test/run:v1", "command": ["/bin/busybox", "sleep", "3600"]}
+        _default_account(cluster, "puller")
+        # deploy/'s DaemonSet (applied for the whole session) would adopt an orphan with its labels on this node and
+        # could delete it as a surplus pod: the stand-in has another controller, so it is never adopted.
+        account = ("get", "serviceaccount", "default", "-n", "puller", "-o", "jsonpath={.metadata.uid}")
+        owner = {"apiVersion": "v1", "kind": "ServiceAccount", "name": "default", "controller": True}
+        owner["uid"] = cluster.kubectl(*account).stdout.strip()
         stand_in = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "puller-stand-in", "namespace": "puller", "labels": _daemon_labels()},
+            "metadata": {
+                "name": "puller-stand-in",
+                "namespace": "puller",
+                "labels": _daemon_labels(),
+                "ownerReferences": [owner],
+            },
             "spec": {"nodeName": "node-warm", "automountServiceAccountToken": False, "containers": [run]},
         }
-        _default_account(cluster, "puller")
         _apply(cluster, stand_in)
         get_pod = ("get", "pod", "puller-stand-in", "-n", "puller", "-o", "json")
         try:
