@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -463,6 +464,28 @@ async def test_bytes_ahead_of_containerd_are_kept_then_staged_and_resumed(contai
             await again.abort()
         async with store.writer(desc) as after:
             assert not (await after.status()).done
+
+
+async def test_staged_and_kept_bytes_reach_containerd_whole_in_order(containerd, tmp_path: Path, monkeypatch):
+    """Bytes arriving back to front, most of them staged (memory for one 1 MiB block): containerd is sent each
+    staged range read straight into its message's frames, and each kept block as it was framed; what it commits
+    is the blob, byte for byte."""
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd import writer as cw
+
+    monkeypatch.setattr(cw, "MAX_KEPT", 1 << 20)
+    monkeypatch.setattr(cw, "MAX_KEPT_WAITING", 1 << 20)
+    desc, data = _random_blob(5 * (1 << 20) + 12_345)
+    blocks = [(at, data[at : at + 700_000]) for at in range(0, len(data), 700_000)]
+    async with ContainerdStore(str(containerd.socket), "staged", staging_dir=tmp_path / "st") as store:
+        assert store._shared is not None
+        async with store.writer(desc) as writer:
+            assert not (await writer.status()).done
+            for at, block in reversed(blocks):  # byte 0 last: everything waits for it
+                await writer.write_at(at, [block[:1000], block[1000:]])
+            assert list((tmp_path / "st").iterdir()), "nothing was staged"
+            await asyncio.wait_for(writer.commit(), 30)
+        assert await store.content.read_all(str(desc.digest)) == data
 
 
 def test_unpacked_tree_holds_every_layer_and_whiteouts_hide_lower_files(containerd, tmp_path: Path):

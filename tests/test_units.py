@@ -497,7 +497,9 @@ def test_hand_built_containerd_write_message_is_what_protobuf_builds():
     from puller.stores.containerd_api import content_pb2
 
     for offset in (0, 1, 127, 128, 300, 5 << 30):
-        raw = write_message(b"puller-sha256:abc", offset, [b"x" * 200, b"", b"yz"])
+        payload = write_message(b"puller-sha256:abc", offset, [b"x" * 200, b"", b"yz"]).payload()
+        assert payload[:5] == b"\x00" + (len(payload) - 5).to_bytes(4, "big")  # gRPC's prefix: uncompressed, length
+        raw = payload[5:]
         expected = content_pb2.WriteContentRequest(
             action=content_pb2.WRITE, ref="puller-sha256:abc", offset=offset, data=b"x" * 200 + b"yz"
         )

@@ -13,16 +13,23 @@ import grpc
 import hpack
 import pytest
 
+from puller.stores.containerd import stream as stream_module
 from puller.stores.containerd.stream import (
+    ACK,
     DATA,
     END_HEADERS,
     END_STREAM,
     HEADERS,
+    MIN_FRAME,
+    PING,
     PREFACE,
     SETTINGS,
+    WINDOW_UPDATE,
     RpcError,
     WriteStream,
     frame_header,
+    framed,
+    framed_slots,
 )
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -138,3 +145,80 @@ async def test_a_peer_that_goes_away_mid_call_is_unavailable(tmp_path: Path):
     with pytest.raises(RpcError) as caught:
         await _call(tmp_path, script, body)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_framed_message_is_its_parts_cut_into_frames_the_peer_accepts():
+    parts = [b"head", memoryview(bytes(range(256)) * 300)[7:], b"", b"tail"]
+    message = framed(parts)
+    body = b"".join(parts)
+    assert message.payload() == b"\x00" + len(body).to_bytes(4, "big") + body
+    at, payloads = 0, []
+    while at < len(message.wire):  # the wire is nothing but DATA frames of stream 1, none over MIN_FRAME
+        length = int.from_bytes(message.wire[at : at + 3], "big")
+        assert message.wire[at + 3 : at + 9] == bytes((DATA, 0)) + (1).to_bytes(4, "big")
+        assert 0 < length <= MIN_FRAME
+        payloads.append(message.wire[at + 9 : at + 9 + length])
+        at += 9 + length
+    assert at == len(message.wire)
+    assert b"".join(payloads) == message.payload()
+
+
+@pytest.mark.parametrize("size", [0, 1, MIN_FRAME - 30, MIN_FRAME, 5 * MIN_FRAME + 7])
+def test_a_message_read_into_its_frames_is_the_message_framed_from_its_parts(size: int):
+    head, data = b"h" * 25, bytes(range(256)) * (size // 256) + bytes(size % 256)
+    message, slots = framed_slots(head, size)
+    at = 0
+    for slot in slots:  # as preadv fills them
+        slot[:] = data[at : at + len(slot)]
+        at += len(slot)
+    assert at == size
+    assert message == framed([head, data])
+
+
+@pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "through-the-transport"])
+async def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_frames_between_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spliced: bool
+):
+    """The peer reads slowly, so the message fills the socket and waits for room; a PING the peer sends meanwhile
+    is answered at a frame boundary, never inside the message's frames."""
+    if not spliced:
+        monkeypatch.setattr(stream_module, "_vmsplice", None)
+    body = bytes(range(251)) * (48 << 12)  # ~47 MiB: many times the socket's buffers
+    received = bytearray()
+    acks: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        window = (1 << 31) - 1
+        writer.write(
+            frame_header(6, SETTINGS, 0, 0)
+            + (4).to_bytes(2, "big")
+            + window.to_bytes(4, "big")
+            + frame_header(4, WINDOW_UPDATE, 0, 0)
+            + (window - 65_535).to_bytes(4, "big")
+            + _headers([(":status", "200"), ("content-type", "application/grpc")], 0)
+        )
+        await asyncio.sleep(0.3)  # the socket fills meanwhile
+        writer.write(frame_header(8, PING, 0, 0) + b"pingpong")
+        ended = False
+        while not (ended and acks):  # the ack may follow the stream's end (it waited in the transport)
+            kind, flags, _, payload = await _read_frame(reader)
+            if kind == PING and flags & ACK:
+                acks.append(payload)
+            elif kind == DATA:
+                received.extend(payload)
+                ended = bool(flags & END_STREAM)
+                if len(received) < 1 << 20:
+                    await asyncio.sleep(0.001)  # slowly at first
+        answer = b"\x00\x00\x00\x00\x02ok"
+        writer.write(frame_header(len(answer), DATA, 0, 1) + answer + _headers([("grpc-status", "0")], END_STREAM))
+
+    async def body_of_call(stream: WriteStream) -> bytes:
+        await stream.send_framed(framed([body[:1000], memoryview(body)[1000:]]))
+        done = asyncio.ensure_future(stream.finish())
+        answer = await stream.receive()
+        await done
+        return answer
+
+    assert await _call(tmp_path, script, body_of_call) == b"ok"
+    assert bytes(received) == b"\x00" + len(body).to_bytes(4, "big") + body
+    assert acks == [b"pingpong"]

@@ -213,6 +213,18 @@ class StagedFile:
             raise StoreError(f"staged file of {self.desc.digest} ended at {offset + len(data)}")
         return data
 
+    def read_into(self, offset: int, buffers: list[memoryview]) -> None:
+        """Fill ``buffers``, in order, with the bytes from ``offset`` on (one ``preadv`` where it can)."""
+        while buffers:
+            got = os.preadv(self.fd, buffers, offset)
+            if not got:
+                raise StoreError(f"staged file of {self.desc.digest} ended at {offset}")
+            offset += got
+            while buffers and got >= len(buffers[0]):
+                got -= len(buffers.pop(0))
+            if got:
+                buffers[0] = buffers[0][got:]
+
     @contextlib.contextmanager
     def mapped(self, offset: int, n: int) -> Iterator[memoryview]:
         """Bytes ``[offset, offset + n)`` as a read-only mapping of the file, faulted in first with

@@ -23,7 +23,7 @@ from ...registry.manifest import Descriptor
 from .. import Buffer, free_bytes
 from ..containerd_api import content_pb2
 from .api import Api
-from .stream import RpcError, WriteStream
+from .stream import Framed, RpcError, WriteStream, framed, framed_slots
 
 WRITE_MESSAGE = 1 << 20  # most bytes per Write message this module builds (gRPC's default limit is 4 MiB)
 WRITE_AHEAD = 4 << 20  # bytes of Write messages in flight per stream: containerd handles one while the next travel
@@ -39,11 +39,12 @@ class Message:
 
     offset: int
     n: int
-    wire: bytes
+    framed: Framed
 
-    @property
     def data(self) -> memoryview:
-        return memoryview(self.wire)[len(self.wire) - self.n :]
+        """The blob bytes it carries (a copy: only a resume that ends inside them needs it)."""
+        payload = self.framed.payload()
+        return memoryview(payload)[len(payload) - self.n :]
 
 
 Piece = Sequence[Buffer] | Message  # bytes to send: as buffers, or as a message built ahead
@@ -162,7 +163,7 @@ class Content:
                 n = piece_length(piece)
                 if isinstance(piece, Message):
                     assert piece.offset == offset, "a message built for another offset"
-                    await stream.send([piece.wire])
+                    await stream.send_framed(piece.framed)
                 else:
                     await stream.send([message_head(ref_bytes, offset, n), *piece])
                 offset += n
@@ -245,7 +246,12 @@ def message_head(ref: bytes, offset: int, size: int) -> bytes:
     return b"\x08\x01\x12" + _varint(len(ref)) + ref + b"\x28" + _varint(offset) + b"\x32" + _varint(size)
 
 
-def write_message(ref: bytes, offset: int, data: Sequence[Buffer]) -> bytes:
-    """The whole WRITE message around ``data``, in one copy (a kept block, whose buffers are the caller's again on
-    return)."""
-    return b"".join([message_head(ref, offset, sum(map(len, data))), *data])
+def staged_message(ref: bytes, offset: int, n: int) -> tuple[Framed, list[memoryview]]:
+    """A WRITE message of ``n`` bytes from ``offset`` still to be read in: the message and where its bytes go."""
+    return framed_slots(message_head(ref, offset, n), n)
+
+
+def write_message(ref: bytes, offset: int, data: Sequence[Buffer]) -> Framed:
+    """The whole WRITE message around ``data``, framed for the wire in one copy (a kept block, whose buffers are
+    the caller's again on return)."""
+    return framed([message_head(ref, offset, sum(map(len, data))), *data])

@@ -32,7 +32,16 @@ from ...ranges import RangeSet
 from ...registry.manifest import Descriptor
 from .. import Buffer, WriteStatus, store_error
 from ..staged import StagedFile
-from .content import WRITE_MESSAGE, Content, Message, Piece, ingest_ref, piece_length, write_message
+from .content import (
+    WRITE_MESSAGE,
+    Content,
+    Message,
+    Piece,
+    ingest_ref,
+    piece_length,
+    staged_message,
+    write_message,
+)
 from .leases import Lease, Leases
 
 if TYPE_CHECKING:
@@ -243,7 +252,7 @@ class ContainerdWriter:
         message = self._pop_first_kept()
         if message.offset == offset:
             return message
-        return [message.data[offset - message.offset :]]  # containerd's ingest ended inside them (a resume)
+        return [message.data()[offset - message.offset :]]  # containerd's ingest ended inside them (a resume)
 
     async def _chunks(self, offset: int) -> AsyncIterator[Piece]:
         while True:
@@ -261,6 +270,8 @@ class ContainerdWriter:
                     await self._take_slot()
                     continue
                 n = min(WRITE_MESSAGE, staged_end - offset)
-                data = [await self._staged.run(self._staged.read, offset, n)]
+                framed, slots = staged_message(self._ref, offset, n)
+                await self._staged.run(self._staged.read_into, offset, slots)  # straight into the message's frames
+                data = Message(offset, n, framed)
             yield data
             offset += piece_length(data)
