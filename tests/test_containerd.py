@@ -475,6 +475,7 @@ async def test_staged_and_kept_bytes_reach_containerd_whole_in_order(containerd,
 
     monkeypatch.setattr(cw, "MAX_KEPT", 1 << 20)
     monkeypatch.setattr(cw, "MAX_KEPT_WAITING", 1 << 20)
+    monkeypatch.setattr(cw, "MAX_WAIT_S", 0.2)  # a write ahead of the prefix waits this long for memory first
     desc, data = _random_blob(5 * (1 << 20) + 12_345)
     blocks = [(at, data[at : at + 700_000]) for at in range(0, len(data), 700_000)]
     async with ContainerdStore(str(containerd.socket), "staged", staging_dir=tmp_path / "st") as store:
@@ -484,6 +485,37 @@ async def test_staged_and_kept_bytes_reach_containerd_whole_in_order(containerd,
             for at, block in reversed(blocks):  # byte 0 last: everything waits for it
                 await writer.write_at(at, [block[:1000], block[1000:]])
             assert list((tmp_path / "st").iterdir()), "nothing was staged"
+            await asyncio.wait_for(writer.commit(), 30)
+        assert await store.content.read_all(str(desc.digest)) == data
+
+
+async def test_bytes_ahead_of_a_waiting_blob_wait_for_memory_instead_of_being_staged(
+    containerd, tmp_path: Path, monkeypatch
+):
+    """Where containerd is the limit, staging bytes only to read them back costs CPU containerd needs: a blob
+    waiting for its stream keeps bytes ahead of its prefix in part of the memory, and a write beyond that waits
+    (bounded) until the blob streams; bytes extending its prefix never wait, and start its stream."""
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd import writer as cw
+
+    mib = 1 << 20
+    monkeypatch.setattr(cw, "MAX_KEPT_WAITING", 4 * mib)  # 3 MiB of it for bytes ahead of a prefix
+    monkeypatch.setattr(cw, "MAX_WAIT_S", 20.0)
+    desc, data = _random_blob(6 * mib)
+    async with ContainerdStore(str(containerd.socket), "memwait", staging_dir=tmp_path / "st") as store:
+        assert store._shared is not None
+        async with store.writer(desc) as writer:
+            assert not (await writer.status()).done
+            await writer.write_at(mib, [data[mib : 4 * mib]])  # ahead, within its part: kept
+            assert store._shared.kept == 3 * mib
+            waiting = asyncio.ensure_future(writer.write_at(4 * mib, [data[4 * mib :]]))
+            await asyncio.sleep(0.5)
+            assert not waiting.done(), "a write beyond the memory for waiting blobs did not wait"
+            started = time.monotonic()
+            await writer.write_at(0, [data[:mib]])  # the prefix: kept at once, and the blob's stream starts
+            await asyncio.wait_for(waiting, 10)
+            assert time.monotonic() - started < 5, "the waiting write went on only at its deadline"
+            assert not any(p.is_file() and p.stat().st_size for p in (tmp_path / "st").rglob("*")), "bytes were staged"
             await asyncio.wait_for(writer.commit(), 30)
         assert await store.content.read_all(str(desc.digest)) == data
 

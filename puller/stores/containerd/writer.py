@@ -8,7 +8,11 @@ and read back in their turn. containerd hashes what it is sent and commits only 
 
 Backpressure: where containerd's ingest is the limit (a fast link), downloading further only takes the CPU (or
 disk to stage on) that containerd needs, so :meth:`ContainerdWriter.write_at` waits while its bytes are more than
-MAX_AHEAD past what containerd has taken; the wait is bounded (MAX_WAIT_S), after which the bytes are kept or
+MAX_AHEAD past what containerd has taken; and while a blob waits for its stream, bytes ahead of its received prefix
+wait for memory to keep them instead of being staged (staging writes them to disk and reads them back: on layers20
+a third of puller's CPU, taken from containerd on a 2-core node). Bytes that extend a blob's prefix never wait for
+memory (they are what lets a stream start and go on, and so what frees memory), and have a part of it that ahead
+bytes leave them. Every wait is bounded (MAX_WAIT_S, one deadline per write), after which the bytes are kept or
 staged as any others.
 
 At most MAX_WRITE_STREAMS blobs are streamed at once, lowest layers first: the layer unpacked next must not share
@@ -52,6 +56,7 @@ MAX_AHEAD = 64 << 20  # how far a blob's writes may run ahead of what containerd
 MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the module docstring)
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
+PREFIX_ROOM = 4  # of the memory for waiting blobs, 1/4 only bytes that extend a blob's prefix may take
 
 
 @dataclass(slots=True)
@@ -74,6 +79,17 @@ class Shared:
         self.staging = staging
         self.kept = 0  # bytes kept in memory, all writers together
         self.slots = PrioritySemaphore(MAX_WRITE_STREAMS)
+        # writes waiting for memory, first come first served: (writer, bytes, waiter); at most one per download
+        # worker, each bounded by its deadline
+        self.memory_waiters: list[tuple[ContainerdWriter, int, asyncio.Future[None]]] = []
+
+    def memory_freed(self) -> None:
+        """Wake the waiting writes that now fit (counting the ones woken before them)."""
+        kept = self.kept
+        for writer, n, waiter in self.memory_waiters:
+            if not waiter.done() and kept + n <= writer.memory_limit(ahead=True):
+                waiter.set_result(None)
+                kept += n
 
 
 class ContainerdWriter:
@@ -123,11 +139,15 @@ class ContainerdWriter:
     async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
         assert self._task is not None, "status() first"
         n = sum(map(len, buffers))
-        await self._room(offset + n)
+        deadline = asyncio.get_running_loop().time() + MAX_WAIT_S
+        await self._room(offset + n, deadline)
+        ahead = offset > self.done.prefix_end()
+        if ahead and not self._streaming:
+            await self._memory(n, deadline)
         task = self._task
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error  # the stream failed: say why now, not after the whole blob
-        if not self._keep(offset, buffers, n):
+        if not self._keep(offset, buffers, n, ahead):
             try:
                 await self._staged.run(self._staged.write, offset, buffers)
             except OSError as e:
@@ -136,8 +156,8 @@ class ContainerdWriter:
         self.done.add(offset, offset + n)
         self._wake.set()
 
-    async def _room(self, end: int) -> None:
-        """Wait (at most MAX_WAIT_S) while ``end`` is more than MAX_AHEAD past what containerd has taken."""
+    async def _room(self, end: int, deadline: float) -> None:
+        """Wait (until ``deadline``) while ``end`` is more than MAX_AHEAD past what containerd has taken."""
         assert self._task is not None
         need = end - MAX_AHEAD
         if need <= self.sent or self._task.done():
@@ -145,8 +165,30 @@ class ContainerdWriter:
         waiter = asyncio.get_running_loop().create_future()
         heapq.heappush(self._ahead, (need, next(self._order), waiter))
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(MAX_WAIT_S):
+            async with asyncio.timeout_at(deadline):
                 await waiter
+
+    def memory_limit(self, ahead: bool) -> int:
+        """Kept bytes (all writers together) up to which this writer may keep more; for a blob waiting for its
+        stream, bytes ``ahead`` of its prefix leave 1/PREFIX_ROOM of it to the bytes that let streams start."""
+        if self._streaming:  # MAX_AHEAD bounds what it may keep
+            return MAX_KEPT
+        # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
+        return MAX_KEPT_WAITING - MAX_KEPT_WAITING // PREFIX_ROOM if ahead else MAX_KEPT_WAITING
+
+    async def _memory(self, n: int, deadline: float) -> None:
+        """Wait (until ``deadline``) for memory to keep ``n`` more bytes."""
+        shared = self._shared
+        if shared.kept + n <= self.memory_limit(ahead=True) or self._task is None or self._task.done():
+            return
+        entry = (self, n, asyncio.get_running_loop().create_future())
+        shared.memory_waiters.append(entry)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await entry[2]
+        finally:
+            shared.memory_waiters.remove(entry)
 
     def _took(self, sent: int) -> None:
         """containerd has taken bytes ``[0, sent)``: wake the writes that waited for that."""
@@ -156,11 +198,9 @@ class ContainerdWriter:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _keep(self, offset: int, buffers: Sequence[Buffer], n: int) -> bool:
+    def _keep(self, offset: int, buffers: Sequence[Buffer], n: int, ahead: bool) -> bool:
         """Keep the bytes in memory for their turn, if memory allows."""
-        # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
-        limit = MAX_KEPT if self._streaming else MAX_KEPT_WAITING
-        if self._shared.kept + n > limit or self._task is None or self._task.done():
+        if self._shared.kept + n > self.memory_limit(ahead) or self._task is None or self._task.done():
             return False
         # Copied once, straight into the message that will carry them (the caller's buffers are its own again
         # on return).
@@ -207,6 +247,7 @@ class ContainerdWriter:
                 await self._wake.wait()
             await self._take_slot()
             self._streaming = True
+            self._shared.memory_freed()  # its writes may keep more now
             labels = self._state.source
             lease = self._lease.id if self._lease else None
             await self._shared.content.write(self.desc, self._chunks, labels, resume_at=self.sent, lease=lease)
@@ -222,6 +263,10 @@ class ContainerdWriter:
         self._shared.kept -= sum(m.n for m in self._kept.values())
         self._kept.clear()
         self._kept_starts.clear()
+        for writer, _, waiter in self._shared.memory_waiters:  # its own waiting writes go on (to stage or fail)
+            if writer is self and not waiter.done():
+                waiter.set_result(None)
+        self._shared.memory_freed()
         for _, _, waiter in self._ahead:  # writes held back go on (and meet the error at commit)
             if not waiter.done():
                 waiter.set_result(None)
@@ -240,6 +285,8 @@ class ContainerdWriter:
     def _pop_first_kept(self) -> Message:
         message = self._kept.pop(self._kept_starts.pop(0))
         self._shared.kept -= message.n
+        if self._shared.memory_waiters:
+            self._shared.memory_freed()
         return message
 
     def _kept_piece(self, offset: int) -> Piece | None:
