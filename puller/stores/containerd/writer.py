@@ -179,16 +179,18 @@ class ContainerdWriter:
     async def _memory(self, n: int, deadline: float) -> None:
         """Wait (until ``deadline``) for memory to keep ``n`` more bytes."""
         shared = self._shared
-        if shared.kept + n <= self.memory_limit(ahead=True) or self._task is None or self._task.done():
-            return
-        entry = (self, n, asyncio.get_running_loop().create_future())
-        shared.memory_waiters.append(entry)
-        try:
-            with contextlib.suppress(TimeoutError):
+        loop = asyncio.get_running_loop()
+        # Woken when it fitted; a write woken before it may have taken the memory since: then it waits again.
+        while shared.kept + n > self.memory_limit(ahead=True) and self._task is not None and not self._task.done():
+            entry = (self, n, loop.create_future())
+            shared.memory_waiters.append(entry)
+            try:
                 async with asyncio.timeout_at(deadline):
                     await entry[2]
-        finally:
-            shared.memory_waiters.remove(entry)
+            except TimeoutError:
+                return
+            finally:
+                shared.memory_waiters.remove(entry)
 
     def _took(self, sent: int) -> None:
         """containerd has taken bytes ``[0, sent)``: wake the writes that waited for that."""
