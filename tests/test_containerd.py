@@ -494,7 +494,8 @@ async def test_bytes_ahead_of_a_waiting_blob_wait_for_memory_instead_of_being_st
 ):
     """Where containerd is the limit, staging bytes only to read them back costs CPU containerd needs: a blob
     waiting for its stream keeps bytes ahead of its prefix in part of the memory, and a write beyond that waits
-    (bounded) until the blob streams; bytes extending its prefix never wait, and start its stream."""
+    (bounded) until the blob streams; with no blob streaming, bytes extending its prefix do not wait: they start
+    its stream."""
     from puller.stores.containerd import ContainerdStore
     from puller.stores.containerd import writer as cw
 

@@ -1,19 +1,20 @@
 """The containerd store's :class:`~puller.stores.BlobWriter`: a blob's bytes into one Content.Write stream.
 
 containerd takes a blob's bytes in order only, and the engine delivers them in any order. Received bytes are kept
-in memory for their turn, copied once into the Write message that will carry them (MAX_KEPT for all blobs
-together; less for blobs still waiting for a stream),
-and the few that do not fit are staged in the store's staging directory (:class:`~puller.stores.staged.StagedFile`)
-and read back in their turn. containerd hashes what it is sent and commits only if the expected digest matches.
+in memory for their turn, copied once into the Write message that will carry them, already cut into HTTP/2 frames
+(whose pages :mod:`.stream` hands to the kernel uncopied), MAX_KEPT for all blobs together, less for blobs still
+waiting for a stream. The few that do not fit are staged in the store's staging directory
+(:class:`~puller.stores.staged.StagedFile`) and read back in their turn straight into their message's frames.
+containerd hashes what it is sent and commits only if the expected digest matches.
 
 Backpressure: where containerd's ingest is the limit (a fast link), downloading further only takes the CPU (or
 disk to stage on) that containerd needs, so :meth:`ContainerdWriter.write_at` waits while its bytes are more than
-MAX_AHEAD past what containerd has taken; and while a blob waits for its stream, bytes ahead of its received prefix
-wait for memory to keep them instead of being staged (staging writes them to disk and reads them back: on layers20
-a third of puller's CPU, taken from containerd on a 2-core node). Bytes that extend a blob's prefix never wait for
-memory (they are what lets a stream start and go on, and so what frees memory), and have a part of it that ahead
-bytes leave them. Every wait is bounded (MAX_WAIT_S, one deadline per write), after which the bytes are kept or
-staged as any others.
+MAX_AHEAD past what containerd has taken; and while a blob waits for its stream, its bytes wait for memory to keep
+them instead of being staged (staging writes them to disk and reads them back: on layers20 a third of puller's CPU,
+taken from containerd on a 2-core node). Bytes that extend its prefix take the last quarter of that memory, and
+wait only while another blob streams (which frees memory as it goes): with none streaming, they are what starts a
+stream. Every wait is bounded (MAX_WAIT_S, one deadline per write), after which the bytes are kept or staged as
+any others.
 
 At most MAX_WRITE_STREAMS blobs are streamed at once, lowest layers first: the layer unpacked next must not share
 containerd's ingest with the layers after it, nor wait for a layer whose bytes are still on their way.
@@ -78,6 +79,7 @@ class Shared:
         self.leases = leases
         self.staging = staging
         self.kept = 0  # bytes kept in memory, all writers together
+        self.streams = 0  # blobs being streamed
         self.slots = PrioritySemaphore(MAX_WRITE_STREAMS)
         # writes waiting for memory, first come first served: (writer, bytes, waiter); at most one per download
         # worker, each bounded by its deadline
@@ -142,7 +144,7 @@ class ContainerdWriter:
         deadline = asyncio.get_running_loop().time() + MAX_WAIT_S
         await self._room(offset + n, deadline)
         ahead = offset > self.done.prefix_end()
-        if ahead and not self._streaming:
+        if not self._streaming and (ahead or self._shared.streams):
             await self._memory(n, deadline)
         task = self._task
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
@@ -249,6 +251,7 @@ class ContainerdWriter:
                 await self._wake.wait()
             await self._take_slot()
             self._streaming = True
+            self._shared.streams += 1
             self._shared.memory_freed()  # its writes may keep more now
             labels = self._state.source
             lease = self._lease.id if self._lease else None
@@ -258,6 +261,9 @@ class ContainerdWriter:
             self._end_stream()
 
     def _end_stream(self) -> None:
+        if self._streaming:
+            self._streaming = False
+            self._shared.streams -= 1
         if self._lease is not None:
             self._shared.leases.release(self._lease)
             self._lease = None
