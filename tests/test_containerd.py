@@ -521,6 +521,38 @@ async def test_bytes_ahead_of_a_waiting_blob_wait_for_memory_instead_of_being_st
         assert await store.content.read_all(str(desc.digest)) == data
 
 
+async def test_a_prefix_write_that_waited_for_a_stream_goes_on_when_the_stream_ends(
+    containerd, tmp_path: Path, monkeypatch
+):
+    """A waiting blob's prefix bytes wait for memory while another blob streams; when that stream ends they go on
+    at once (they start the next stream), not at their deadline, even though memory is still short."""
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd import writer as cw
+
+    mib = 1 << 20
+    monkeypatch.setattr(cw, "MAX_KEPT_WAITING", 4 * mib)
+    monkeypatch.setattr(cw, "MAX_WAIT_S", 20.0)
+    streaming, s_data = _random_blob(4 * mib)
+    waiting, w_data = _random_blob(5 * mib)
+    async with ContainerdStore(str(containerd.socket), "prefixwait", staging_dir=tmp_path / "st") as store:
+        async with store.writer(streaming) as s_writer, store.writer(waiting) as w_writer:
+            await s_writer.status()
+            await w_writer.status()
+            await s_writer.write_at(0, [s_data[:mib]])  # its stream starts
+            await asyncio.sleep(0.3)
+            await w_writer.write_at(2 * mib, [w_data[2 * mib : 5 * mib]])  # ahead: kept
+            prefix = asyncio.ensure_future(w_writer.write_at(0, [w_data[: 2 * mib]]))
+            await asyncio.sleep(0.5)
+            assert not prefix.done(), "the prefix write did not wait while another blob streamed"
+            await s_writer.write_at(mib, [s_data[mib:]])
+            await asyncio.wait_for(s_writer.commit(), 20)
+            started = time.monotonic()
+            await asyncio.wait_for(prefix, 10)
+            assert time.monotonic() - started < 5, "the prefix write went on only at its deadline"
+            await asyncio.wait_for(w_writer.commit(), 20)
+        assert await store.content.read_all(str(waiting.digest)) == w_data
+
+
 def test_unpacked_tree_holds_every_layer_and_whiteouts_hide_lower_files(containerd, tmp_path: Path):
     """Layers applied in parallel (containerd 2.2: prepared without a parent, committed onto it) or one after
     another (1.6) give the same tree: upper files win, whiteouts hide lower files."""

@@ -81,17 +81,18 @@ class Shared:
         self.kept = 0  # bytes kept in memory, all writers together
         self.streams = 0  # blobs being streamed
         self.slots = PrioritySemaphore(MAX_WRITE_STREAMS)
-        # writes waiting for memory, first come first served: (writer, bytes, waiter); at most one per download
-        # worker, each bounded by its deadline
-        self.memory_waiters: list[tuple[ContainerdWriter, int, asyncio.Future[None]]] = []
+        # writes waiting for memory, first come first served: (writer, offset, bytes, waiter); at most one per
+        # download worker, each bounded by its deadline
+        self.memory_waiters: list[tuple[ContainerdWriter, int, int, asyncio.Future[None]]] = []
 
-    def memory_freed(self) -> None:
-        """Wake the waiting writes that now fit (counting the ones woken before them)."""
-        kept = self.kept
-        for writer, n, waiter in self.memory_waiters:
-            if not waiter.done() and kept + n <= writer.memory_limit(ahead=True):
+    def memory_changed(self) -> None:
+        """Wake the waiting writes that need not wait any more (counting the memory of those woken before them):
+        called when memory is freed, a stream starts or ends, or a blob's prefix grows."""
+        woken = 0
+        for writer, offset, n, waiter in self.memory_waiters:
+            if not waiter.done() and not writer.must_wait(offset, n, woken):
                 waiter.set_result(None)
-                kept += n
+                woken += n
 
 
 class ContainerdWriter:
@@ -106,6 +107,7 @@ class ContainerdWriter:
         self._kept: dict[int, Message] = {}  # offset -> kept bytes, as the Write message that will carry them
         self._kept_starts: list[int] = []  # their offsets, sorted
         self._streaming = False  # its Write stream is open
+        self._stream_over = False  # its Write stream ended (or failed to start)
         self._has_slot = False  # may send now (one of MAX_WRITE_STREAMS)
         self._wake = asyncio.Event()  # more bytes are here
         self._ahead: list[tuple[int, int, asyncio.Future]] = []  # writes waiting for containerd: (sent they need,
@@ -143,9 +145,8 @@ class ContainerdWriter:
         n = sum(map(len, buffers))
         deadline = asyncio.get_running_loop().time() + MAX_WAIT_S
         await self._room(offset + n, deadline)
+        await self._memory(offset, n, deadline)
         ahead = offset > self.done.prefix_end()
-        if not self._streaming and (ahead or self._shared.streams):
-            await self._memory(n, deadline)
         task = self._task
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error  # the stream failed: say why now, not after the whole blob
@@ -155,8 +156,11 @@ class ContainerdWriter:
             except OSError as e:
                 raise store_error(e, f"staging {self.desc.digest}") from None
             self._staged.written(offset, n)
+        prefix_end = self.done.prefix_end()
         self.done.add(offset, offset + n)
         self._wake.set()
+        if self._shared.memory_waiters and self.done.prefix_end() != prefix_end:
+            self._shared.memory_changed()  # writes of this blob that waited as ahead may extend its prefix now
 
     async def _room(self, end: int, deadline: float) -> None:
         """Wait (until ``deadline``) while ``end`` is more than MAX_AHEAD past what containerd has taken."""
@@ -178,17 +182,27 @@ class ContainerdWriter:
         # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
         return MAX_KEPT_WAITING - MAX_KEPT_WAITING // PREFIX_ROOM if ahead else MAX_KEPT_WAITING
 
-    async def _memory(self, n: int, deadline: float) -> None:
-        """Wait (until ``deadline``) for memory to keep ``n`` more bytes."""
+    def must_wait(self, offset: int, n: int, reserved: int = 0) -> bool:
+        """Whether ``n`` bytes at ``offset`` wait for memory now (``reserved``: memory promised to writes woken
+        before them). Only a blob waiting for its stream waits, and its prefix bytes only while another blob
+        streams (and so frees memory): with none streaming they are what starts one."""
+        if self._streaming or self._stream_over or self._task is None:
+            return False
+        ahead = offset > self.done.prefix_end()
+        if not ahead and not self._shared.streams:
+            return False
+        return self._shared.kept + reserved + n > self.memory_limit(ahead)
+
+    async def _memory(self, offset: int, n: int, deadline: float) -> None:
+        """Wait (until ``deadline``) while the write must wait for memory; checked again each time it is woken
+        (a write woken before it may have taken the memory)."""
         shared = self._shared
-        loop = asyncio.get_running_loop()
-        # Woken when it fitted; a write woken before it may have taken the memory since: then it waits again.
-        while shared.kept + n > self.memory_limit(ahead=True) and self._task is not None and not self._task.done():
-            entry = (self, n, loop.create_future())
+        while self.must_wait(offset, n):
+            entry = (self, offset, n, asyncio.get_running_loop().create_future())
             shared.memory_waiters.append(entry)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await entry[2]
+                    await entry[3]
             except TimeoutError:
                 return
             finally:
@@ -252,7 +266,7 @@ class ContainerdWriter:
             await self._take_slot()
             self._streaming = True
             self._shared.streams += 1
-            self._shared.memory_freed()  # its writes may keep more now
+            self._shared.memory_changed()  # its writes may keep more now
             labels = self._state.source
             lease = self._lease.id if self._lease else None
             await self._shared.content.write(self.desc, self._chunks, labels, resume_at=self.sent, lease=lease)
@@ -261,6 +275,7 @@ class ContainerdWriter:
             self._end_stream()
 
     def _end_stream(self) -> None:
+        self._stream_over = True
         if self._streaming:
             self._streaming = False
             self._shared.streams -= 1
@@ -271,10 +286,7 @@ class ContainerdWriter:
         self._shared.kept -= sum(m.n for m in self._kept.values())
         self._kept.clear()
         self._kept_starts.clear()
-        for writer, _, waiter in self._shared.memory_waiters:  # its own waiting writes go on (to stage or fail)
-            if writer is self and not waiter.done():
-                waiter.set_result(None)
-        self._shared.memory_freed()
+        self._shared.memory_changed()  # its own waiting writes go on too (to stage or fail): its task is done
         for _, _, waiter in self._ahead:  # writes held back go on (and meet the error at commit)
             if not waiter.done():
                 waiter.set_result(None)
@@ -294,7 +306,7 @@ class ContainerdWriter:
         message = self._kept.pop(self._kept_starts.pop(0))
         self._shared.kept -= message.n
         if self._shared.memory_waiters:
-            self._shared.memory_freed()
+            self._shared.memory_changed()
         return message
 
     def _kept_piece(self, offset: int) -> Piece | None:
