@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import hpack
 import pytest
+import uvloop
 
 from puller.stores.containerd import stream as stream_module
 from puller.stores.containerd.stream import (
@@ -175,12 +176,14 @@ def test_a_message_read_into_its_frames_is_the_message_framed_from_its_parts(siz
     assert message == framed([head, data])
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "through-the-transport"])
-async def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_frames_between_frames(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spliced: bool
+def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_frames_between_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spliced: bool, loop: str
 ):
     """The peer reads slowly, so the message fills the socket and waits for room; a PING the peer sends meanwhile
-    is answered at a frame boundary, never inside the message's frames."""
+    is answered at a frame boundary, never inside the message's frames. On both loops: the wait for room watches
+    a duplicate of the socket, which uvloop (puller's loop) and asyncio must both accept."""
     if not spliced:
         monkeypatch.setattr(stream_module, "_vmsplice", None)
     body = bytes(range(251)) * (48 << 12)  # ~47 MiB: many times the socket's buffers
@@ -219,6 +222,7 @@ async def test_a_framed_message_larger_than_the_socket_arrives_whole_with_contro
         await done
         return answer
 
-    assert await _call(tmp_path, script, body_of_call) == b"ok"
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(_call(tmp_path, script, body_of_call)) == b"ok"
     assert bytes(received) == b"\x00" + len(body).to_bytes(4, "big") + body
     assert acks == [b"pingpong"]
