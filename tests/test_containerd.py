@@ -451,7 +451,9 @@ async def test_bytes_ahead_of_containerd_are_kept_then_staged_and_resumed(contai
             assert not (await writer.status()).done
             await writer.write_at(8 * mib, [b"k" * (4 * mib)])  # kept: no byte 0 yet, so no stream
             assert store._shared.kept == 4 * mib
+            started = time.monotonic()
             await writer.write_at(16 * mib, [b"s" * cw.MAX_KEPT_WAITING])  # more than memory for waiting: staged
+            assert time.monotonic() - started < 0.4, "waited for memory with no stream busy (the network the limit)"
             assert store._shared.kept == 4 * mib
             started = time.monotonic()
             await writer.write_at(80 * mib, [b"w" * mib])  # far ahead of containerd: waits, then kept as any
@@ -494,11 +496,12 @@ async def test_bytes_ahead_of_a_waiting_blob_wait_for_memory_instead_of_being_st
 ):
     """Where containerd is the limit, staging bytes only to read them back costs CPU containerd needs: a blob
     waiting for its stream keeps bytes ahead of its prefix in part of the memory, and a write beyond that waits
-    (bounded) until the blob streams; with no blob streaming, bytes extending its prefix do not wait: they start
-    its stream."""
+    (bounded) until the blob streams; bytes extending its prefix are kept in the rest, and start its stream."""
     from puller.stores.containerd import ContainerdStore
     from puller.stores.containerd import writer as cw
 
+    # containerd is the limit (on a fast link, a stream has bytes it has yet to take): here, as if always
+    monkeypatch.setattr(cw.Shared, "containerd_busy", lambda self: True)
     mib = 1 << 20
     monkeypatch.setattr(cw, "MAX_KEPT_WAITING", 4 * mib)  # 3 MiB of it for bytes ahead of a prefix
     monkeypatch.setattr(cw, "MAX_WAIT_S", 20.0)
@@ -524,11 +527,14 @@ async def test_bytes_ahead_of_a_waiting_blob_wait_for_memory_instead_of_being_st
 async def test_a_prefix_write_that_waited_for_a_stream_goes_on_when_the_stream_ends(
     containerd, tmp_path: Path, monkeypatch
 ):
-    """A waiting blob's prefix bytes wait for memory while another blob streams; when that stream ends they go on
-    at once (they start the next stream), not at their deadline, even though memory is still short."""
+    """A waiting blob's prefix bytes wait for memory while another blob streams and containerd is the limit; when
+    that stream ends they go on at once (they start the next stream), not at their deadline, even though memory is
+    still short."""
     from puller.stores.containerd import ContainerdStore
     from puller.stores.containerd import writer as cw
 
+    # containerd is the limit whenever a blob streams (on a fast link, its stream has bytes it has yet to take)
+    monkeypatch.setattr(cw.Shared, "containerd_busy", lambda self: bool(self.streaming))
     mib = 1 << 20
     monkeypatch.setattr(cw, "MAX_KEPT_WAITING", 4 * mib)
     monkeypatch.setattr(cw, "MAX_WAIT_S", 20.0)

@@ -9,12 +9,13 @@ containerd hashes what it is sent and commits only if the expected digest matche
 
 Backpressure: where containerd's ingest is the limit (a fast link), downloading further only takes the CPU (or
 disk to stage on) that containerd needs, so :meth:`ContainerdWriter.write_at` waits while its bytes are more than
-MAX_AHEAD past what containerd has taken; and while a blob waits for its stream, its bytes wait for memory to keep
-them instead of being staged (staging writes them to disk and reads them back: on layers20 a third of puller's CPU,
-taken from containerd on a 2-core node). Bytes that extend its prefix take the last quarter of that memory, and
-wait only while another blob streams (which frees memory as it goes): with none streaming, they are what starts a
-stream. Every wait is bounded (MAX_WAIT_S, one deadline per write), after which the bytes are kept or staged as
-any others.
+MAX_AHEAD past what containerd has taken; and while a blob waits for its stream and containerd is the limit (a
+stream has bytes it has yet to take), its bytes wait for memory to keep them instead of being staged (staging
+writes them to disk and reads them back: on layers20 a third of puller's CPU, taken from containerd on a 2-core
+node). Its bytes that extend its prefix take the last quarter of that memory. Where the network is the limit
+(every stream waits for bytes), nothing waits: a download held back would leave the link idle. Every wait is
+bounded (MAX_WAIT_S, one deadline per write) and decided again whenever memory, the streams or the blob's prefix
+change; after it the bytes are kept or staged as any others.
 
 At most MAX_WRITE_STREAMS blobs are streamed at once, lowest layers first: the layer unpacked next must not share
 containerd's ingest with the layers after it, nor wait for a layer whose bytes are still on their way.
@@ -79,15 +80,20 @@ class Shared:
         self.leases = leases
         self.staging = staging
         self.kept = 0  # bytes kept in memory, all writers together
-        self.streams = 0  # blobs being streamed
+        self.streaming: set[ContainerdWriter] = set()  # blobs being streamed
         self.slots = PrioritySemaphore(MAX_WRITE_STREAMS)
         # writes waiting for memory, first come first served: (writer, offset, bytes, waiter); at most one per
         # download worker, each bounded by its deadline
         self.memory_waiters: list[tuple[ContainerdWriter, int, int, asyncio.Future[None]]] = []
 
+    def containerd_busy(self) -> bool:
+        """Whether a stream has bytes at hand that containerd has yet to take: then containerd, not the network,
+        is the limit, and it frees memory as it goes."""
+        return any(writer.done.prefix_end() > writer.sent for writer in self.streaming)
+
     def memory_changed(self) -> None:
         """Wake the waiting writes that need not wait any more (counting the memory of those woken before them):
-        called when memory is freed, a stream starts or ends, or a blob's prefix grows."""
+        called when memory is freed, a stream starts, ends or runs out of bytes, or a blob's prefix grows."""
         woken = 0
         for writer, offset, n, waiter in self.memory_waiters:
             if not waiter.done() and not writer.must_wait(offset, n, woken):
@@ -184,14 +190,12 @@ class ContainerdWriter:
 
     def must_wait(self, offset: int, n: int, reserved: int = 0) -> bool:
         """Whether ``n`` bytes at ``offset`` wait for memory now (``reserved``: memory promised to writes woken
-        before them). Only a blob waiting for its stream waits, and its prefix bytes only while another blob
-        streams (and so frees memory): with none streaming they are what starts one."""
-        if self._streaming or self._stream_over or self._task is None:
+        before them). Only a blob waiting for its stream waits, and only while containerd is the limit (a stream
+        has bytes it has yet to take, so memory is freed as it goes): where the network is, a download held
+        back would leave the link idle, and its bytes are staged as before."""
+        if self._streaming or self._stream_over or self._task is None or not self._shared.containerd_busy():
             return False
-        ahead = offset > self.done.prefix_end()
-        if not ahead and not self._shared.streams:
-            return False
-        return self._shared.kept + reserved + n > self.memory_limit(ahead)
+        return self._shared.kept + reserved + n > self.memory_limit(offset > self.done.prefix_end())
 
     async def _memory(self, offset: int, n: int, deadline: float) -> None:
         """Wait (until ``deadline``) while the write must wait for memory; checked again each time it is woken
@@ -265,7 +269,7 @@ class ContainerdWriter:
                 await self._wake.wait()
             await self._take_slot()
             self._streaming = True
-            self._shared.streams += 1
+            self._shared.streaming.add(self)
             self._shared.memory_changed()  # its writes may keep more now
             labels = self._state.source
             lease = self._lease.id if self._lease else None
@@ -278,7 +282,7 @@ class ContainerdWriter:
         self._stream_over = True
         if self._streaming:
             self._streaming = False
-            self._shared.streams -= 1
+            self._shared.streaming.discard(self)
         if self._lease is not None:
             self._shared.leases.release(self._lease)
             self._lease = None
@@ -332,6 +336,8 @@ class ContainerdWriter:
                 staged_end = min(self._kept_starts[0], received) if self._kept_starts else received
                 if offset >= staged_end:
                     self._release_slot()  # nothing to send until more bytes arrive
+                    if self._shared.memory_waiters:
+                        self._shared.memory_changed()  # containerd may not be the limit any more
                     self._wake.clear()
                     await self._wake.wait()
                     await self._take_slot()
