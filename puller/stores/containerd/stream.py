@@ -164,10 +164,15 @@ class _Splicer:
     def __init__(self, sock_fd: int):
         assert _vmsplice is not None
         self.read_end, self.write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self.waker = os.dup(sock_fd)  # to wait for room: the loop refuses a watch on a transport's own fd
+        except OSError:
+            os.close(self.read_end)
+            os.close(self.write_end)
+            raise
         with contextlib.suppress(OSError):  # the pipe's default (64 KiB) only means more calls
             fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.sock = sock_fd
-        self.waker = os.dup(sock_fd)  # to wait for room: the loop refuses a watch on a transport's own fd
         self.in_pipe = 0  # bytes in the pipe, not yet in the socket
         self._iov = _Iovec()
 
