@@ -6,6 +6,7 @@ conformance suite.)"""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -226,3 +227,21 @@ def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_fram
     assert run(_call(tmp_path, script, body_of_call)) == b"ok"
     assert bytes(received) == b"\x00" + len(body).to_bytes(4, "big") + body
     assert acks == [b"pingpong"]
+
+
+async def test_a_stream_gives_back_its_pipe_and_descriptors_when_closed(tmp_path: Path):
+    """Each stream opens a pipe and a duplicate of its socket for splicing: closed with the stream, as many
+    streams as a pull has blobs leave no descriptor behind."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_headers([(":status", "200"), ("content-type", "application/grpc")], 0))
+        await reader.read()  # until the client goes
+
+    async def body(stream: WriteStream) -> None:
+        await stream.send_framed(framed([bytes(50_000)]))
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        await _call(tmp_path, script, body)
+    await asyncio.sleep(0.1)  # the server's side of each connection closes
+    assert len(os.listdir("/proc/self/fd")) <= before
