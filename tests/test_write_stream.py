@@ -10,7 +10,6 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
 import hpack
 import pytest
 import uvloop
@@ -27,8 +26,9 @@ from puller.stores.containerd.stream import (
     PREFACE,
     SETTINGS,
     WINDOW_UPDATE,
+    Connection,
     RpcError,
-    WriteStream,
+    StatusCode,
     frame_header,
     framed,
     framed_slots,
@@ -43,7 +43,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, int, int, byte
     return head[3], head[4], int.from_bytes(head[5:9], "big"), await reader.readexactly(length)
 
 
-async def _call(tmp_path: Path, script: Script, body: Callable[[WriteStream], Awaitable[object]]) -> object:
+async def _call(tmp_path: Path, script: Script, body: Callable[[Connection], Awaitable[object]]) -> object:
     """Run ``body`` on a stream to a peer that reads the preface and then follows ``script``."""
     seen: list[tuple[int, int, int, bytes]] = []
 
@@ -60,7 +60,8 @@ async def _call(tmp_path: Path, script: Script, body: Callable[[WriteStream], Aw
     sock = str(tmp_path / "peer.sock")
     server = await asyncio.start_unix_server(serve, sock)
     try:
-        stream = await WriteStream.open(sock, "/svc/Method", [("containerd-namespace", "ns")])
+        stream = await Connection.open(sock)
+        stream.start("/svc/Method", [("containerd-namespace", "ns")])
         try:
             return await asyncio.wait_for(body(stream), 10)
         finally:
@@ -82,7 +83,7 @@ async def test_an_error_status_reaches_the_caller_with_its_message_decoded(tmp_p
 
     with pytest.raises(RpcError) as caught:
         await _call(tmp_path, script, lambda stream: stream.receive())
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.code() == StatusCode.FAILED_PRECONDITION
     assert caught.value.details() == "ref locked: 100% busy"
 
 
@@ -102,7 +103,7 @@ async def test_messages_go_out_framed_and_answers_come_back_in_order(tmp_path: P
             writer.write(frame_header(len(message), DATA, 0, 1) + message)
         writer.write(_headers([("grpc-status", "0")], END_STREAM))
 
-    async def body(stream: WriteStream) -> list[bytes]:
+    async def body(stream: Connection) -> list[bytes]:
         await stream.send([b"abc", memoryview(b"defg")])
         await stream.send([bytes(40_000)])  # more than one frame
         stream_done = asyncio.ensure_future(stream.finish())
@@ -131,7 +132,7 @@ async def test_a_peer_that_breaks_the_bounds_ends_the_call(tmp_path: Path, hosti
 
     with pytest.raises(RpcError) as caught:
         await _call(tmp_path, script, lambda stream: stream.receive())
-    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.code() == StatusCode.INTERNAL
     assert "malformed" in caught.value.details()
 
 
@@ -139,14 +140,14 @@ async def test_a_peer_that_goes_away_mid_call_is_unavailable(tmp_path: Path):
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
-    async def body(stream: WriteStream) -> None:
+    async def body(stream: Connection) -> None:
         for _ in range(100):  # the first sends may fit in the socket before the close is seen
             await stream.send([bytes(1 << 16)])
             await asyncio.sleep(0.01)
 
     with pytest.raises(RpcError) as caught:
         await _call(tmp_path, script, body)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.code() == StatusCode.UNAVAILABLE
 
 
 def test_a_framed_message_is_its_parts_cut_into_frames_the_peer_accepts():
@@ -216,7 +217,7 @@ def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_fram
         answer = b"\x00\x00\x00\x00\x02ok"
         writer.write(frame_header(len(answer), DATA, 0, 1) + answer + _headers([("grpc-status", "0")], END_STREAM))
 
-    async def body_of_call(stream: WriteStream) -> bytes:
+    async def body_of_call(stream: Connection) -> bytes:
         await stream.send_framed(framed([body[:1000], memoryview(body)[1000:]]))
         done = asyncio.ensure_future(stream.finish())
         answer = await stream.receive()
@@ -237,7 +238,7 @@ async def test_a_stream_gives_back_its_pipe_and_descriptors_when_closed(tmp_path
         writer.write(_headers([(":status", "200"), ("content-type", "application/grpc")], 0))
         await reader.read()  # until the client goes
 
-    async def body(stream: WriteStream) -> None:
+    async def body(stream: Connection) -> None:
         await stream.send_framed(framed([bytes(50_000)]))
 
     before = len(os.listdir("/proc/self/fd"))

@@ -1,8 +1,9 @@
-"""containerd's gRPC services over one channel, in one namespace, and its errors in the project's terms.
+"""containerd's gRPC services, called in one namespace, and their errors in the project's terms.
 
-Stubs: puller/stores/containerd_api (our own minimal .proto files, generated code committed); they follow
-containerd's API v1, whose field numbers are the same from containerd 1.6 to 2.x. Content.Write alone goes
-through :mod:`.stream` (:meth:`Api.open_write`), on a connection of its own.
+Messages: puller/stores/containerd_api (our own minimal .proto files, generated code committed); they follow
+containerd's API v1, whose field numbers are the same from containerd 1.6 to 2.x. The calls go over puller's own
+HTTP/2 client (:mod:`.stream`): unary ones through a small pool of connections (:mod:`.channel`), Content.Write on
+a connection of its own (:meth:`Api.open_write`).
 """
 
 from __future__ import annotations
@@ -12,23 +13,25 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
-from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
 
 from ...errors import DiskFull, StoreError
-from ..containerd_api import (
-    content_pb2_grpc,
-    diff_pb2_grpc,
-    images_pb2_grpc,
-    introspection_pb2_grpc,
-    leases_pb2_grpc,
-    snapshots_pb2_grpc,
-    version_pb2_grpc,
-)
-from .stream import RpcError, WriteStream
+from ..containerd_api import version_pb2
+from .channel import Channel
+from .stream import Connection, RpcError, StatusCode
 
-MAX_MESSAGE = 16 << 20
+CALL_TIMEOUT_S = 120.0  # a call's longest wait, unless it says otherwise (Diff.Apply: APPLY_TIMEOUT_S)
+CONNECT_TIMEOUT_S = 10.0  # the first call, which tells whether containerd is there at all
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+CONTENT = "/containerd.services.content.v1.Content/"
+IMAGES = "/containerd.services.images.v1.Images/"
+LEASES = "/containerd.services.leases.v1.Leases/"
+SNAPSHOTS = "/containerd.services.snapshots.v1.Snapshots/"
+DIFF = "/containerd.services.diff.v1.Diff/"
+INTROSPECTION = "/containerd.services.introspection.v1.Introspection/"
+VERSION = "/containerd.services.version.v1.Version/"
 
 
 class Api:
@@ -37,7 +40,7 @@ class Api:
     def __init__(self, address: str, namespace: str):
         self.address = address
         self.namespace = namespace
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: Channel | None = None
 
     async def __aenter__(self) -> Api:
         sock = Path(self.address)
@@ -51,31 +54,55 @@ class Api:
                 "or as a member of the group that owns it"
             )
         self._socket = str(sock.absolute())
-        channel = self._channel = grpc.aio.insecure_channel(
-            f"unix://{self._socket}",
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
-        )
-        self.content = content_pb2_grpc.ContentStub(channel)
-        self.images = images_pb2_grpc.ImagesStub(channel)
-        self.leases = leases_pb2_grpc.LeasesStub(channel)
-        self.snapshots = snapshots_pb2_grpc.SnapshotsStub(channel)
-        self.diff = diff_pb2_grpc.DiffStub(channel)
-        self.introspection = introspection_pb2_grpc.IntrospectionStub(channel)
+        self._channel = Channel(self._socket)
         try:
-            await version_pb2_grpc.VersionStub(channel).Version(empty_pb2.Empty(), timeout=10)
-        except grpc.aio.AioRpcError as e:
+            await self.call(VERSION + "Version", None, version_pb2.VersionResponse, timeout=CONNECT_TIMEOUT_S)
+        except RpcError as e:
             await self.__aexit__()
             raise self.error(e, "connecting") from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            self._channel.close()
             self._channel = None
 
-    async def open_write(self, lease: str | None = None) -> WriteStream:
-        """A Content.Write call on a connection of its own (:mod:`.stream`: grpcio costs 3x the CPU there)."""
-        return await WriteStream.open(self._socket, "/containerd.services.content.v1.Content/Write", self.md(lease))
+    async def call(
+        self,
+        path: str,
+        request: Message | None,
+        answer: type[M],
+        lease: str | None = None,
+        timeout: float = CALL_TIMEOUT_S,
+    ) -> M:
+        """The unary call ``path`` (``request`` None: an empty message), its answer parsed as ``answer``."""
+        answers = await self.calls(path, request, answer, lease, timeout)
+        if len(answers) != 1:
+            raise RpcError(StatusCode.INTERNAL, f"{path}: {len(answers)} answers to a unary call")
+        return answers[0]
+
+    async def calls(
+        self,
+        path: str,
+        request: Message | None,
+        answer: type[M],
+        lease: str | None = None,
+        timeout: float = CALL_TIMEOUT_S,
+    ) -> list[M]:
+        """A call with one request and any number of answers (a unary call has exactly one)."""
+        assert self._channel is not None, "use the Api as a context manager"
+        body = request.SerializeToString() if request is not None else b""
+        answers = await self._channel.call(path, body, self.md(lease), timeout)
+        try:
+            return [answer.FromString(a) for a in answers]
+        except DecodeError as e:
+            raise RpcError(StatusCode.INTERNAL, f"{path}: a malformed answer: {e}") from None
+
+    async def open_write(self, lease: str | None = None) -> Connection:
+        """A Content.Write call on a connection of its own: its framed messages are spliced into the socket."""
+        connection = await Connection.open(self._socket)
+        connection.start(CONTENT + "Write", self.md(lease))
+        return connection
 
     def md(self, lease: str | None = None) -> tuple[tuple[str, str], ...]:
         """gRPC metadata: the namespace, and the lease that what the call creates belongs to."""
@@ -86,19 +113,21 @@ class Api:
         """The answer to ``call``, or None when containerd says NOT_FOUND; other errors are StoreErrors."""
         try:
             return await call
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
+        except RpcError as e:
+            if e.code() == StatusCode.NOT_FOUND:
                 return None
             raise self.error(e, what) from None
 
-    def error(self, e: grpc.aio.AioRpcError | RpcError, what: str) -> StoreError:
+    def error(self, e: RpcError, what: str) -> StoreError:
         code = e.code()
         detail = e.details() or ""
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == StatusCode.UNAVAILABLE:
             return StoreError(f"containerd at {self.address} is unavailable while {what}: {detail}")
-        if code == grpc.StatusCode.UNIMPLEMENTED:
+        if code == StatusCode.DEADLINE_EXCEEDED:
+            return StoreError(f"containerd did not answer in time while {what}: {detail}")
+        if code == StatusCode.UNIMPLEMENTED:
             return StoreError(f"this containerd does not implement a call needed for {what} (too old?): {detail}")
-        if code == grpc.StatusCode.PERMISSION_DENIED:
+        if code == StatusCode.PERMISSION_DENIED:
             return StoreError(f"containerd refused {what}: permission denied")
         if "no space left on device" in detail or "disk quota exceeded" in detail:
             return DiskFull(f"containerd ran out of disk space while {what}: {detail}")

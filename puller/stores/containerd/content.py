@@ -15,15 +15,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from google.protobuf import field_mask_pb2
+from google.protobuf import empty_pb2, field_mask_pb2
 
 from ...errors import DigestMismatch, DiskFull, StoreError
 from ...registry.manifest import Descriptor
 from .. import Buffer, free_bytes
 from ..containerd_api import content_pb2
-from .api import Api
-from .stream import Framed, RpcError, WriteStream, framed, framed_slots
+from .api import CONTENT, Api
+from .stream import Connection, Framed, RpcError, StatusCode, framed, framed_slots
 
 WRITE_MESSAGE = 1 << 20  # most bytes per Write message this module builds (gRPC's default limit is 4 MiB)
 WRITE_AHEAD = 4 << 20  # bytes of Write messages in flight per stream: containerd handles one while the next travel
@@ -69,7 +68,7 @@ class Content:
         self.root = root  # containerd's root directory: its free space is checked
 
     async def info(self, digest: str) -> content_pb2.Info | None:
-        call = self.api.content.Info(content_pb2.InfoRequest(digest=digest), metadata=self.api.md())
+        call = self.api.call(CONTENT + "Info", content_pb2.InfoRequest(digest=digest), content_pb2.InfoResponse)
         resp = await self.api.unless_missing(call, f"looking up {digest}")
         return resp.info if resp is not None else None
 
@@ -79,7 +78,9 @@ class Content:
 
     async def ingest_offset(self, desc: Descriptor) -> int:
         """How many bytes of ``desc`` containerd holds in its ingest (0 if none or not for this blob)."""
-        call = self.api.content.Status(content_pb2.StatusRequest(ref=ingest_ref(desc)), metadata=self.api.md())
+        call = self.api.call(
+            CONTENT + "Status", content_pb2.StatusRequest(ref=ingest_ref(desc)), content_pb2.StatusResponse
+        )
         resp = await self.api.unless_missing(call, f"asking for the ingest of {desc.digest}")
         if resp is None:
             return 0
@@ -91,8 +92,8 @@ class Content:
 
     async def abort(self, desc: Descriptor) -> None:
         """Drop the blob's ingest (nothing to drop is fine)."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self.api.content.Abort(content_pb2.AbortRequest(ref=ingest_ref(desc)), metadata=self.api.md())
+        with contextlib.suppress(RpcError):
+            await self.api.call(CONTENT + "Abort", content_pb2.AbortRequest(ref=ingest_ref(desc)), empty_pb2.Empty)
 
     async def put_bytes(self, desc: Descriptor, data: bytes, labels: dict[str, str], lease: str | None) -> None:
         """Write a small blob held in memory (a manifest, say), or label it if it is there."""
@@ -138,7 +139,7 @@ class Content:
         ref_bytes = ref.encode()
         digest = str(desc.digest)
         offset = 0
-        stream: WriteStream | None = None
+        stream: Connection | None = None
         try:
             stream = await self.api.open_write(lease)
             stat = content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=desc.size, expected=digest)
@@ -146,7 +147,7 @@ class Content:
             try:
                 status = content_pb2.WriteContentResponse.FromString(await stream.receive())
             except RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and "locked" in e.details():
+                if e.code() == StatusCode.UNAVAILABLE and "locked" in e.details():
                     raise _Locked(e.details()) from None
                 raise
             offset = status.offset if 0 <= status.offset <= desc.size else 0
@@ -181,16 +182,16 @@ class Content:
             await stream.receive()
             await stream.finish()
         except RpcError as e:
-            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+            if e.code() == StatusCode.ALREADY_EXISTS:
                 if labels:
                     await self.update_labels(digest, labels)
                 return
-            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE):
+            if e.code() in (StatusCode.INTERNAL, StatusCode.UNKNOWN, StatusCode.UNAVAILABLE):
                 # containerd's status may not say why (a stream broken mid-message): a full disk is the usual
                 # cause, and one that must say so (exit 10).
                 await self.raise_if_full(f"writing {digest}", desc.size - offset)
             mismatch = _COMMIT_DIGEST.search(e.details())
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and mismatch:
+            if e.code() == StatusCode.FAILED_PRECONDITION and mismatch:
                 raise DigestMismatch(digest, mismatch.group(1), what="blob (checked by containerd)") from None
             raise self.api.error(e, f"writing {digest}") from None
         finally:
@@ -212,22 +213,22 @@ class Content:
     async def update_labels(self, digest: str, labels: dict[str, str]) -> None:
         mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
         try:
-            await self.api.content.Update(
+            await self.api.call(
+                CONTENT + "Update",
                 content_pb2.UpdateRequest(info=content_pb2.Info(digest=digest, labels=labels), update_mask=mask),
-                metadata=self.api.md(),
+                content_pb2.UpdateResponse,
             )
-        except grpc.aio.AioRpcError as e:
+        except RpcError as e:
             raise self.api.error(e, f"labelling {digest}") from None
 
     async def read_all(self, digest: str) -> bytes:
-        parts = []
+        """A small blob's bytes (an image config): every answer of one Content.Read is held until it ends."""
         try:
             request = content_pb2.ReadContentRequest(digest=digest)
-            async for resp in self.api.content.Read(request, metadata=self.api.md()):
-                parts.append(resp.data)
-        except grpc.aio.AioRpcError as e:
+            answers = await self.api.calls(CONTENT + "Read", request, content_pb2.ReadContentResponse)
+        except RpcError as e:
             raise self.api.error(e, f"reading {digest}") from None
-        return b"".join(parts)
+        return b"".join(a.data for a in answers)
 
 
 def _varint(n: int) -> bytes:

@@ -6,14 +6,14 @@ takes off its own.
 
 from __future__ import annotations
 
-import grpc
 from google.protobuf import field_mask_pb2
 
 from ...reference import Reference
 from ...registry import manifest as mf
 from ...registry.manifest import Descriptor
 from ..containerd_api import images_pb2, types_pb2
-from .api import Api
+from .api import IMAGES, Api
+from .stream import RpcError, StatusCode
 
 GC_CONTENT = "containerd.io/gc.ref.content"
 DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
@@ -37,10 +37,11 @@ class ImageRecords:
             target=types_pb2.Descriptor(media_type=target.media_type, digest=str(target.digest), size=target.size),
         )
         try:
-            await self.api.images.Create(images_pb2.CreateImageRequest(image=image), metadata=self.api.md(lease))
+            request = images_pb2.CreateImageRequest(image=image)
+            await self.api.call(IMAGES + "Create", request, images_pb2.CreateImageResponse, lease)
             return
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+        except RpcError as e:
+            if e.code() != StatusCode.ALREADY_EXISTS:
                 raise self.api.error(e, f"creating image {name}") from None
         # The name exists (the tag moved, or a re-pull): point it at this target, keep its other labels.
         existing = await self.labels(name)
@@ -53,14 +54,12 @@ class ImageRecords:
             paths += [f"labels.{CRI_PINNED[0]}", f"labels.{PULLER_PINNED[0]}"]  # absent from labels: removed
         mask = field_mask_pb2.FieldMask(paths=paths)
         try:
-            await self.api.images.Update(
-                images_pb2.UpdateImageRequest(image=image, update_mask=mask), metadata=self.api.md()
-            )
-        except grpc.aio.AioRpcError as e:
+            await self._update(images_pb2.UpdateImageRequest(image=image, update_mask=mask))
+        except RpcError as e:
             raise self.api.error(e, f"updating image {name}") from None
 
     async def get(self, name: str) -> images_pb2.Image | None:
-        call = self.api.images.Get(images_pb2.GetImageRequest(name=name), metadata=self.api.md())
+        call = self.api.call(IMAGES + "Get", images_pb2.GetImageRequest(name=name), images_pb2.GetImageResponse)
         found = await self.api.unless_missing(call, f"looking up image {name}")
         return found.image if found is not None else None
 
@@ -81,11 +80,12 @@ class ImageRecords:
             image.labels.pop(PULLER_PINNED[0], None)
             # The whole record goes back, target included: containerd 2.2.9 dies on an Update without one.
             try:
-                await self.api.images.Update(
-                    images_pb2.UpdateImageRequest(image=image, update_mask=mask), metadata=self.api.md()
-                )
-            except grpc.aio.AioRpcError as e:
+                await self._update(images_pb2.UpdateImageRequest(image=image, update_mask=mask))
+            except RpcError as e:
                 raise self.api.error(e, f"unpinning image {name}") from None
+
+    async def _update(self, request: images_pb2.UpdateImageRequest) -> None:
+        await self.api.call(IMAGES + "Update", request, images_pb2.UpdateImageResponse)
 
 
 def image_names(ref: Reference, digest: str | None) -> list[str]:

@@ -13,11 +13,12 @@ import datetime
 import secrets
 from dataclasses import dataclass
 
-import grpc
+from google.protobuf import empty_pb2
 
 from ...errors import StoreError
 from ..containerd_api import leases_pb2
-from .api import Api
+from .api import LEASES, Api
+from .stream import RpcError
 
 ImageKey = tuple[str, ...]  # the digests of an image's blobs: names the pulls of one image
 
@@ -63,8 +64,9 @@ class Leases:
         expire = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.expiry)
         labels = {"containerd.io/gc.expire": expire.strftime("%Y-%m-%dT%H:%M:%SZ")}
         try:
-            await self.api.leases.Create(leases_pb2.CreateRequest(id=lease_id, labels=labels), metadata=self.api.md())
-        except grpc.aio.AioRpcError as e:
+            request = leases_pb2.CreateRequest(id=lease_id, labels=labels)
+            await self.api.call(LEASES + "Create", request, leases_pb2.CreateResponse)
+        except RpcError as e:
             raise self.api.error(e, "creating a lease") from None
 
     def for_blob(self, digest: str) -> Lease | None:
@@ -90,10 +92,10 @@ class Leases:
         drop.add_done_callback(self._drops.discard)
 
     async def _drop(self, lease: Lease) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, StoreError):  # else it expires on its own
+        with contextlib.suppress(RpcError, StoreError):  # else it expires on its own
             if lease.created is not None:
                 await lease.created
-            await self.api.leases.Delete(leases_pb2.DeleteRequest(id=lease.id), metadata=self.api.md())
+            await self.api.call(LEASES + "Delete", leases_pb2.DeleteRequest(id=lease.id), empty_pb2.Empty)
 
     async def close(self) -> None:
         """Drop every lease (pulls that ended without their image's end) and wait for the drops."""

@@ -1,9 +1,11 @@
-"""Content.Write as one gRPC stream over HTTP/2 frames this module writes on containerd's unix socket.
+"""gRPC calls to containerd over HTTP/2 frames this module writes on containerd's unix socket: one call at a time
+per connection (:class:`Connection`), Content.Write's stream and the unary calls alike.
 
-Why not grpcio, which serves every other call: it copies each message into its own slices and hands it to its
-own thread; sending 1 GiB of Write messages into containerd 2.2 cost puller 1.8 CPU-s/GB that way, 0.5 this way
-(h2's framing alone, before any socket write, costs 0.8). Here a message's DATA frames are 9-byte headers around
-views of the caller's buffers, which the transport gathers into one ``sendmsg``: the bytes are not copied.
+Why not grpcio: it copies each message into its own slices and hands it to its own thread; sending 1 GiB of Write
+messages into containerd 2.2 cost puller 1.8 CPU-s/GB that way, 0.5 this way (h2's framing alone, before any
+socket write, costs 0.8). Its import and channel also cost a pull about 0.07 CPU-s, and each unary call 0.45 ms.
+Here a message's DATA frames are 9-byte headers around views of the caller's buffers, which the transport gathers
+into one ``sendmsg``: the bytes are not copied.
 
 A message built ahead (:func:`framed`: cut into DATA frames as it is copied once) goes further: its pages are
 handed to the kernel (``vmsplice`` into a pipe, ``splice`` into the socket: Linux attaches them to the unix
@@ -14,9 +16,10 @@ Where the kernel or libc lacks these calls, the same frames go through the trans
 
 The frames a client stream meets are handled: SETTINGS (acknowledged; the peer's window and frame size taken),
 PING (answered: grpc-go measures the link with them and grows its window), WINDOW_UPDATE, HEADERS and
-CONTINUATION (HPACK, with the ``hpack`` library), DATA (the answers), RST_STREAM, GOAWAY. One connection carries
-one stream (id 1); its end is the call's end. Every buffer and queue is bounded (a peer that exceeds one ends the
-call with INTERNAL), and the caller's waits are on containerd, as grpcio's were.
+CONTINUATION (HPACK, with the ``hpack`` library), DATA (the answers), RST_STREAM, GOAWAY. A connection carries one
+call at a time, on streams 1, 3, 5...: a Write stream is the first (its framed messages name stream 1), unary calls
+reuse connections (:mod:`.channel`). Every buffer and queue is bounded (a peer that exceeds one ends the call with
+INTERNAL, and the connection is dropped).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import enum
 import fcntl
 import os
 import socket
@@ -34,7 +38,6 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote
 
-import grpc
 import hpack
 
 from .. import Buffer
@@ -43,31 +46,53 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_ENABLE_PUSH = 4, 5, 2
-STREAM = 1  # the one stream of a connection
+STREAM = 1  # a connection's first stream: a Write stream's, whose framed messages name it
+LAST_STREAM = (1 << 31) - 1  # stream ids end here: a connection that reached it is not used again
 DEFAULT_WINDOW = 65_535  # HTTP/2's initial flow-control window
 MIN_FRAME = 16_384  # HTTP/2's initial (and smallest) frame size: also the largest frame we accept
 RECEIVE_WINDOW = 1 << 20  # what containerd may send before we acknowledge it (its answers are ~100 bytes each)
 MAX_HEADER_BLOCK = 64 << 10  # a header block's size, CONTINUATIONs included
-MAX_ANSWER = 1 << 20  # one answer message's size
+MAX_ANSWER = 4 << 20  # one answer message's size (grpc-go's default limit; Content.Read sends 1 MiB and a little)
 SEND_BUFFER = 4 << 20  # the socket's send buffer: a 1 MiB message in one write, not five (10% less CPU to send)
 MAX_UNREAD = 4096  # answers received and not yet read: containerd sends one per message sent
 MAX_HELD = 4096  # control frames held back while a message is half in the socket
 PIPE_SIZE = 1 << 20  # the pipe a framed message passes through (Linux's default limit for unprivileged pipes)
 PINNED_AFTER_CLOSE_S = 10.0  # how long spliced messages are kept after the connection is dropped (containerd may
 # still read what was queued for it; bytes changed under it would fail its digest check at commit, not pass)
-CODES = {code.value[0]: code for code in grpc.StatusCode}
 _SETTING = struct.Struct(">HI")
 
 
-class RpcError(Exception):
-    """The call ended with a status other than OK; ``code()`` and ``details()`` as grpcio's errors have them."""
+class StatusCode(enum.IntEnum):
+    """gRPC's status codes (grpc-status)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class RpcError(Exception):
+    """The call ended with a status other than OK: ``code()`` and ``details()``."""
+
+    def __init__(self, code: StatusCode, details: str):
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
 
-    def code(self) -> grpc.StatusCode:
+    def code(self) -> StatusCode:
         return self._code
 
     def details(self) -> str:
@@ -95,7 +120,7 @@ class Framed:
 
 
 def framed(parts: Sequence[Buffer]) -> Framed:
-    """The message made of ``parts``, framed for :meth:`WriteStream.send_framed`, in one copy."""
+    """The message made of ``parts``, framed for :meth:`Connection.send_framed`, in one copy."""
     size = sum(map(len, parts))
     out: list[Buffer] = []
     room = 0  # bytes the current frame still takes
@@ -211,26 +236,35 @@ def _unpad(flags: int, payload: bytes, extra: int = 0) -> bytes:
     return payload[start + extra : end]
 
 
-class WriteStream(asyncio.Protocol):
-    """One client-streaming call: :meth:`send` messages, :meth:`receive` answers, :meth:`finish`; or :meth:`close`.
+class Connection(asyncio.Protocol):
+    """One HTTP/2 connection to containerd, carrying one gRPC call at a time: :meth:`start` a call, :meth:`send`
+    messages, :meth:`receive` answers, :meth:`finish`; or :meth:`close` the connection. Or all at once:
+    :meth:`call`.
 
-    Open with :meth:`open`. A call that ended with an error raises :class:`RpcError` from every method but close.
+    Open with :meth:`open`. A call that ended with an error raises :class:`RpcError` from every method but close;
+    a connection that failed (closed, malformed frames) fails every call after it.
     """
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._inbox = bytearray()  # bytes received, not yet parsed into frames
+        self._stream = -1  # the current call's stream id (1, 3, 5, ...)
         self._send_window = DEFAULT_WINDOW  # the connection's window for what we send
         self._stream_window = DEFAULT_WINDOW  # the stream's window for what we send
         self._peer_initial_window = DEFAULT_WINDOW
         self._max_frame = MIN_FRAME
-        self._unacknowledged = 0  # answer bytes received since our last WINDOW_UPDATE
+        self._unacknowledged = 0  # answer bytes received on the connection since our last WINDOW_UPDATE for it
+        self._stream_unacknowledged = 0  # ... on the current stream
+        self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder()
         self._header_block: bytearray | None = None  # a header block waiting for its CONTINUATION frames
+        self._header_block_stream = 0
         self._header_block_ends_stream = False
         self._message = bytearray()  # answer bytes: gRPC's 5-byte prefix, then the message
         self._answers: collections.deque[bytes] = collections.deque()
         self._ended: RpcError | None = None  # why the call is over (OK too: then nothing raises)
+        self._broken: RpcError | None = None  # why the connection is of no further use
+        self._going_away = False  # containerd sent GOAWAY: no new calls
         self._changed = asyncio.Event()  # an answer, window credit, the end, or room in the socket buffer
         self._paused = False  # the transport's buffer is full
         self._splicer: _Splicer | None = None  # zero-copy sending of framed messages, where the kernel has it
@@ -240,14 +274,41 @@ class WriteStream(asyncio.Protocol):
         self._pinned: collections.deque[Framed | None] = collections.deque()  # messages sent, not yet answered
 
     @classmethod
-    async def open(cls, address: str, path: str, metadata: Sequence[tuple[str, str]]) -> WriteStream:
-        """Connect to the unix socket ``address`` and start the call ``path`` (``/package.Service/Method``) with
-        ``metadata``."""
+    async def open(cls, address: str) -> Connection:
+        """Connect to containerd's unix socket ``address``."""
         loop = asyncio.get_running_loop()
         try:
-            _, stream = await loop.create_unix_connection(cls, address)
+            _, connection = await loop.create_unix_connection(cls, address)
         except OSError as e:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"connecting to {address}: {e.strerror or e}") from None
+            raise RpcError(StatusCode.UNAVAILABLE, f"connecting to {address}: {e.strerror or e}") from None
+        return connection
+
+    @property
+    def reusable(self) -> bool:
+        """Whether another call may start here: the last one ended cleanly, and the connection is sound."""
+        return (
+            self._broken is None
+            and not self._going_away
+            and self._ended is not None
+            and self._header_block is None
+            and self._stream + 2 <= LAST_STREAM
+            and self._transport is not None
+            and not self._transport.is_closing()
+        )
+
+    def start(self, path: str, metadata: Sequence[tuple[str, str]], timeout: float | None = None) -> None:
+        """Start the call ``path`` (``/package.Service/Method``) with ``metadata``; ``timeout`` tells containerd
+        when to give up on it (the caller bounds its own wait)."""
+        assert self._stream < 0 or self._ended is not None, "one call at a time"
+        if self._broken is not None:
+            raise self._broken
+        self._stream += 2
+        self._stream_window = self._peer_initial_window
+        self._stream_unacknowledged = 0
+        self._message = bytearray()
+        self._answers.clear()
+        self._pinned.clear()
+        self._ended = None
         headers = [
             (":method", "POST"),
             (":scheme", "http"),
@@ -257,9 +318,21 @@ class WriteStream(asyncio.Protocol):
             ("te", "trailers"),
             *metadata,
         ]
-        block = hpack.Encoder().encode(headers)
-        stream._write(frame_header(len(block), HEADERS, END_HEADERS, STREAM), block)
-        return stream
+        if timeout is not None:
+            headers.append(("grpc-timeout", f"{max(1, min(int(timeout * 1000), 99_999_999))}m"))
+        block = self._encoder.encode(headers)
+        if len(block) > MIN_FRAME:
+            raise ValueError("call metadata too large")
+        self._write(frame_header(len(block), HEADERS, END_HEADERS, self._stream), block)
+
+    async def call(
+        self, path: str, metadata: Sequence[tuple[str, str]], request: bytes, timeout: float | None = None
+    ) -> list[bytes]:
+        """A call with one request: its answers (one for a unary call), once it ended OK."""
+        self.start(path, metadata, timeout)
+        await self.send([request])
+        await self.finish()
+        return list(self._answers)
 
     # ---- what the caller does --------------------------------------------------------------------------
 
@@ -290,7 +363,7 @@ class WriteStream(asyncio.Protocol):
                         frame.append(view[: n - got])
                         views[0] = view[n - got :]
                         got = n
-                out.append(frame_header(got, DATA, 0, STREAM))
+                out.append(frame_header(got, DATA, 0, self._stream))
                 out.extend(frame)
                 window -= got
                 self._send_window -= got
@@ -300,6 +373,7 @@ class WriteStream(asyncio.Protocol):
     async def send_framed(self, message: Framed) -> None:
         """Send a message built by :func:`framed`, as :meth:`send` does; its pages go to the kernel uncopied where
         it can, so ``message`` must not change afterwards (the stream keeps it while the kernel may need it)."""
+        assert self._stream == STREAM, "framed messages name the connection's first stream"
         wire = message.wire
         at = 0
         left = message.length  # message bytes not yet sent
@@ -323,14 +397,14 @@ class WriteStream(asyncio.Protocol):
         while not self._answers:
             self._raise_if_ended()
             if self._ended is not None:
-                raise RpcError(grpc.StatusCode.INTERNAL, "the call ended without an answer")
+                raise RpcError(StatusCode.INTERNAL, "the call ended without an answer")
             await self._wait()
         return self._answers.popleft()
 
     async def finish(self) -> None:
         """Half-close the stream and wait for its status: return on OK, raise RpcError otherwise."""
         self._raise_if_ended()
-        self._write(frame_header(0, DATA, END_STREAM, STREAM))
+        self._write(frame_header(0, DATA, END_STREAM, self._stream))
         while self._ended is None:
             await self._wait()
         self._raise_if_ended()
@@ -339,7 +413,7 @@ class WriteStream(asyncio.Protocol):
         """Drop the connection (containerd cancels the call if it is still going)."""
         if self._transport is not None:
             self._transport.abort()
-        self._end(grpc.StatusCode.CANCELLED, "closed by the client")
+        self._break(StatusCode.CANCELLED, "closed by the client")
         self._stop_splicing()
 
     def _stop_splicing(self) -> None:
@@ -369,7 +443,7 @@ class WriteStream(asyncio.Protocol):
                 while not splicer.drain():
                     await self._wait_for_room(splicer)
         except OSError as e:
-            self._end(grpc.StatusCode.UNAVAILABLE, f"writing to containerd: {e.strerror or e}")
+            self._break(StatusCode.UNAVAILABLE, f"writing to containerd: {e.strerror or e}")
             self.close()
         except BaseException:  # cancelled with a frame half written: the connection is of no further use
             self.close()
@@ -399,7 +473,7 @@ class WriteStream(asyncio.Protocol):
             self._room.set_result(None)
 
     def _raise_if_ended(self) -> None:
-        if self._ended is not None and self._ended.code() != grpc.StatusCode.OK:
+        if self._ended is not None and self._ended.code() != StatusCode.OK:
             raise self._ended
 
     async def _wait(self) -> None:
@@ -409,21 +483,28 @@ class WriteStream(asyncio.Protocol):
     def _write(self, *parts: Buffer) -> None:
         """Queue ``parts`` on the connection; on a closed one the call ends (the caller's next step raises)."""
         if self._transport is None or self._transport.is_closing():
-            self._end(grpc.StatusCode.UNAVAILABLE, "containerd closed the connection")
+            self._break(StatusCode.UNAVAILABLE, "containerd closed the connection")
             return
         if self._splicing:  # a message is partly in the socket: these frames follow it
             if len(self._held) >= MAX_HELD:
-                self._end(grpc.StatusCode.INTERNAL, f"more than {MAX_HELD} frames to answer containerd with")
+                self._break(StatusCode.INTERNAL, f"more than {MAX_HELD} frames to answer containerd with")
                 self._transport.abort()
             self._held.extend(parts)
             return
         self._transport.writelines(parts)
 
-    def _end(self, code: grpc.StatusCode, details: str) -> None:
+    def _end(self, code: StatusCode, details: str) -> None:
+        """The current call is over."""
         if self._ended is None:
             self._ended = RpcError(code, details)
         self._changed.set()
         self._wake_room()
+
+    def _break(self, code: StatusCode, details: str) -> None:
+        """The connection is of no further use: the current call and every later one end with this."""
+        if self._broken is None:
+            self._broken = RpcError(code, details)
+        self._end(code, details)
 
     # ---- asyncio's side ---------------------------------------------------------------------------------
 
@@ -447,7 +528,7 @@ class WriteStream(asyncio.Protocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(grpc.StatusCode.UNAVAILABLE, f"containerd closed the connection{f': {exc}' if exc else ''}")
+        self._break(StatusCode.UNAVAILABLE, f"containerd closed the connection{f': {exc}' if exc else ''}")
         self._stop_splicing()
 
     def pause_writing(self) -> None:
@@ -474,7 +555,7 @@ class WriteStream(asyncio.Protocol):
                 at += 9 + length
                 self._frame(kind, flags, stream, payload)
         except (ValueError, hpack.HPACKError) as e:
-            self._end(grpc.StatusCode.INTERNAL, f"containerd's HTTP/2 answer was malformed: {e}")
+            self._break(StatusCode.INTERNAL, f"containerd's HTTP/2 answer was malformed: {e}")
             if self._transport is not None:
                 self._transport.abort()
         del inbox[:at]
@@ -496,16 +577,17 @@ class WriteStream(asyncio.Protocol):
             credit = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
             if stream == 0:
                 self._send_window += credit
-            elif stream == STREAM:
+            elif stream == self._stream:
                 self._stream_window += credit
             self._changed.set()
-        elif kind == RST_STREAM and stream == STREAM:
+        elif kind == RST_STREAM and stream == self._stream:
             code = int.from_bytes(payload[:4], "big")
-            self._end(grpc.StatusCode.UNAVAILABLE, f"containerd reset the stream (HTTP/2 error {code})")
+            self._end(StatusCode.UNAVAILABLE, f"containerd reset the stream (HTTP/2 error {code})")
         elif kind == GOAWAY:
+            self._going_away = True
             last_stream = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
-            if last_stream < STREAM:
-                self._end(grpc.StatusCode.UNAVAILABLE, "containerd is going away")
+            if last_stream < self._stream:
+                self._end(StatusCode.UNAVAILABLE, "containerd is going away")
 
     def _settings(self, payload: bytes) -> None:
         if len(payload) % 6:
@@ -522,9 +604,10 @@ class WriteStream(asyncio.Protocol):
 
     def _headers(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         if kind == HEADERS:
-            if stream != STREAM:
+            if stream > self._stream or not stream & 1:
                 raise ValueError(f"headers on stream {stream}")
             self._header_block = bytearray(_unpad(flags, payload, 5 if flags & PRIORITY else 0))
+            self._header_block_stream = stream
             self._header_block_ends_stream = bool(flags & END_STREAM)
         elif self._header_block is None:
             raise ValueError("a CONTINUATION frame without its HEADERS")
@@ -534,23 +617,33 @@ class WriteStream(asyncio.Protocol):
             raise ValueError("a header block of more than 64 KiB")
         if not flags & END_HEADERS:
             return
+        # Decoded even for an earlier call's stream: HPACK's table must follow every block.
         fields = {str(k): str(v) for k, v in self._decoder.decode(bytes(self._header_block))}
         self._header_block = None
+        if self._header_block_stream != self._stream or self._ended is not None:
+            return
         status = fields.get(":status")
         if status is not None and status != "200":
-            self._end(grpc.StatusCode.UNAVAILABLE, f"containerd answered HTTP {status}")
+            self._end(StatusCode.UNAVAILABLE, f"containerd answered HTTP {status}")
         elif self._header_block_ends_stream or "grpc-status" in fields:  # trailers, or a trailers-only answer
-            number = int(fields.get("grpc-status", str(grpc.StatusCode.UNKNOWN.value[0])))
-            self._end(CODES.get(number, grpc.StatusCode.UNKNOWN), unquote(fields.get("grpc-message", "")))
+            number = fields.get("grpc-status", "")
+            code = StatusCode(int(number)) if number.isdigit() and int(number) <= 16 else StatusCode.UNKNOWN
+            self._end(code, unquote(fields.get("grpc-message", "")))
 
     def _data(self, flags: int, stream: int, payload: bytes) -> None:
-        if stream != STREAM:
+        if stream > self._stream or not stream & 1:
             raise ValueError(f"data on stream {stream}")
         self._unacknowledged += len(payload)
         if self._unacknowledged > RECEIVE_WINDOW // 2:
-            credit = self._unacknowledged.to_bytes(4, "big")
-            self._write(frame_header(4, WINDOW_UPDATE, 0, 0), credit, frame_header(4, WINDOW_UPDATE, 0, STREAM), credit)
+            self._write(frame_header(4, WINDOW_UPDATE, 0, 0), self._unacknowledged.to_bytes(4, "big"))
             self._unacknowledged = 0
+        if stream != self._stream or self._ended is not None:
+            return  # an earlier call's (it counts for the connection's window only)
+        self._stream_unacknowledged += len(payload)
+        if self._stream_unacknowledged > RECEIVE_WINDOW // 2:
+            credit = self._stream_unacknowledged.to_bytes(4, "big")
+            self._write(frame_header(4, WINDOW_UPDATE, 0, self._stream), credit)
+            self._stream_unacknowledged = 0
         message = self._message
         message += _unpad(flags, payload)
         while len(message) >= 5:
@@ -569,4 +662,4 @@ class WriteStream(asyncio.Protocol):
                 self._pinned.popleft()
             self._changed.set()
         if flags & END_STREAM:
-            self._end(grpc.StatusCode.UNKNOWN, "the stream ended without a status")
+            self._end(StatusCode.UNKNOWN, "the stream ended without a status")

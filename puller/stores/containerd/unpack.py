@@ -17,19 +17,21 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
+from google.protobuf import empty_pb2
 
 from ...errors import StoreError
 from ...registry import manifest as mf
 from ...registry.manifest import Descriptor
 from ..containerd_api import diff_pb2, introspection_pb2, snapshots_pb2, types_pb2
-from .api import Api
+from .api import DIFF, INTROSPECTION, SNAPSHOTS, Api
 from .content import Content
+from .stream import RpcError, StatusCode
 
 log = logging.getLogger(__name__)
 
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
 UNCOMPRESSED = "containerd.io/uncompressed"
+APPLY_TIMEOUT_S = 1800.0  # unpacking one layer (gigabytes, on a slow disk) may take minutes; not forever
 PARALLEL_UNPACKS = 3  # layers applied at once where the snapshotter can rebase (decompression is containerd's CPU)
 SNAPSHOTTER_PLUGIN = "io.containerd.snapshotter.v1"
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
@@ -97,25 +99,24 @@ class Unpacker:
         if self._rebase is None:
             request = introspection_pb2.PluginsRequest(filters=[f"type=={SNAPSHOTTER_PLUGIN},id=={self.snapshotter}"])
             try:
-                found = await self.api.introspection.Plugins(request, metadata=self.api.md())
+                found = await self.api.call(INTROSPECTION + "Plugins", request, introspection_pb2.PluginsResponse)
                 self._rebase = any("rebase" in p.capabilities for p in found.plugins)
-            except grpc.aio.AioRpcError as e:
+            except RpcError as e:
                 log.debug("introspection: %s; unpacking one layer at a time", e.details())
                 self._rebase = False
         return self._rebase
 
     async def _snapshot_exists(self, chain_id: str) -> bool:
         try:
-            await self.api.snapshots.Stat(
-                snapshots_pb2.StatSnapshotRequest(snapshotter=self.snapshotter, key=chain_id), metadata=self.api.md()
-            )
+            request = snapshots_pb2.StatSnapshotRequest(snapshotter=self.snapshotter, key=chain_id)
+            await self.api.call(SNAPSHOTS + "Stat", request, snapshots_pb2.StatSnapshotResponse)
             return True
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND and "snapshotter not loaded" not in (e.details() or ""):
+        except RpcError as e:
+            if e.code() == StatusCode.NOT_FOUND and "snapshotter not loaded" not in (e.details() or ""):
                 return False
             raise self._snapshot_error(e, "checking snapshots") from None
 
-    def _snapshot_error(self, e: grpc.aio.AioRpcError, what: str) -> StoreError:
+    def _snapshot_error(self, e: RpcError, what: str) -> StoreError:
         if "snapshotter not loaded" in (e.details() or ""):
             return StoreError(f"containerd has no snapshotter {self.snapshotter!r} (set it with --snapshotter)")
         return self.api.error(e, what)
@@ -127,36 +128,40 @@ class Unpacker:
         it once its blob is committed; returns the snapshot key (removed again on failure)."""
         await wait_present(x.desc)
         key = f"extract-{secrets.token_hex(6)} {x.chain_id}"
-        md = self.api.md(lease)
         parent = "" if rebase else x.parent
         try:
-            prepared = await self.api.snapshots.Prepare(
+            prepared = await self.api.call(
+                SNAPSHOTS + "Prepare",
                 snapshots_pb2.PrepareSnapshotRequest(
                     snapshotter=self.snapshotter, key=key, parent=parent, labels=x.labels
                 ),
-                metadata=md,
+                snapshots_pb2.PrepareSnapshotResponse,
+                lease,
             )
-        except grpc.aio.AioRpcError as e:
+        except RpcError as e:
             raise self._snapshot_error(e, f"preparing a snapshot for {x.desc.digest}") from None
         mounts = list(prepared.mounts)
         if rebase and x.parent:
             mounts = [bind_to_overlay(m) for m in mounts]  # so that the differ writes whiteouts as overlayfs does
         try:
             async with slots or contextlib.nullcontext():
-                applied = await self.api.diff.Apply(
+                applied = await self.api.call(
+                    DIFF + "Apply",
                     diff_pb2.ApplyRequest(
                         diff=types_pb2.Descriptor(
                             media_type=x.desc.media_type, digest=str(x.desc.digest), size=x.desc.size
                         ),
                         mounts=mounts,
                     ),
-                    metadata=md,
+                    diff_pb2.ApplyResponse,
+                    lease,
+                    timeout=APPLY_TIMEOUT_S,
                 )
             if applied.applied.digest != x.diff_id:
                 raise StoreError(
                     f"layer {x.desc.digest} unpacked to {applied.applied.digest}, but the image config says {x.diff_id}"
                 )
-        except grpc.aio.AioRpcError as e:
+        except RpcError as e:
             await self._remove_snapshot(key)
             raise self._snapshot_error(e, f"unpacking {x.desc.digest}") from None
         except BaseException:
@@ -172,10 +177,10 @@ class Unpacker:
         if onto_parent:
             request.parent = x.parent
         try:
-            await self.api.snapshots.Commit(request, metadata=self.api.md(lease))
-        except grpc.aio.AioRpcError as e:
+            await self.api.call(SNAPSHOTS + "Commit", request, empty_pb2.Empty, lease)
+        except RpcError as e:
             await self._remove_snapshot(key)
-            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+            if e.code() == StatusCode.ALREADY_EXISTS:
                 return  # unpacked by someone else meanwhile
             raise self._snapshot_error(e, f"committing the snapshot of {x.desc.digest}") from None
         except BaseException:
@@ -183,10 +188,9 @@ class Unpacker:
             raise
 
     async def _remove_snapshot(self, key: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):  # else the lease's expiry lets containerd collect it
-            await self.api.snapshots.Remove(
-                snapshots_pb2.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), metadata=self.api.md()
-            )
+        with contextlib.suppress(RpcError):  # else the lease's expiry lets containerd collect it
+            request = snapshots_pb2.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key)
+            await self.api.call(SNAPSHOTS + "Remove", request, empty_pb2.Empty)
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
