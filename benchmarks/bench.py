@@ -53,6 +53,7 @@ from tests.rig import Containerd, LayoutWriter, Nginx, Registry, skopeo_push, te
 
 MIB = 1 << 20
 IMAGES = {
+    "tiny": [256 * 1024],  # a pull's fixed cost: start-up, resolve, the store's calls
     "fat256": [256 * MIB],
     # 20 layers of mixed sizes, 512 MiB in all: two big, a few medium, many small, as real images are.
     "layers20": [
