@@ -15,7 +15,7 @@ import pytest
 from puller.errors import TransportError
 from puller.registry.bodies import SlowTransfer, SpeedLimit
 from puller.registry.http import Timeouts
-from puller.registry.lean import BLOCK, LeanRanges, NotPartial
+from puller.registry.lean import BLOCK, LeanRanges, Lent, NotPartial
 
 from .rig import ScriptedServer
 
@@ -87,7 +87,7 @@ async def fetch(lean: LeanRanges, url: str, start: int, end: int, speed: SpeedLi
     got = bytearray(end - start)
     seen: list[int] = []
 
-    async def deliver(offset: int, block: memoryview) -> bool:
+    async def deliver(offset: int, block: memoryview, lent: Lent) -> bool:
         seen.append(offset)
         got[offset - start : offset - start + len(block)] = block  # the buffer is ours only until we return
         return True
@@ -105,6 +105,30 @@ async def test_ranges_arrive_whole_in_order_over_one_kept_alive_connection():
         assert len(pooled) == 1 and not pooled[0]._arrays  # kept for the next range, without its buffers
     assert server.connections == 1
     assert "GET /blob?sig=abc HTTP/1.1" in server.requests[0] and "Accept-Encoding: identity" in server.requests[0]
+
+
+async def test_a_buffer_the_caller_takes_is_never_written_again_and_comes_back_to_the_pool():
+    """A caller that keeps delivered blocks (the containerd store sends them on uncopied) finds them intact after
+    the connection went on; buffers it gives back are the ones later requests receive into."""
+    kept: list[tuple[int, memoryview, Lent]] = []
+
+    async def take(offset: int, block: memoryview, lent: Lent) -> bool:
+        lent.take()
+        kept.append((offset, block, lent))
+        return True
+
+    async with Server() as server, client() as lean:
+        await lean.get(server.url, 0, len(BLOB), take, SpeedLimit().guard("test"))
+        assert len(kept) >= 3
+        assert b"".join(block for _, block, _ in kept) == BLOB
+        assert all(block.obj is lent.buffer for _, block, lent in kept)
+        given = {id(lent.buffer) for _, _, lent in kept}
+        for _, _, lent in kept:
+            lent.give_back()
+        kept.clear()
+        await lean.get(server.url, 0, len(BLOB), take, SpeedLimit().guard("test"))
+        assert b"".join(block for _, block, _ in kept) == BLOB
+        assert {id(lent.buffer) for _, _, lent in kept} & given  # received into buffers given back
 
 
 async def test_a_head_split_into_single_bytes_is_read():
@@ -162,7 +186,7 @@ async def test_an_idle_connection_the_server_closed_is_replaced():
 async def test_a_range_cut_short_by_the_caller_does_not_reuse_its_connection():
     async with Server() as server, client() as lean:
 
-        async def first_block_only(offset: int, block: memoryview) -> bool:
+        async def first_block_only(offset: int, block: memoryview, lent: Lent) -> bool:
             return False
 
         await lean.get(server.url, 0, len(BLOB), first_block_only, SpeedLimit().guard("test"))

@@ -6,6 +6,7 @@ conformance suite.)"""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from puller.stores.containerd.stream import (
     SETTINGS,
     WINDOW_UPDATE,
     Connection,
+    Gathered,
     RpcError,
     StatusCode,
     frame_header,
@@ -178,14 +180,36 @@ def test_a_message_read_into_its_frames_is_the_message_framed_from_its_parts(siz
     assert message == framed([head, data])
 
 
+@pytest.mark.parametrize("size", [1, MIN_FRAME - 30, MIN_FRAME - 29, MIN_FRAME, 5 * MIN_FRAME + 7, 64 * MIN_FRAME])
+def test_a_gathered_message_is_on_the_wire_what_the_framed_copy_is(size: int):
+    """Around a buffer it keeps: its frames (through the transport) and its (address, length) pairs (for
+    vmsplice) both make the bytes that framing a copy makes."""
+    head = b"h" * 29
+    data = memoryview(bytearray(bytes(range(256)) * (size // 256 + 1)))[3 : 3 + size]
+    released: list[bool] = []
+    message = Gathered(head, data, lambda: released.append(True))
+    wire = framed([head, data]).wire
+    frames = -(-message.length // MIN_FRAME)
+    assert b"".join(message.views(0, frames)) == wire
+    pairs = message.iov(0, frames)
+    assert b"".join(ctypes.string_at(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)) == wire
+    split = frames // 2  # as flow control cuts a message: whole frames
+    assert b"".join(message.views(0, split)) + b"".join(message.views(split, frames)) == wire
+    assert message.data.obj is data.obj  # kept, not copied
+    message.release()
+    assert released == [True]
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "through-the-transport"])
+@pytest.mark.parametrize("kind", ["framed", "gathered"])
 def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_frames_between_frames(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spliced: bool, loop: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spliced: bool, loop: str, kind: str
 ):
     """The peer reads slowly, so the message fills the socket and waits for room; a PING the peer sends meanwhile
     is answered at a frame boundary, never inside the message's frames. On both loops: the wait for room watches
-    a duplicate of the socket, which uvloop (puller's loop) and asyncio must both accept."""
+    a duplicate of the socket, which uvloop (puller's loop) and asyncio must both accept. A gathered message
+    (around a buffer it keeps) is given back once answered."""
     if not spliced:
         monkeypatch.setattr(stream_module, "_vmsplice", None)
     body = bytes(range(251)) * (48 << 12)  # ~47 MiB: many times the socket's buffers
@@ -217,8 +241,14 @@ def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_fram
         answer = b"\x00\x00\x00\x00\x02ok"
         writer.write(frame_header(len(answer), DATA, 0, 1) + answer + _headers([("grpc-status", "0")], END_STREAM))
 
+    released: list[bool] = []
+
     async def body_of_call(stream: Connection) -> bytes:
-        await stream.send_framed(framed([body[:1000], memoryview(body)[1000:]]))
+        if kind == "framed":
+            await stream.send_framed(framed([body[:1000], memoryview(body)[1000:]]))
+        else:
+            kept = memoryview(bytearray(body))[1000:]
+            await stream.send_framed(Gathered(body[:1000], kept, lambda: released.append(True)))
         done = asyncio.ensure_future(stream.finish())
         answer = await stream.receive()
         await done
@@ -228,6 +258,7 @@ def test_a_framed_message_larger_than_the_socket_arrives_whole_with_control_fram
     assert run(_call(tmp_path, script, body_of_call)) == b"ok"
     assert bytes(received) == b"\x00" + len(body).to_bytes(4, "big") + body
     assert acks == [b"pingpong"]
+    assert released == ([True] if kind == "gathered" else [])
 
 
 async def test_a_stream_gives_back_its_pipe_and_descriptors_when_closed(tmp_path: Path):

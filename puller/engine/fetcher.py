@@ -34,7 +34,7 @@ from ..ranges import RangeSet
 from ..reference import Reference
 from ..registry.blobs import BlobReader, RangeBody
 from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, RegistryClient, retried
-from ..registry.lean import NotPartial
+from ..registry.lean import Lent, NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Buffer, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
@@ -429,14 +429,16 @@ class _BlobDownload:
         if chunk.pos < chunk.end:
             raise TruncatedBody(f"{self.desc.digest}: body ended at byte {chunk.pos}, wanted up to {chunk.end}")
 
-    async def _deliver(self, writer: BlobWriter, chunk: Chunk, host: str, offset: int, block: memoryview) -> bool:
-        """A block of the lean client's body at ``chunk.pos`` (its buffer is ours until we return); False once the
-        chunk (which a tail split or a takeover may have cut short) needs no more."""
+    async def _deliver(
+        self, writer: BlobWriter, chunk: Chunk, host: str, offset: int, block: memoryview, lent: Lent
+    ) -> bool:
+        """A block of the lean client's body at ``chunk.pos`` (its buffer is ours until we return, or the writer's
+        if it takes it); False once the chunk (which a tail split or a takeover may have cut short) needs no more."""
         n = min(len(block), chunk.end - offset)
         if n <= 0:
             return False
         await self._received(host, n)
-        await self._write(writer, chunk, [block[:n]], n)
+        await self._write(writer, chunk, [block[:n]], n, lent)
         return chunk.pos < chunk.end
 
     async def _received(self, host: str, n: int) -> None:
@@ -446,7 +448,9 @@ class _BlobDownload:
         if self.f.bandwidth is not None:
             await self.f.bandwidth.take(n)
 
-    async def _write(self, writer: BlobWriter, chunk: Chunk, buffers: Sequence[Buffer], n: int) -> None:
+    async def _write(
+        self, writer: BlobWriter, chunk: Chunk, buffers: Sequence[Buffer], n: int, lent: Lent | None = None
+    ) -> None:
         room = chunk.end - chunk.pos  # less than n when the chunk was taken over or split meanwhile
         if room <= 0:
             return
@@ -455,7 +459,7 @@ class _BlobDownload:
         start, chunk.writing = chunk.pos, True  # bytes arrived: not stalled
         chunk.heard(self.progress.fetched)
         try:
-            await writer.write_at(start, buffers)
+            await writer.write_at(start, buffers, lent)
         finally:
             chunk.writing = False
         chunk.pos = start + n

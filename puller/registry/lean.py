@@ -5,7 +5,9 @@ byte is what limits a pull (benchmarks/README.md). For the requests that carry n
 its resolved URL (the CDN URL a registry redirected to, fetched without credentials), this module speaks HTTP/1.1
 itself over an :class:`asyncio.BufferedProtocol`: the transport receives (for TLS: decrypts) straight into one of
 two buffers of the connection; a full buffer is handed to the caller while the other one fills, and reading
-pauses when both wait. The buffers go back to a small spare list after a request that ended normally.
+pauses when both wait. The buffers go back to a small spare list after a request that ended normally. A caller
+may keep a delivered block's buffer instead of copying its bytes (:class:`Lent`): the connection goes on with
+another, and the buffer comes back to a pool when the caller gives it back.
 
 It does only that: GET with Range, and a 206 answer with a Content-Length and a Content-Range equal to the range
 asked for, identity encoding, keep-alive. Any other status raises :class:`NotPartial` before a body byte is
@@ -33,10 +35,34 @@ from .http import IdleConnections, SSLFor, Timeouts, tls_for
 BLOCK = 1024 * 1024  # bytes per buffer; two per connection (each full one is a write, a thread hand-off)
 MAX_HEAD = 64 * 1024
 MAX_SPARE = 8  # buffer pairs kept for the next requests (16 MiB): fresh ones cost page faults and zeroing
+MAX_FREE = 16  # buffers given back by callers that kept them, kept for connections to go on with (16 MiB)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
-Deliver = Callable[[int, memoryview], Awaitable[bool]]  # bytes at an offset; False: stop, the range was cut short
 Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class Lent:
+    """A delivered block's buffer, which the caller may keep instead of copying its bytes: :meth:`take` (before
+    the delivery returns) makes the buffer the caller's, and the connection goes on with another; the caller
+    calls :meth:`give_back` once done with it (or drops it: then it is only not reused)."""
+
+    __slots__ = ("_free", "buffer", "taken")
+
+    def __init__(self, buffer: bytearray, free: list[bytearray]):
+        self.buffer = buffer
+        self.taken = False
+        self._free = free
+
+    def take(self) -> None:
+        self.taken = True
+
+    def give_back(self) -> None:
+        if len(self._free) < MAX_FREE:
+            self._free.append(self.buffer)
+
+
+# bytes at an offset, and their buffer to keep if wanted; False: stop, the range was cut short
+Deliver = Callable[[int, memoryview, Lent], Awaitable[bool]]
 
 
 class NotPartial(Exception):
@@ -223,9 +249,11 @@ class _Connection(asyncio.BufferedProtocol):
         guard: SpeedGuard,
         timeouts: Timeouts,
         buffers: list[bytearray],
+        free: list[bytearray],
     ) -> None:
         """GET bytes ``[start, end)`` into ``buffers`` (two of BLOCK bytes) and hand them to ``deliver`` in order,
-        one block at a time."""
+        one block at a time; a buffer the caller keeps is replaced in ``buffers`` by one from ``free`` (or a new
+        one)."""
         assert self._transport is not None and not self._active
         self._arrays = buffers
         self._views = [memoryview(a) for a in buffers]
@@ -240,9 +268,13 @@ class _Connection(asyncio.BufferedProtocol):
             while True:
                 if self._blocks:
                     i, a, b, offset = self._blocks.popleft()
+                    lent = Lent(buffers[i], free)
                     try:
-                        more = await deliver(offset, self._views[i][a:b])
+                        more = await deliver(offset, self._views[i][a:b], lent)
                     finally:
+                        if lent.taken:  # the caller's now: go on with another
+                            buffers[i] = free.pop() if free else bytearray(BLOCK)
+                            self._views[i] = memoryview(buffers[i])
                         self._release(i)
                     if not more and (self._remaining or self._blocks):  # the range was cut short: the rest
                         self.close()  # of the answer is not read, so the connection cannot be reused
@@ -290,6 +322,7 @@ class LeanRanges:
         self._timeouts = timeouts
         self._idle: IdleConnections[_Connection] = IdleConnections()  # (an idle connection holds no buffers)
         self._spare: list[list[bytearray]] = []  # buffer pairs of requests that ended normally
+        self._free: list[bytearray] = []  # buffers callers kept and gave back (see Lent)
 
     async def __aenter__(self) -> LeanRanges:
         return self
@@ -313,7 +346,7 @@ class LeanRanges:
             if conn is None:
                 conn = await self._connect(origin, url)
             try:
-                await conn.fetch(host_header, target, start, end, deliver, guard, self._timeouts, buffers)
+                await conn.fetch(host_header, target, start, end, deliver, guard, self._timeouts, buffers, self._free)
             except _Stale:  # nothing was delivered
                 if attempt == 2 or not reused:
                     raise TransportError(f"{host}: connection closed before the answer") from None

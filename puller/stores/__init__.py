@@ -28,6 +28,17 @@ from .safedir import SafeDir
 Buffer = bytes | bytearray | memoryview
 
 
+class Handover(Protocol):
+    """The buffer behind the bytes handed to :meth:`BlobWriter.write_at`, which the writer may keep instead of
+    copying them: :meth:`take` (before write_at returns) makes it the writer's, :meth:`give_back` returns it once
+    the writer is done with it. A writer that keeps bytes without taking their buffer must copy them: the caller
+    reuses it as soon as write_at returns."""
+
+    def take(self) -> None: ...
+
+    def give_back(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class WriteStatus:
     """What a writer already holds: ``done``, the byte ranges kept from an earlier run (fetch only the rest);
@@ -49,8 +60,9 @@ class BlobWriter(Protocol):
     async def status(self) -> WriteStatus:
         """What is already held (see :class:`WriteStatus`)."""
 
-    async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
-        """Take the bytes ``buffers`` at ``offset``; may wait while the store catches up (bounded)."""
+    async def write_at(self, offset: int, buffers: Sequence[Buffer], handover: Handover | None = None) -> None:
+        """Take the bytes ``buffers`` at ``offset``; may wait while the store catches up (bounded). With
+        ``handover``, ``buffers`` is one view of a buffer the writer may keep (see :class:`Handover`)."""
 
     async def commit(self) -> None:
         """Make the blob visible, if its bytes ``[0, size)`` are all written and have the descriptor's digest;

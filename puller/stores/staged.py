@@ -37,7 +37,7 @@ from ..digest import Digest
 from ..errors import DigestMismatch, SizeMismatch, StoreError
 from ..ranges import RangeSet
 from ..registry.manifest import Descriptor
-from . import Buffer, WriteStatus, staged_stem, store_error
+from . import Buffer, Handover, WriteStatus, staged_stem, store_error
 from .safedir import SafeDir
 from .threads import SerialLane, in_thread, lane_pool, settled
 
@@ -389,7 +389,8 @@ class FileWriter:
             return WriteStatus(RangeSet([(0, self.desc.size)]), present=True)
         return WriteStatus(self._staged.ranges.copy())
 
-    async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+    async def write_at(self, offset: int, buffers: Sequence[Buffer], handover: Handover | None = None) -> None:
+        """Written (and hashed where they extend the prefix) before it returns: the buffer is never taken."""
         n = sum(map(len, buffers))
         if self._staged.fd < 0:
             await self._staged.run(self._staged.create)

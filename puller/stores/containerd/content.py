@@ -22,7 +22,7 @@ from ...registry.manifest import Descriptor
 from .. import Buffer, free_bytes
 from ..containerd_api import content_pb2
 from .api import CONTENT, Api
-from .stream import Connection, Framed, RpcError, StatusCode, framed, framed_slots
+from .stream import Connection, Framed, Gathered, RpcError, StatusCode, framed, framed_slots
 
 WRITE_MESSAGE = 1 << 20  # most bytes per Write message this module builds (gRPC's default limit is 4 MiB)
 WRITE_AHEAD = 4 << 20  # bytes of Write messages in flight per stream: containerd handles one while the next travel
@@ -34,14 +34,18 @@ LOCKED_RETRY_S = 0.5
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A Write message built before its turn (:func:`write_message`): ``n`` bytes of the blob from ``offset``."""
+    """A Write message built before its turn (:func:`write_message`, :func:`gathered_message`): ``n`` bytes of the
+    blob from ``offset``."""
 
     offset: int
     n: int
-    framed: Framed
+    framed: Framed | Gathered
+    held: int  # the memory it holds (a kept buffer's whole size)
 
     def data(self) -> memoryview:
-        """The blob bytes it carries (a copy: only a resume that ends inside them needs it)."""
+        """The blob bytes it carries (for a resume that ends inside them)."""
+        if isinstance(self.framed, Gathered):
+            return self.framed.data
         payload = self.framed.payload()
         return memoryview(payload)[len(payload) - self.n :]
 
@@ -250,6 +254,12 @@ def message_head(ref: bytes, offset: int, size: int) -> bytes:
 def staged_message(ref: bytes, offset: int, n: int) -> tuple[Framed, list[memoryview]]:
     """A WRITE message of ``n`` bytes from ``offset`` still to be read in: the message and where its bytes go."""
     return framed_slots(message_head(ref, offset, n), n)
+
+
+def gathered_message(ref: bytes, offset: int, data: memoryview, release: Callable[[], None]) -> Gathered:
+    """The whole WRITE message around ``data``, framed for the wire without copying it: a received buffer the
+    message keeps (``release`` gives it back)."""
+    return Gathered(message_head(ref, offset, len(data)), data, release)
 
 
 def write_message(ref: bytes, offset: int, data: Sequence[Buffer]) -> Framed:

@@ -33,6 +33,7 @@ import fcntl
 import os
 import socket
 import struct
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -50,6 +51,8 @@ STREAM = 1  # a connection's first stream: a Write stream's, whose framed messag
 LAST_STREAM = (1 << 31) - 1  # stream ids end here: a connection that reached it is not used again
 DEFAULT_WINDOW = 65_535  # HTTP/2's initial flow-control window
 MIN_FRAME = 16_384  # HTTP/2's initial (and smallest) frame size: also the largest frame we accept
+FRAME = 9 + MIN_FRAME  # a full DATA frame on the wire
+IOV_MAX = 1024  # most (address, length) pairs one vmsplice takes
 RECEIVE_WINDOW = 1 << 20  # what containerd may send before we acknowledge it (its answers are ~100 bytes each)
 MAX_HEADER_BLOCK = 64 << 10  # a header block's size, CONTINUATIONs included
 MAX_ANSWER = 4 << 20  # one answer message's size (grpc-go's default limit; Content.Read sends 1 MiB and a little)
@@ -115,8 +118,65 @@ class Framed:
 
     def payload(self) -> bytes:
         """The message without its frame headers (gRPC's prefix included)."""
-        step = 9 + MIN_FRAME
-        return b"".join(memoryview(self.wire)[at + 9 : at + step] for at in range(0, len(self.wire), step))
+        return b"".join(memoryview(self.wire)[at + 9 : at + FRAME] for at in range(0, len(self.wire), FRAME))
+
+    def views(self, first: int, end: int) -> list[Buffer]:
+        """Frames ``[first, end)`` on the wire."""
+        return [memoryview(self.wire)[first * FRAME : end * FRAME]]
+
+    def iov(self, first: int, end: int) -> array:
+        """Frames ``[first, end)`` as (address, length) pairs."""
+        start, stop = first * FRAME, min(end * FRAME, len(self.wire))
+        return array("Q", (ctypes.addressof(ctypes.c_char.from_buffer(self.wire)) + start, stop - start))
+
+    def release(self) -> None:
+        """Nothing to give back: its bytes are a copy."""
+
+
+class Gathered:
+    """A gRPC message framed for the wire around a received buffer that it keeps instead of copying: the frame
+    headers (and the message's first bytes: gRPC's prefix and ``head``) in a small buffer of their own, each frame
+    two (address, length) pairs for ``vmsplice``. :meth:`release` gives the buffer back (once containerd has
+    read the message)."""
+
+    __slots__ = ("_first", "_iov", "_release", "data", "heads", "length")
+
+    def __init__(self, head: bytes, data: memoryview, release: Callable[[], None]):
+        n = len(data)
+        first = b"\x00" + (len(head) + n).to_bytes(4, "big") + head  # before the data, in frame 0
+        length = len(first) + n
+        frames = -(-length // MIN_FRAME)
+        last = length - (frames - 1) * MIN_FRAME
+        assert len(first) < MIN_FRAME
+        heads = bytearray(frame_header(min(length, MIN_FRAME), DATA, 0, STREAM) + first)
+        if frames > 1:
+            heads += FULL_FRAME * (frames - 2) + frame_header(last, DATA, 0, STREAM)
+        h = ctypes.addressof(ctypes.c_char.from_buffer(heads))
+        d = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        f = len(first)
+        iov = array("Q", bytes(32 * frames))  # per frame: its header's (address, length), then its data's
+        iov[0::4] = array("Q", [h, *range(h + 9 + f, h + 9 + f + 9 * (frames - 1), 9)])
+        iov[1::4] = array("Q", [9 + f] + [9] * (frames - 1))
+        iov[2::4] = array("Q", [d, *range(d + MIN_FRAME - f, d + MIN_FRAME * (frames - 1) - f + 1, MIN_FRAME)])
+        iov[3::4] = array("Q", [min(n, MIN_FRAME - f)] + [MIN_FRAME] * (frames - 2) + [last] * (frames > 1))
+        self.heads, self.data, self.length = heads, data, length
+        self._first, self._iov, self._release = f, iov, release
+
+    def views(self, first: int, end: int) -> list[Buffer]:
+        """Frames ``[first, end)`` on the wire, as views of the headers and the data."""
+        heads, data, f = memoryview(self.heads), self.data, self._first
+        out: list[Buffer] = []
+        for k in range(first, end):
+            out.append(heads[: 9 + f] if k == 0 else heads[9 * k + f : 9 * k + f + 9])
+            out.append(data[max(0, MIN_FRAME * k - f) : MIN_FRAME * (k + 1) - f])
+        return out
+
+    def iov(self, first: int, end: int) -> array:
+        """Frames ``[first, end)`` as (address, length) pairs (a copy: the splicer adjusts a pair half taken)."""
+        return self._iov[4 * first : 4 * end]
+
+    def release(self) -> None:
+        self._release()
 
 
 def framed(parts: Sequence[Buffer]) -> Framed:
@@ -163,10 +223,6 @@ def framed_slots(head: bytes, size: int) -> tuple[Framed, list[memoryview]]:
     return Framed(wire, length), slots
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
-
-
 def _load_vmsplice() -> Callable[..., int] | None:
     """libc's vmsplice, or None where there is none (or no os.splice to go with it)."""
     if not hasattr(os, "splice"):
@@ -175,7 +231,7 @@ def _load_vmsplice() -> Callable[..., int] | None:
         call = ctypes.CDLL(None, use_errno=True).vmsplice
     except (OSError, AttributeError):
         return None
-    call.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_uint]
+    call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_uint]
     call.restype = ctypes.c_ssize_t
     return cast(Callable[..., int], call)
 
@@ -199,17 +255,26 @@ class _Splicer:
             fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.sock = sock_fd
         self.in_pipe = 0  # bytes in the pipe, not yet in the socket
-        self._iov = _Iovec()
 
-    def fill(self, address: int, n: int) -> None:
-        """Hand the kernel up to ``n`` bytes at ``address`` (as many as the pipe takes)."""
+    def fill(self, iov: array, at: int) -> int:
+        """Hand the kernel the bytes of the (address, length) pairs of ``iov`` from pair ``at`` on, as many as the
+        pipe takes; returns the first pair not wholly taken (the one half taken is adjusted in place)."""
         assert _vmsplice is not None and not self.in_pipe
-        self._iov.base, self._iov.length = address, n
-        got = _vmsplice(self.write_end, ctypes.byref(self._iov), 1, os.SPLICE_F_NONBLOCK)
+        count = len(iov) // 2
+        got = _vmsplice(self.write_end, iov.buffer_info()[0] + 16 * at, min(count - at, IOV_MAX), os.SPLICE_F_NONBLOCK)
         if got < 0:
             error = ctypes.get_errno()
             raise OSError(error, os.strerror(error))
         self.in_pipe = got
+        while got and at < count:
+            n = iov[2 * at + 1]
+            if got < n:
+                iov[2 * at] += got
+                iov[2 * at + 1] = n - got
+                break
+            got -= n
+            at += 1
+        return at
 
     def drain(self) -> bool:
         """Move the pipe's bytes into the socket; False when the socket is full first."""
@@ -271,7 +336,7 @@ class Connection(asyncio.Protocol):
         self._splicing = False  # a message is partly in the socket: other frames wait in _held
         self._held: list[Buffer] = []
         self._room: asyncio.Future[None] | None = None  # woken when the socket has room again
-        self._pinned: collections.deque[Framed | None] = collections.deque()  # messages sent, not yet answered
+        self._pinned: collections.deque[Framed | Gathered | None] = collections.deque()  # sent, not yet answered
 
     @classmethod
     async def open(cls, address: str) -> Connection:
@@ -370,12 +435,12 @@ class Connection(asyncio.Protocol):
                 self._stream_window -= got
             self._write(*out)
 
-    async def send_framed(self, message: Framed) -> None:
-        """Send a message built by :func:`framed`, as :meth:`send` does; its pages go to the kernel uncopied where
-        it can, so ``message`` must not change afterwards (the stream keeps it while the kernel may need it)."""
+    async def send_framed(self, message: Framed | Gathered) -> None:
+        """Send a message built by :func:`framed` or as :class:`Gathered`, as :meth:`send` does; its pages go to the
+        kernel uncopied where it can, so ``message`` must not change afterwards (the stream keeps it while the
+        kernel may need it, and releases it once answered)."""
         assert self._stream == STREAM, "framed messages name the connection's first stream"
-        wire = message.wire
-        at = 0
+        frame = 0
         left = message.length  # message bytes not yet sent
         self._pinned.append(message)
         while left:
@@ -385,12 +450,12 @@ class Connection(asyncio.Protocol):
             if not payload or self._paused:
                 await self._wait()
                 continue
-            end = at + payload + 9 * -(-payload // MIN_FRAME)
+            frames = -(-payload // MIN_FRAME)
             self._send_window -= payload
             self._stream_window -= payload
             left -= payload
-            await self._put(wire, at, end)
-            at = end
+            await self._put(message, frame, frame + frames)
+            frame += frames
 
     async def receive(self) -> bytes:
         """The next answer message; RpcError when the call ended without one."""
@@ -428,18 +493,18 @@ class Connection(asyncio.Protocol):
         self._splicer.close()
         self._splicer = None
 
-    async def _put(self, wire: bytearray, start: int, end: int) -> None:
-        """Write ``wire[start:end]`` (whole frames) on the connection, in order with every other frame."""
+    async def _put(self, message: Framed | Gathered, first: int, end: int) -> None:
+        """Write frames ``[first, end)`` of ``message`` on the connection, in order with every other frame."""
         splicer = self._splicer
         if splicer is None or self._transport is None or self._transport.get_write_buffer_size():
-            self._write(memoryview(wire)[start:end])
+            self._write(*message.views(first, end))
             return
-        address = ctypes.addressof(ctypes.c_char.from_buffer(wire))
+        iov = message.iov(first, end)
+        at = 0
         self._splicing = True
         try:
-            while start < end:
-                splicer.fill(address + start, end - start)
-                start += splicer.in_pipe
+            while at < len(iov) // 2:
+                at = splicer.fill(iov, at)
                 while not splicer.drain():
                     await self._wait_for_room(splicer)
         except OSError as e:
@@ -658,8 +723,8 @@ class Connection(asyncio.Protocol):
                 raise ValueError(f"more than {MAX_UNREAD} answers not yet read")
             self._answers.append(bytes(message[5 : 5 + length]))
             del message[: 5 + length]
-            if self._pinned:  # containerd has read the message this answers
-                self._pinned.popleft()
+            if self._pinned and (sent := self._pinned.popleft()) is not None:  # containerd has read it
+                sent.release()
             self._changed.set()
         if flags & END_STREAM:
             self._end(StatusCode.UNKNOWN, "the stream ended without a status")

@@ -1,10 +1,12 @@
 """The containerd store's :class:`~puller.stores.BlobWriter`: a blob's bytes into one Content.Write stream.
 
 containerd takes a blob's bytes in order only, and the engine delivers them in any order. Received bytes are kept
-in memory for their turn, copied once into the Write message that will carry them, already cut into HTTP/2 frames
-(whose pages :mod:`.stream` hands to the kernel uncopied), MAX_KEPT for all blobs together, less for blobs still
-waiting for a stream. The few that do not fit are staged in the store's staging directory
-(:class:`~puller.stores.staged.StagedFile`) and read back in their turn straight into their message's frames.
+in memory for their turn as the Write message that will carry them (whose pages :mod:`.stream` hands to the kernel
+uncopied): around their receive buffer itself where the caller hands it over (:class:`~puller.stores.Handover`),
+else copied once into a message already cut into HTTP/2 frames; MAX_KEPT for all blobs together (counted by the
+buffers held), less for blobs still waiting for a stream. The few that do not fit are staged in the store's
+staging directory (:class:`~puller.stores.staged.StagedFile`) and read back in their turn straight into their
+message's frames.
 containerd hashes what it is sent and commits only if the expected digest matches.
 
 Backpressure: where containerd's ingest is the limit (a fast link), downloading further only takes the CPU (or
@@ -36,19 +38,21 @@ from ...errors import DigestMismatch, SizeMismatch
 from ...priority import PrioritySemaphore
 from ...ranges import RangeSet
 from ...registry.manifest import Descriptor
-from .. import Buffer, WriteStatus, store_error
+from .. import Buffer, Handover, WriteStatus, store_error
 from ..staged import StagedFile
 from .content import (
     WRITE_MESSAGE,
     Content,
     Message,
     Piece,
+    gathered_message,
     ingest_ref,
     piece_length,
     staged_message,
     write_message,
 )
 from .leases import Lease, Leases
+from .stream import Framed, Gathered
 
 if TYPE_CHECKING:
     from ..safedir import SafeDir
@@ -59,6 +63,7 @@ MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the mo
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
 PREFIX_ROOM = 4  # of the memory for waiting blobs, 1/4 only bytes that extend a blob's prefix may take
+TAKE_FILLED = 0.75  # a handed-over buffer is kept only when the bytes fill this much of it (else they are copied)
 
 
 @dataclass(slots=True)
@@ -146,7 +151,7 @@ class ContainerdWriter:
         self._task = asyncio.ensure_future(self._stream())
         return WriteStatus(self.done.copy())
 
-    async def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+    async def write_at(self, offset: int, buffers: Sequence[Buffer], handover: Handover | None = None) -> None:
         assert self._task is not None, "status() first"
         n = sum(map(len, buffers))
         deadline = asyncio.get_running_loop().time() + MAX_WAIT_S
@@ -156,7 +161,7 @@ class ContainerdWriter:
         task = self._task
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error  # the stream failed: say why now, not after the whole blob
-        if not self._keep(offset, buffers, n, ahead):
+        if not self._keep(offset, buffers, n, ahead, handover):
             try:
                 await self._staged.run(self._staged.write, offset, buffers)
             except OSError as e:
@@ -220,15 +225,25 @@ class ContainerdWriter:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _keep(self, offset: int, buffers: Sequence[Buffer], n: int, ahead: bool) -> bool:
-        """Keep the bytes in memory for their turn, if memory allows."""
-        if self._shared.kept + n > self.memory_limit(ahead) or self._task is None or self._task.done():
+    def _keep(self, offset: int, buffers: Sequence[Buffer], n: int, ahead: bool, handover: Handover | None) -> bool:
+        """Keep the bytes in memory for their turn, if memory allows: their buffer itself where the caller hands
+        it over and they fill most of it (memory is counted by the buffer's size), else copied once, straight into
+        the message that will carry them."""
+        view = memoryview(buffers[0]) if handover is not None and len(buffers) == 1 else None
+        whole = memoryview(view.obj).nbytes if view is not None else n  # what keeping the buffer holds
+        take = view is not None and n >= whole * TAKE_FILLED
+        held = whole if take else n
+        if self._shared.kept + held > self.memory_limit(ahead) or self._task is None or self._task.done():
             return False
-        # Copied once, straight into the message that will carry them (the caller's buffers are its own again
-        # on return).
-        self._kept[offset] = Message(offset, n, write_message(self._ref, offset, buffers))
+        message: Framed | Gathered
+        if take and view is not None and handover is not None:
+            handover.take()
+            message = gathered_message(self._ref, offset, view, handover.give_back)
+        else:
+            message = write_message(self._ref, offset, buffers)
+        self._kept[offset] = Message(offset, n, message, held)
         bisect.insort(self._kept_starts, offset)
-        self._shared.kept += n
+        self._shared.kept += held
         return True
 
     async def commit(self) -> None:
@@ -287,7 +302,9 @@ class ContainerdWriter:
             self._shared.leases.release(self._lease)
             self._lease = None
         self._release_slot()
-        self._shared.kept -= sum(m.n for m in self._kept.values())
+        self._shared.kept -= sum(m.held for m in self._kept.values())
+        for message in self._kept.values():
+            message.framed.release()  # never sent
         self._kept.clear()
         self._kept_starts.clear()
         self._shared.memory_changed()  # its own waiting writes go on too (to stage or fail): its task is done
@@ -308,7 +325,7 @@ class ContainerdWriter:
 
     def _pop_first_kept(self) -> Message:
         message = self._kept.pop(self._kept_starts.pop(0))
-        self._shared.kept -= message.n
+        self._shared.kept -= message.held
         if self._shared.memory_waiters:
             self._shared.memory_changed()
         return message
@@ -317,7 +334,7 @@ class ContainerdWriter:
         """The kept bytes at ``offset`` (their message, when it starts there), or None when they are not kept."""
         starts = self._kept_starts
         while starts and starts[0] + self._kept[starts[0]].n <= offset:  # containerd had them already
-            self._pop_first_kept()
+            self._pop_first_kept().framed.release()
         if not starts or starts[0] > offset:
             return None
         message = self._pop_first_kept()
@@ -345,6 +362,6 @@ class ContainerdWriter:
                 n = min(WRITE_MESSAGE, staged_end - offset)
                 framed, slots = staged_message(self._ref, offset, n)
                 await self._staged.run(self._staged.read_into, offset, slots)  # straight into the message's frames
-                data = Message(offset, n, framed)
+                data = Message(offset, n, framed, n)
             yield data
             offset += piece_length(data)
