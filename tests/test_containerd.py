@@ -524,6 +524,46 @@ async def test_bytes_ahead_of_a_waiting_blob_wait_for_memory_instead_of_being_st
         assert await store.content.read_all(str(desc.digest)) == data
 
 
+async def test_ranges_ahead_wait_for_room_before_they_are_requested_and_the_prefix_never_does(
+    containerd, tmp_path: Path, monkeypatch
+):
+    """Where containerd is the limit and memory is full, a range ahead is not requested (its bytes would only be
+    staged) until containerd takes enough; room promised to a requested range counts until its bytes arrive; a
+    range that extends the prefix always has room; where the network is the limit, every range has room."""
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd import writer as cw
+
+    busy = True
+    monkeypatch.setattr(cw.Shared, "containerd_busy", lambda self: busy)
+    mib = 1 << 20
+    monkeypatch.setattr(cw, "MAX_KEPT", 4 * mib)
+    monkeypatch.setattr(cw, "MAX_KEPT_WAITING", 4 * mib)
+    desc, data = _random_blob(12 * mib)
+    async with ContainerdStore(str(containerd.socket), "room", staging_dir=tmp_path / "st") as store:
+        assert store._shared is not None
+        async with store.writer(desc) as writer:
+            assert not (await writer.status()).done
+            assert await writer.room_for(2 * mib, 2 * mib, 0.1)  # room: promised
+            assert not await writer.room_for(4 * mib, 3 * mib, 0.3)  # 2 promised + 3 > 4
+            await writer.write_at(2 * mib, [data[2 * mib : 4 * mib]])  # arrived: kept, no longer promised
+            assert store._shared.kept == 2 * mib and store._shared.promised == 0
+            assert not await writer.room_for(4 * mib, 3 * mib, 0.3)  # 2 kept + 3 > 4
+            waiting = asyncio.ensure_future(writer.room_for(4 * mib, 3 * mib, 20))
+            assert await writer.room_for(0, 2 * mib, 0.1)  # the prefix: always
+            started = time.monotonic()
+            await writer.write_at(0, [data[: 2 * mib]])  # the stream starts: containerd takes [0, 4 MiB)
+            assert await asyncio.wait_for(waiting, 20)
+            assert time.monotonic() - started < 5, "woken only at its deadline"
+            busy = False
+            assert await writer.room_for(8 * mib, 4 * mib, 0.1)  # the network the limit: always
+            for start in range(0, 12 * mib, 2 * mib):
+                if start != 2 * mib:
+                    await writer.write_at(start, [data[start : start + 2 * mib]])
+            await asyncio.wait_for(writer.commit(), 30)
+        assert store._shared.promised == 0
+        assert await store.content.read_all(str(desc.digest)) == data
+
+
 async def test_a_prefix_write_that_waited_for_a_stream_goes_on_when_the_stream_ends(
     containerd, tmp_path: Path, monkeypatch
 ):

@@ -240,6 +240,43 @@ async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(
     assert f.b.stalls == 2  # asked for again, once
 
 
+@pytest.mark.timeout(60)
+async def test_ranges_the_store_has_no_room_for_wait_and_a_stalled_front_is_still_taken_over(tmp_path, monkeypatch):
+    """A store that has no room for ranges ahead (the containerd store, where containerd is the limit) holds
+    them back before they are requested; while every other connection is held, the silent front range is taken
+    over all the same (by its silence alone: no bytes arrive to tell), and the pull completes."""
+    import time
+
+    from puller.engine import fetcher as fetcher_module
+    from puller.stores.staged import FileWriter
+
+    asked: list[int] = []
+
+    async def no_room_ahead(self, offset: int, n: int, timeout: float) -> bool:
+        """Room for 1 MiB past the prefix, as memory for bytes waiting for their turn would be."""
+        asked.append(offset)
+        if offset <= self._staged.ranges.prefix_end() + (1 << 20):
+            return True
+        await asyncio.sleep(timeout)
+        return False
+
+    monkeypatch.setattr(FileWriter, "room_for", no_room_ahead)
+    monkeypatch.setattr(fetcher_module, "ROOM_WAIT_S", 30.0)  # only a takeover can rescue the front in time
+    blobs, config = _blobs(1, 8 << 20, seed=12)
+    f = Fake(blobs, Behaviour(stall_at=128 * 1024))
+    f.config = config
+    await f.start()
+    started = time.monotonic()
+    try:
+        _, store = await _pull(f, tmp_path, read_timeout_s=STALL_S)
+    finally:
+        await f.stop()
+    _assert_complete(f, store)
+    assert f.b.stalls == 2  # asked for again, once
+    assert time.monotonic() - started < 20, "the held ranges went on only at their deadline"
+    assert any(offset >= 1 << 20 for offset in asked)
+
+
 @pytest.mark.parametrize("fake", [Behaviour(fail_first=100)], indirect=True)
 async def test_persistent_failure_is_bounded(fake, tmp_path):
     from puller.registry.client import RetryableStatus

@@ -48,6 +48,7 @@ MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request co
 CHUNKS_PER_CONNECTION = 4
 STALL_PATIENCE = 4 * MIB  # the front range is stalled when the others received this much each while it had none
 STALL_SILENCE_S = 0.5  # ... and it has been silent this long (TCP's least retransmission timeout is 0.2 s)
+ROOM_WAIT_S = 5.0  # longest a range waits for the store to have room for it before it is requested regardless
 PROBE_BYTES = 64 * 1024  # the first range of a blob, which resolves its URL and learns whether ranges work
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 MAX_OPEN_BLOBS = 64  # blobs with open files at once (at least twice the connections)
@@ -265,6 +266,7 @@ class _BlobDownload:
         try:
             chunk = first or self._next_chunk()
             while chunk is not None:
+                chunk = await self._admit(writer, chunk)
                 self.inflight.add(chunk)
                 try:
                     await self._fetch_chunk(writer, chunk, conn)
@@ -280,6 +282,20 @@ class _BlobDownload:
         finally:
             conn.release()
 
+    async def _admit(self, writer: BlobWriter, chunk: Chunk) -> Chunk:
+        """``chunk``, once the writer has room for its bytes (bounded by ROOM_WAIT_S): where the store is the
+        limit, bytes requested further ahead would only be spilled to disk and read back. While it waits it
+        watches the front range: a stalled front is taken over instead (``chunk`` goes back to the queue)."""
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while not await writer.room_for(chunk.pos, chunk.remaining, min(STALL_SILENCE_S / 2, ROOM_WAIT_S)):
+            if (rest := self._take_stalled_front(held=True)) is not None:
+                self.pending.insert(0, chunk)
+                self.pending.sort(key=lambda c: c.pos)
+                return rest
+            if time.monotonic() >= deadline:
+                break
+        return chunk
+
     def _next_chunk(self) -> Chunk | None:
         if (rest := self._take_stalled_front()) is not None:
             return rest
@@ -287,8 +303,13 @@ class _BlobDownload:
             return self.pending.pop(0)
         return split_for_tail(self.inflight, self.f.settings.min_split)
 
-    def _take_stalled_front(self) -> Chunk | None:
-        taken = take_stalled_front(self.inflight, self.progress.fetched, STALL_PATIENCE, STALL_SILENCE_S)
+    def _take_stalled_front(self, held: bool = False) -> Chunk | None:
+        """The rest of a stalled front range, taken over (see :func:`~.plan.take_stalled_front`); ``held``: asked
+        by a worker the store holds back, when silence alone tells (the others may be held too)."""
+        if held:
+            taken = take_stalled_front(self.inflight, self.progress.fetched, None, 2 * STALL_SILENCE_S)
+        else:
+            taken = take_stalled_front(self.inflight, self.progress.fetched, STALL_PATIENCE, STALL_SILENCE_S)
         if taken is None:
             return None
         stalled, rest = taken

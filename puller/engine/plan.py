@@ -74,18 +74,19 @@ def streaming_chunks(inflight: Iterable[Chunk]) -> list[Chunk]:
 
 
 def take_stalled_front(
-    inflight: Iterable[Chunk], received: int, patience: int, silence: float, now: float | None = None
+    inflight: Iterable[Chunk], received: int, patience: int | None, silence: float, now: float | None = None
 ) -> tuple[Chunk, Chunk] | None:
     """The front chunk (the lowest streaming one) and the rest of it, taken over, when for ``silence`` seconds or
     more it has received nothing while the blob received ``patience`` bytes per other streaming chunk (at least
     ``patience``; ``received``: the blob's bytes so far): a stalled connection, say a TCP flow backing off after
     losses. The stalled chunk then ends where it is. Bytes alone would misjudge a request just sent while short
-    chunks complete in a burst from full socket buffers (loopback, many small layers); time alone, a slow link."""
+    chunks complete in a burst from full socket buffers (loopback, many small layers); time alone, a slow link.
+    ``patience`` None: time alone (where the others are held back, so that no bytes can tell)."""
     streaming = streaming_chunks(inflight)
     if not streaming:
         return None
     front = min(streaming, key=lambda c: c.pos)
-    if front.writing or received - front.mark <= patience * max(1, len(streaming) - 1):
+    if front.writing or (patience is not None and received - front.mark <= patience * max(1, len(streaming) - 1)):
         return None
     if (time.monotonic() if now is None else now) - front.heard_at < silence:
         return None

@@ -64,6 +64,11 @@ class BlobWriter(Protocol):
         """Take the bytes ``buffers`` at ``offset``; may wait while the store catches up (bounded). With
         ``handover``, ``buffers`` is one view of a buffer the writer may keep (see :class:`Handover`)."""
 
+    async def room_for(self, offset: int, n: int, timeout: float) -> bool:
+        """Whether the writer can take ``n`` bytes at ``offset`` without spilling them (a store that keeps
+        out-of-order bytes in memory), waiting up to ``timeout`` for it: asked before those bytes are requested,
+        so that downloading does not outrun the store. False: no room yet (ask again, or go on regardless)."""
+
     async def commit(self) -> None:
         """Make the blob visible, if its bytes ``[0, size)`` are all written and have the descriptor's digest;
         else raise SizeMismatch, or DigestMismatch after forgetting every byte (nothing visible, nothing staged).

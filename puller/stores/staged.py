@@ -389,6 +389,10 @@ class FileWriter:
             return WriteStatus(RangeSet([(0, self.desc.size)]), present=True)
         return WriteStatus(self._staged.ranges.copy())
 
+    async def room_for(self, offset: int, n: int, timeout: float) -> bool:
+        """Always: bytes go straight to the file."""
+        return True
+
     async def write_at(self, offset: int, buffers: Sequence[Buffer], handover: Handover | None = None) -> None:
         """Written (and hashed where they extend the prefix) before it returns: the buffer is never taken."""
         n = sum(map(len, buffers))

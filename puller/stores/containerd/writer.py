@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,11 +86,13 @@ class Shared:
         self.leases = leases
         self.staging = staging
         self.kept = 0  # bytes kept in memory, all writers together
+        self.promised = 0  # bytes of ranges requested with room promised for them, not yet arrived
         self.streaming: set[ContainerdWriter] = set()  # blobs being streamed
         self.slots = PrioritySemaphore(MAX_WRITE_STREAMS)
-        # writes waiting for memory, first come first served: (writer, offset, bytes, waiter); at most one per
-        # download worker, each bounded by its deadline
-        self.memory_waiters: list[tuple[ContainerdWriter, int, int, asyncio.Future[None]]] = []
+        # writes and requests waiting for memory, first come first served: (whether it must still wait, given
+        # memory promised to those woken before it; its bytes; waiter); at most one per download worker, each
+        # bounded by its deadline
+        self.memory_waiters: list[tuple[Callable[[int], bool], int, asyncio.Future[None]]] = []
 
     def containerd_busy(self) -> bool:
         """Whether a stream has bytes at hand that containerd has yet to take: then containerd, not the network,
@@ -100,10 +103,25 @@ class Shared:
         """Wake the waiting writes that need not wait any more (counting the memory of those woken before them):
         called when memory is freed, a stream starts, ends or runs out of bytes, or a blob's prefix grows."""
         woken = 0
-        for writer, offset, n, waiter in self.memory_waiters:
-            if not waiter.done() and not writer.must_wait(offset, n, woken):
+        for must_wait, n, waiter in self.memory_waiters:
+            if not waiter.done() and not must_wait(woken):
                 waiter.set_result(None)
                 woken += n
+
+    async def wait_for_memory(self, must_wait: Callable[[int], bool], n: int, deadline: float) -> bool:
+        """Wait (until ``deadline``) while ``must_wait``; checked again each time it is woken (one woken before it
+        may have taken the memory). False when the deadline came first."""
+        while must_wait(0):
+            entry = (must_wait, n, asyncio.get_running_loop().create_future())
+            self.memory_waiters.append(entry)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await entry[2]
+            except TimeoutError:
+                return False
+            finally:
+                self.memory_waiters.remove(entry)
+        return True
 
 
 class ContainerdWriter:
@@ -127,6 +145,7 @@ class ContainerdWriter:
         self._task: asyncio.Future | None = None
         self._lease: Lease | None = None
         self._present = False
+        self._promised = 0  # this writer's part of Shared.promised
 
     async def __aenter__(self) -> ContainerdWriter:
         await self._staged.__aenter__()
@@ -154,6 +173,7 @@ class ContainerdWriter:
     async def write_at(self, offset: int, buffers: Sequence[Buffer], handover: Handover | None = None) -> None:
         assert self._task is not None, "status() first"
         n = sum(map(len, buffers))
+        self._arrived(n)
         deadline = asyncio.get_running_loop().time() + MAX_WAIT_S
         await self._room(offset + n, deadline)
         await self._memory(offset, n, deadline)
@@ -188,8 +208,8 @@ class ContainerdWriter:
     def memory_limit(self, ahead: bool) -> int:
         """Kept bytes (all writers together) up to which this writer may keep more; for a blob waiting for its
         stream, bytes ``ahead`` of its prefix leave 1/PREFIX_ROOM of it to the bytes that let streams start."""
-        if self._streaming:  # MAX_AHEAD bounds what it may keep
-            return MAX_KEPT
+        if self._streaming:  # MAX_AHEAD bounds what it may keep; bytes containerd takes next may go a little over
+            return MAX_KEPT if ahead else MAX_KEPT + MAX_KEPT // PREFIX_ROOM
         # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
         return MAX_KEPT_WAITING - MAX_KEPT_WAITING // PREFIX_ROOM if ahead else MAX_KEPT_WAITING
 
@@ -203,19 +223,34 @@ class ContainerdWriter:
         return self._shared.kept + reserved + n > self.memory_limit(offset > self.done.prefix_end())
 
     async def _memory(self, offset: int, n: int, deadline: float) -> None:
-        """Wait (until ``deadline``) while the write must wait for memory; checked again each time it is woken
-        (a write woken before it may have taken the memory)."""
-        shared = self._shared
-        while self.must_wait(offset, n):
-            entry = (self, offset, n, asyncio.get_running_loop().create_future())
-            shared.memory_waiters.append(entry)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await entry[3]
-            except TimeoutError:
-                return
-            finally:
-                shared.memory_waiters.remove(entry)
+        """Wait (until ``deadline``) while the write must wait for memory."""
+        await self._shared.wait_for_memory(functools.partial(self.must_wait, offset, n), n, deadline)
+
+    async def room_for(self, offset: int, n: int, timeout: float) -> bool:
+        """Whether ``n`` bytes at ``offset``, not yet requested, would find memory to wait in for their turn:
+        waits up to ``timeout`` while containerd is the limit and memory is full (downloading further would only
+        stage them on disk). Bytes that extend the blob's prefix always have room: they are what containerd (or
+        the blob's stream, once it starts) takes next."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        if not await self._shared.wait_for_memory(functools.partial(self._must_hold, offset, n), n, deadline):
+            return False
+        self._promised += n  # until its bytes arrive (write_at), memory others may not count on
+        self._shared.promised += n
+        return True
+
+    def _must_hold(self, offset: int, n: int, reserved: int) -> bool:
+        if self._task is None or self._task.done() or offset <= self.done.prefix_end():
+            return False
+        if not self._shared.containerd_busy():
+            return False  # the network is the limit: a request held back would leave the link idle
+        return self._shared.kept + self._shared.promised + reserved + n > self.memory_limit(True)
+
+    def _arrived(self, n: int) -> None:
+        """``n`` bytes arrived: they no longer need the memory promised for them (approximately: a range cut
+        short leaves its promise until the writer ends)."""
+        done = min(n, self._promised)
+        self._promised -= done
+        self._shared.promised -= done
 
     def _took(self, sent: int) -> None:
         """containerd has taken bytes ``[0, sent)``: wake the writes that waited for that."""
@@ -295,6 +330,7 @@ class ContainerdWriter:
 
     def _end_stream(self) -> None:
         self._stream_over = True
+        self._arrived(self._promised)
         if self._streaming:
             self._streaming = False
             self._shared.streaming.discard(self)
