@@ -560,6 +560,7 @@ async def test_ranges_ahead_wait_for_room_before_they_are_requested_and_the_pref
                 if start != 2 * mib:
                     await writer.write_at(start, [data[start : start + 2 * mib]])
             await asyncio.wait_for(writer.commit(), 30)
+            assert await writer.room_for(0, mib, 0.1) and store._shared.promised == 0  # no stream: no promise
         assert store._shared.promised == 0
         assert await store.content.read_all(str(desc.digest)) == data
 

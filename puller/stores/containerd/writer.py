@@ -234,8 +234,9 @@ class ContainerdWriter:
         deadline = asyncio.get_running_loop().time() + timeout
         if not await self._shared.wait_for_memory(functools.partial(self._must_hold, offset, n), n, deadline):
             return False
-        self._promised += n  # until its bytes arrive (write_at), memory others may not count on
-        self._shared.promised += n
+        if self._task is not None and not self._task.done():  # promises end with the stream (_end_stream)
+            self._promised += n  # until its bytes arrive (write_at), memory others may not count on
+            self._shared.promised += n
         return True
 
     def _must_hold(self, offset: int, n: int, reserved: int) -> bool:
