@@ -266,7 +266,7 @@ class _BlobDownload:
         try:
             chunk = first or self._next_chunk()
             while chunk is not None:
-                chunk = await self._admit(writer, chunk)
+                chunk = await self._admit(writer, chunk, conn)
                 self.inflight.add(chunk)
                 try:
                     await self._fetch_chunk(writer, chunk, conn)
@@ -282,19 +282,24 @@ class _BlobDownload:
         finally:
             conn.release()
 
-    async def _admit(self, writer: BlobWriter, chunk: Chunk) -> Chunk:
+    async def _admit(self, writer: BlobWriter, chunk: Chunk, conn: Connection) -> Chunk:
         """``chunk``, once the writer has room for its bytes (bounded by ROOM_WAIT_S): where the store is the
-        limit, bytes requested further ahead would only be spilled to disk and read back. While it waits it
-        watches the front range: a stalled front is taken over instead (``chunk`` goes back to the queue)."""
+        limit, bytes requested further ahead would only be spilled to disk and read back. The room is asked for
+        with a connection in hand (the range is requested at once: room promised to ranges queued for a
+        connection would be held from the others), given up to a more urgent blob while it waits. While it waits
+        it watches the front range: a stalled front is taken over instead (``chunk`` goes back to the queue)."""
         deadline = time.monotonic() + ROOM_WAIT_S
-        while not await writer.room_for(chunk.pos, chunk.remaining, min(STALL_SILENCE_S / 2, ROOM_WAIT_S)):
+        while True:
+            await conn.acquire(self.ref.api_host)
+            if await writer.room_for(chunk.pos, chunk.remaining, min(STALL_SILENCE_S / 2, ROOM_WAIT_S)):
+                return chunk
             if (rest := self._take_stalled_front(held=True)) is not None:
                 self.pending.insert(0, chunk)
                 self.pending.sort(key=lambda c: c.pos)
                 return rest
             if time.monotonic() >= deadline:
-                break
-        return chunk
+                return chunk
+            conn.yield_if_outranked()
 
     def _next_chunk(self) -> Chunk | None:
         if (rest := self._take_stalled_front()) is not None:

@@ -173,25 +173,27 @@ class ContainerdWriter:
     async def write_at(self, offset: int, buffers: Sequence[Buffer], handover: Handover | None = None) -> None:
         assert self._task is not None, "status() first"
         n = sum(map(len, buffers))
-        self._arrived(n)
-        deadline = asyncio.get_running_loop().time() + MAX_WAIT_S
-        await self._room(offset + n, deadline)
-        await self._memory(offset, n, deadline)
-        ahead = offset > self.done.prefix_end()
-        task = self._task
-        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
-            raise error  # the stream failed: say why now, not after the whole blob
-        if not self._keep(offset, buffers, n, ahead, handover):
-            try:
-                await self._staged.run(self._staged.write, offset, buffers)
-            except OSError as e:
-                raise store_error(e, f"staging {self.desc.digest}") from None
-            self._staged.written(offset, n)
-        prefix_end = self.done.prefix_end()
-        self.done.add(offset, offset + n)
-        self._wake.set()
-        if self._shared.memory_waiters and self.done.prefix_end() != prefix_end:
-            self._shared.memory_changed()  # writes of this blob that waited as ahead may extend its prefix now
+        try:  # the room promised for these bytes is theirs until they are kept (or staged)
+            deadline = asyncio.get_running_loop().time() + MAX_WAIT_S
+            await self._room(offset + n, deadline)
+            await self._memory(offset, n, deadline)
+            ahead = offset > self.done.prefix_end()
+            task = self._task
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                raise error  # the stream failed: say why now, not after the whole blob
+            if not self._keep(offset, buffers, n, ahead, handover):
+                try:
+                    await self._staged.run(self._staged.write, offset, buffers)
+                except OSError as e:
+                    raise store_error(e, f"staging {self.desc.digest}") from None
+                self._staged.written(offset, n)
+            prefix_end = self.done.prefix_end()
+            self.done.add(offset, offset + n)
+            self._wake.set()
+            if self._shared.memory_waiters and self.done.prefix_end() != prefix_end:
+                self._shared.memory_changed()  # writes of this blob that waited as ahead may extend its prefix
+        finally:
+            self._arrived(n)
 
     async def _room(self, end: int, deadline: float) -> None:
         """Wait (until ``deadline``) while ``end`` is more than MAX_AHEAD past what containerd has taken."""
@@ -229,8 +231,8 @@ class ContainerdWriter:
     async def room_for(self, offset: int, n: int, timeout: float) -> bool:
         """Whether ``n`` bytes at ``offset``, not yet requested, would find memory to wait in for their turn:
         waits up to ``timeout`` while containerd is the limit and memory is full (downloading further would only
-        stage them on disk). Bytes that extend the blob's prefix always have room: they are what containerd (or
-        the blob's stream, once it starts) takes next."""
+        stage them on disk). Bytes that extend the blob's prefix have room while less than a quarter of MAX_KEPT
+        of it is at hand: they are what containerd (or the blob's stream, once it starts) takes next."""
         deadline = asyncio.get_running_loop().time() + timeout
         if not await self._shared.wait_for_memory(functools.partial(self._must_hold, offset, n), n, deadline):
             return False
@@ -240,18 +242,22 @@ class ContainerdWriter:
         return True
 
     def _must_hold(self, offset: int, n: int, reserved: int) -> bool:
-        if self._task is None or self._task.done() or offset <= self.done.prefix_end():
+        if self._task is None or self._task.done():
             return False
+        prefix = offset <= self.done.prefix_end()
+        if prefix and self.done.prefix_end() - self.sent < MAX_KEPT // PREFIX_ROOM:
+            return False  # what containerd takes next, and it has little else of this blob at hand
         if not self._shared.containerd_busy():
             return False  # the network is the limit: a request held back would leave the link idle
-        return self._shared.kept + self._shared.promised + reserved + n > self.memory_limit(True)
+        return self._shared.kept + self._shared.promised + reserved + n > self.memory_limit(not prefix)
 
     def _arrived(self, n: int) -> None:
-        """``n`` bytes arrived: they no longer need the memory promised for them (approximately: a range cut
-        short leaves its promise until the writer ends)."""
-        done = min(n, self._promised)
-        self._promised -= done
-        self._shared.promised -= done
+        """``n`` bytes arrived: they no longer need the memory promised for them. A range cut short (split, taken
+        over) leaves part of its promise, which its new range promised again: no more is ever promised than the
+        blob still lacks."""
+        keep = max(0, min(self._promised - n, self.desc.size - self.done.total()))
+        self._shared.promised -= self._promised - keep
+        self._promised = keep
 
     def _took(self, sent: int) -> None:
         """containerd has taken bytes ``[0, sent)``: wake the writes that waited for that."""
