@@ -64,6 +64,7 @@ MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the mo
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
 PREFIX_ROOM = 4  # of the memory for waiting blobs, 1/4 only bytes that extend a blob's prefix may take
+BUSY_AT_HAND = 8 << 20  # containerd is the limit when a stream has more than this at hand that it has yet to take
 TAKE_FILLED = 0.75  # a handed-over buffer is kept only when the bytes fill this much of it (else they are copied)
 
 
@@ -97,7 +98,7 @@ class Shared:
     def containerd_busy(self) -> bool:
         """Whether a stream has bytes at hand that containerd has yet to take: then containerd, not the network,
         is the limit, and it frees memory as it goes."""
-        return any(writer.done.prefix_end() > writer.sent for writer in self.streaming)
+        return any(writer.done.prefix_end() - writer.sent > BUSY_AT_HAND for writer in self.streaming)
 
     def memory_changed(self) -> None:
         """Wake the waiting writes that need not wait any more (counting the memory of those woken before them):
@@ -245,7 +246,7 @@ class ContainerdWriter:
         if self._task is None or self._task.done():
             return False
         prefix = offset <= self.done.prefix_end()
-        if prefix and self.done.prefix_end() - self.sent < MAX_KEPT // PREFIX_ROOM:
+        if prefix and self.done.prefix_end() - self.sent < MAX_KEPT // 2:
             return False  # what containerd takes next, and it has little else of this blob at hand
         if not self._shared.containerd_busy():
             return False  # the network is the limit: a request held back would leave the link idle
