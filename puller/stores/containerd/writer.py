@@ -64,6 +64,7 @@ MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the mo
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
 PREFIX_ROOM = 4  # of the memory for waiting blobs, 1/4 only bytes that extend a blob's prefix may take
+PREFIX_AT_HAND = MAX_KEPT // 2  # a blob's prefix ranges wait for room once this much of it is at hand for containerd
 BUSY_AT_HAND = 8 << 20  # containerd is the limit when a stream has more than this at hand that it has yet to take
 TAKE_FILLED = 0.75  # a handed-over buffer is kept only when the bytes fill this much of it (else they are copied)
 
@@ -232,8 +233,8 @@ class ContainerdWriter:
     async def room_for(self, offset: int, n: int, timeout: float) -> bool:
         """Whether ``n`` bytes at ``offset``, not yet requested, would find memory to wait in for their turn:
         waits up to ``timeout`` while containerd is the limit and memory is full (downloading further would only
-        stage them on disk). Bytes that extend the blob's prefix have room while less than a quarter of MAX_KEPT
-        of it is at hand: they are what containerd (or the blob's stream, once it starts) takes next."""
+        stage them on disk). Bytes that extend the blob's prefix have room while less than PREFIX_AT_HAND of
+        it is at hand: they are what containerd (or the blob's stream, once it starts) takes next."""
         deadline = asyncio.get_running_loop().time() + timeout
         if not await self._shared.wait_for_memory(functools.partial(self._must_hold, offset, n), n, deadline):
             return False
@@ -246,7 +247,7 @@ class ContainerdWriter:
         if self._task is None or self._task.done():
             return False
         prefix = offset <= self.done.prefix_end()
-        if prefix and self.done.prefix_end() - self.sent < MAX_KEPT // 2:
+        if prefix and self.done.prefix_end() - self.sent < PREFIX_AT_HAND:
             return False  # what containerd takes next, and it has little else of this blob at hand
         if not self._shared.containerd_busy():
             return False  # the network is the limit: a request held back would leave the link idle
