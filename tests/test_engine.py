@@ -223,12 +223,9 @@ async def test_transient_faults_recover(fake, tmp_path):
     assert list((store.staging_dir).glob("*.partial")) == []
 
 
-@pytest.mark.timeout(60)
-async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(tmp_path):
-    """The range at 128 KiB (the front once the first chunk is in) goes silent (head sent, no body) while the
-    others stream: another connection asks for it again and the silent request is dropped (the read timeout,
-    longer than the test's own, is not what rescues it), and the blob is complete and verified."""
-    blobs, config = _blobs(1, 40 << 20, seed=11)
+async def _pull_with_a_stalled_front(tmp_path, size: int, seed: int) -> Fake:
+    """Pull a one-layer image whose range at 128 KiB goes silent (head sent, no body); check it is complete."""
+    blobs, config = _blobs(1, size, seed=seed)
     f = Fake(blobs, Behaviour(stall_at=128 * 1024))
     f.config = config
     await f.start()
@@ -237,6 +234,15 @@ async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(
     finally:
         await f.stop()
     _assert_complete(f, store)
+    return f
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(tmp_path):
+    """The range at 128 KiB (the front once the first chunk is in) goes silent (head sent, no body) while the
+    others stream: another connection asks for it again and the silent request is dropped (the read timeout,
+    longer than the test's own, is not what rescues it), and the blob is complete and verified."""
+    f = await _pull_with_a_stalled_front(tmp_path, 40 << 20, seed=11)
     assert f.b.stalls == 2  # asked for again, once
 
 
@@ -262,16 +268,8 @@ async def test_ranges_the_store_has_no_room_for_wait_and_a_stalled_front_is_stil
 
     monkeypatch.setattr(FileWriter, "room_for", no_room_ahead)
     monkeypatch.setattr(fetcher_module, "ROOM_WAIT_S", 30.0)  # only a takeover can rescue the front in time
-    blobs, config = _blobs(1, 8 << 20, seed=12)
-    f = Fake(blobs, Behaviour(stall_at=128 * 1024))
-    f.config = config
-    await f.start()
     started = time.monotonic()
-    try:
-        _, store = await _pull(f, tmp_path, read_timeout_s=STALL_S)
-    finally:
-        await f.stop()
-    _assert_complete(f, store)
+    f = await _pull_with_a_stalled_front(tmp_path, 8 << 20, seed=12)
     assert f.b.stalls == 2  # asked for again, once
     assert time.monotonic() - started < 20, "the held ranges went on only at their deadline"
     assert any(offset >= 1 << 20 for offset in asked)
