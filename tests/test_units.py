@@ -16,7 +16,7 @@ import yaml
 from puller import config
 from puller.digest import Digest
 from puller.engine.budget import ConnectionBudget
-from puller.engine.plan import Chunk, plan_chunks, split_for_tail, take_stalled_front
+from puller.engine.plan import Chunk, plan_chunks, split_for_tail, take_stalled
 from puller.errors import (
     ConfigError,
     InvalidDigest,
@@ -237,7 +237,7 @@ def test_a_stalled_front_range_is_taken_over_whole():
     waiting = Chunk(0, mib)  # lower, but not streaming (waiting for a retry): not the stalled one
 
     def take(chunks: list[Chunk], received: int, patience: int = 10 * mib, now: float = 11.0):
-        return take_stalled_front(chunks, received=received, patience=patience, silence=0.5, now=now)
+        return take_stalled(chunks, received=received, patience=patience, silence=0.5, now=now)
 
     # the other three received 10 MiB each (in all 30) since the front's last bytes: patience 10 MiB is not exceeded
     assert take([front, *others, waiting], received=130 * mib) is None
@@ -255,6 +255,22 @@ def test_a_stalled_front_range_is_taken_over_whole():
     assert take([others[0]], received=130 * mib, patience=mib) is None
     # ... unless the ranges before it finished meanwhile (the front is then the last one streaming)
     assert take([others[0]], received=135 * mib, patience=mib) is not None
+
+
+def test_stalled_ranges_are_taken_over_lowest_first_not_only_the_front():
+    mib = 1 << 20
+    fine = Chunk(0, 8 * mib, pos=4 * mib, streaming=True, mark=130 * mib, heard_at=10.9)  # the front streams
+    starved = [Chunk(s * mib, (s + 8) * mib, pos=s * mib, streaming=True, mark=100 * mib) for s in (16, 8)]
+    others = [Chunk(s * mib, (s + 8) * mib, pos=(s + 4) * mib, streaming=True, mark=130 * mib) for s in (24, 32)]
+    chunks = [fine, *starved, *others]
+
+    def take():
+        return take_stalled(chunks, received=131 * mib, patience=mib, silence=0.5, now=11.0)
+
+    first, second = take(), take()  # two starved ranges side by side: both at once, the lower one first
+    assert first is not None and first[0] is starved[1] and first[1].start == 8 * mib
+    assert second is not None and second[0] is starved[0] and second[1].start == 16 * mib
+    assert take() is None  # the front and the others stream
 
 
 async def test_priority_semaphore_serves_the_most_urgent_first():

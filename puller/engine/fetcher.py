@@ -11,8 +11,8 @@ A blob is fetched like this:
    most PROBE_BYTES: it goes through the general client, and the contiguous prefix, with it the hash, waits for
    it. If the server answers the Range with 200, the blob is streamed whole over that one connection.
 3. Other chunks go out in parallel; when none are left, the slowest streaming range is split (tail split). A
-   range at the front of the blob that has stalled while the others stream is taken over by the next free
-   connection (see :func:`~puller.engine.plan.take_stalled_front`).
+   range that has stalled while the others stream is taken over by the next free connection (see
+   :func:`~puller.engine.plan.take_stalled`).
 4. Received bytes are handed to the writer at their offsets, about WRITE_BLOCK at a time.
 5. The writer commits: it checks size and digest, and makes the blob visible only if both are right. A digest
    mismatch leaves nothing behind and the blob is fetched once more before the pull fails.
@@ -38,7 +38,7 @@ from ..registry.lean import Lent, NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Buffer, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
-from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail, streaming_chunks, take_stalled_front
+from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail, streaming_chunks, take_stalled
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ DEFAULT_CHUNK_SIZE = 8 * MIB
 DEFAULT_MIN_SPLIT = 1 * MIB
 MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request costs a round trip)
 CHUNKS_PER_CONNECTION = 4
-STALL_PATIENCE = 4 * MIB  # the front range is stalled when the others received this much each while it had none
+STALL_PATIENCE = 4 * MIB  # a range is stalled when the others received this much each while it had none
 STALL_SILENCE_S = 0.5  # ... and it has been silent this long (TCP's least retransmission timeout is 0.2 s)
 ROOM_WAIT_S = 5.0  # longest a range waits for the store to have room for it before it is requested regardless
 PROBE_BYTES = 64 * 1024  # the first range of a blob, which resolves its URL and learns whether ranges work
@@ -211,7 +211,7 @@ class _BlobDownload:
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
         self.requests: dict[Chunk, asyncio.Future] = {}  # the request of each streaming chunk (see _request)
-        self.watching = False  # a worker watches the front range for a stall (see _watch_front)
+        self.watching = False  # a worker watches the streaming ranges for a stall (see _watch_stalls)
         self.chunk_ended = asyncio.Event()  # set when a chunk leaves inflight: wakes the watcher
         self.range_ok: bool | None = None
         self.range_known = asyncio.Event()
@@ -278,7 +278,7 @@ class _BlobDownload:
                 conn.yield_if_outranked()
                 chunk = self._next_chunk() if self.range_ok else None
                 if chunk is None and self.range_ok:
-                    chunk = await self._watch_front(conn)
+                    chunk = await self._watch_stalls(conn)
         finally:
             conn.release()
 
@@ -287,13 +287,13 @@ class _BlobDownload:
         limit, bytes requested further ahead would only be spilled to disk and read back. The room is asked for
         with a connection in hand (the range is requested at once: room promised to ranges queued for a
         connection would be held from the others), given up to a more urgent blob while it waits. While it waits
-        it watches the front range: a stalled front is taken over instead (``chunk`` goes back to the queue)."""
+        it watches for stalls: a stalled range is taken over instead (``chunk`` goes back to the queue)."""
         deadline = time.monotonic() + ROOM_WAIT_S
         while True:
             await conn.acquire(self.ref.api_host)
             if await writer.room_for(chunk.pos, chunk.remaining, min(STALL_SILENCE_S / 2, ROOM_WAIT_S)):
                 return chunk
-            if (rest := self._take_stalled_front(held=True)) is not None:
+            if (rest := self._take_stalled(held=True)) is not None:
                 self.pending.insert(0, chunk)
                 self.pending.sort(key=lambda c: c.pos)
                 return rest
@@ -302,19 +302,19 @@ class _BlobDownload:
             conn.yield_if_outranked()
 
     def _next_chunk(self) -> Chunk | None:
-        if (rest := self._take_stalled_front()) is not None:
+        if (rest := self._take_stalled()) is not None:
             return rest
         if self.pending:
             return self.pending.pop(0)
         return split_for_tail(self.inflight, self.f.settings.min_split)
 
-    def _take_stalled_front(self, held: bool = False) -> Chunk | None:
-        """The rest of a stalled front range, taken over (see :func:`~.plan.take_stalled_front`); ``held``: asked
+    def _take_stalled(self, held: bool = False) -> Chunk | None:
+        """The rest of a stalled range, taken over (see :func:`~.plan.take_stalled`); ``held``: asked
         by a worker the store holds back, when silence alone tells (the others may be held too)."""
         if held:
-            taken = take_stalled_front(self.inflight, self.progress.fetched, None, 2 * STALL_SILENCE_S)
+            taken = take_stalled(self.inflight, self.progress.fetched, None, 2 * STALL_SILENCE_S)
         else:
-            taken = take_stalled_front(self.inflight, self.progress.fetched, STALL_PATIENCE, STALL_SILENCE_S)
+            taken = take_stalled(self.inflight, self.progress.fetched, STALL_PATIENCE, STALL_SILENCE_S)
         if taken is None:
             return None
         stalled, rest = taken
@@ -323,9 +323,9 @@ class _BlobDownload:
             request.cancel()  # its connection is closed; its worker goes on with the next chunk
         return rest
 
-    async def _watch_front(self, conn: Connection) -> Chunk | None:
+    async def _watch_stalls(self, conn: Connection) -> Chunk | None:
         """Nothing is left to hand out: one worker of the blob stays, without its slot, while others stream, and
-        takes over the front range if it stalls (no other worker may come free to notice)."""
+        takes over a range that stalls (no other worker may come free to notice)."""
         if self.watching:
             return None
         self.watching = True
@@ -336,7 +336,7 @@ class _BlobDownload:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(STALL_SILENCE_S / 2):
                         await self.chunk_ended.wait()
-                if (rest := self._take_stalled_front()) is not None:
+                if (rest := self._take_stalled()) is not None:
                     return rest
             return None
         finally:

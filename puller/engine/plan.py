@@ -2,9 +2,8 @@
 
 A blob is split into chunks of ``chunk_size`` bytes over the ranges not yet done; when nothing is left to hand
 out, the largest range still streaming is split in two (:func:`split_for_tail`), so the last seconds of a blob
-do not wait on one slow connection. A stalled range at the front of the blob is taken over whole
-(:func:`take_stalled_front`): the contiguous prefix, and with it the hash and a store that takes bytes in order,
-waits for it.
+do not wait on one slow connection. A stalled range is taken over whole (:func:`take_stalled`), the lowest
+first: the contiguous prefix, and with it the hash and a store that takes bytes in order, waits for it.
 """
 
 from __future__ import annotations
@@ -73,23 +72,26 @@ def streaming_chunks(inflight: Iterable[Chunk]) -> list[Chunk]:
     return [c for c in inflight if c.streaming and c.remaining > 0]
 
 
-def take_stalled_front(
+def take_stalled(
     inflight: Iterable[Chunk], received: int, patience: int | None, silence: float, now: float | None = None
 ) -> tuple[Chunk, Chunk] | None:
-    """The front chunk (the lowest streaming one) and the rest of it, taken over, when for ``silence`` seconds or
-    more it has received nothing while the blob received ``patience`` bytes per other streaming chunk (at least
-    ``patience``; ``received``: the blob's bytes so far): a stalled connection, say a TCP flow backing off after
-    losses. The stalled chunk then ends where it is. Bytes alone would misjudge a request just sent while short
-    chunks complete in a burst from full socket buffers (loopback, many small layers); time alone, a slow link.
-    ``patience`` None: time alone (where the others are held back, so that no bytes can tell)."""
+    """The lowest streaming chunk that has stalled, and the rest of it, taken over. A chunk has stalled when for
+    ``silence`` seconds or more it has received nothing while the blob received ``patience`` bytes per other
+    streaming chunk (at least ``patience``; ``received``: the blob's bytes so far): a stalled or starved
+    connection, say a TCP flow backing off after losses, or one that lost out to the others at a shared link. The
+    stalled chunk then ends where it is. Bytes alone would misjudge a request just sent while short chunks complete
+    in a burst from full socket buffers (loopback, many small layers); time alone, a slow link. ``patience`` None:
+    time alone (where the others are held back, so that no bytes can tell).
+
+    Not only the front: two starved ranges side by side would otherwise be taken over one after the other, the
+    second only once the first's new request is done, and the contiguous prefix (with it the hash) waits on both."""
     streaming = streaming_chunks(inflight)
-    if not streaming:
-        return None
-    front = min(streaming, key=lambda c: c.pos)
-    if front.writing or (patience is not None and received - front.mark <= patience * max(1, len(streaming) - 1)):
-        return None
-    if (time.monotonic() if now is None else now) - front.heard_at < silence:
-        return None
-    rest = Chunk(front.pos, front.end)
-    front.end = front.pos
-    return front, rest
+    at = time.monotonic() if now is None else now
+    enough = None if patience is None else patience * max(1, len(streaming) - 1)
+    for chunk in sorted(streaming, key=lambda c: c.pos):
+        if chunk.writing or (enough is not None and received - chunk.mark <= enough) or at - chunk.heard_at < silence:
+            continue
+        rest = Chunk(chunk.pos, chunk.end)
+        chunk.end = chunk.pos
+        return chunk, rest
+    return None
