@@ -7,6 +7,7 @@ import base64
 import contextvars
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -616,3 +617,15 @@ async def test_thread_work_is_awaited_to_its_end_even_when_the_caller_is_cancell
     order: list[int] = []
     results = await asyncio.gather(*(lane.run(order.append, i) for i in range(50)))
     assert order == list(range(50)) and results == [None] * 50
+
+
+def test_writeback_of_written_ranges_is_started_and_a_failure_is_only_advisory(tmp_path: Path):
+    from puller.stores.staged import start_writeback
+
+    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"x" * (1 << 20), 4096)
+        assert start_writeback(fd, 4096, 1 << 20)  # the kernel took it (sync_file_range's signature is right)
+    finally:
+        os.close(fd)
+    assert not start_writeback(fd, 0, 1)  # a closed descriptor: no exception, only False

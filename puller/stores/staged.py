@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -275,6 +276,18 @@ def _close_lock(fd: int | None) -> None:
         os.close(fd)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, n: int) -> bool:
+    """Start writing ``[offset, offset + n)`` of ``fd`` back to disk without waiting for it (sync_file_range,
+    which Python's os module lacks); whether the kernel took it. Advisory: a failure only leaves the work to the
+    fsync at commit."""
+    return _libc.sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE) == 0
+
+
 class PrefixHasher:
     """The digest of a blob's bytes, taken in offset order on the blob's hash lane of the shared pool
     (:class:`~puller.stores.threads.SerialLane`): a block that starts where the hash has got to is written and
@@ -299,13 +312,20 @@ class PrefixHasher:
             self.queued += n
             await self._lane.run(self._write_hash, offset, buffers, n)
         else:
-            await self._writes.run(self._staged.write, offset, buffers)
+            await self._writes.run(self._write_ahead, offset, buffers, n)
 
     def _write_hash(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
         self._staged.write(offset, buffers)
         for b in buffers:
             self._hash.update(b)
         self._writeback(offset + n)
+
+    def _write_ahead(self, offset: int, buffers: Sequence[Buffer], n: int) -> None:
+        """A block beyond the hash: written, and its writeback started (its pages stay cached for the read-back),
+        so the fsync at commit does not find the bytes hashed last, often a hundred MB behind a late range, all
+        still dirty."""
+        self._staged.write(offset, buffers)
+        start_writeback(self._staged.fd, offset, n)
 
     def written_up_to(self, prefix_end: int) -> None:
         """Bytes ``[0, prefix_end)`` are in the file: queue the read-back of those the hash has not had."""
