@@ -7,7 +7,6 @@ HTTP statuses are translated into :mod:`puller.errors` here and nowhere else.
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import json
 import logging
@@ -16,10 +15,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
-
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from ..digest import Digest
 from ..errors import (
@@ -42,6 +39,9 @@ from .bodies import USER_AGENT, SpeedLimit, read_body
 from .hosts import PULL, RESOLVE, Endpoint, HostSettings
 from .http import ConnectionFailed, HttpPool, Response, Timeouts, TLSFailed, TLSNotTrusted
 from .lean import LeanRanges
+
+if TYPE_CHECKING:
+    from tenacity import AsyncRetrying
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,6 +81,8 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
+    import email.utils  # imported here: only a Retry-After date needs it, and every pull pays for an import
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -98,12 +100,17 @@ def _retry_wait(retry_state) -> float:
         return 0.0
     if isinstance(e, RetryableStatus) and e.retry_after is not None:
         return min(e.retry_after, MAX_RETRY_AFTER_S)
+    from tenacity import wait_random_exponential
+
     return wait_random_exponential(multiplier=0.25, max=8.0)(retry_state)
 
 
 def retrying(attempts: int) -> AsyncRetrying:
     """The one retry policy (tenacity): network errors, cut bodies, 5xx, 408 and 429 (honouring Retry-After,
-    capped), expired CDN URLs at once; bounded tries, exponential backoff with jitter."""
+    capped), expired CDN URLs at once; bounded tries, exponential backoff with jitter. tenacity is imported only
+    once a retry is needed (5 ms of every pull's start otherwise: the first try runs without it, see retried)."""
+    from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
     return AsyncRetrying(
         stop=stop_after_attempt(attempts),
         wait=_retry_wait,

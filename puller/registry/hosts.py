@@ -21,7 +21,6 @@ import logging
 import os
 import posixpath
 import ssl
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +184,8 @@ def load_hosts_dir(directory: Path) -> list[Endpoint]:
 
 
 def parse_hosts_toml(text: str, base_dir: Path, where: str = "hosts.toml") -> list[Endpoint]:
+    import tomllib  # imported here: most nodes have no hosts.toml, and every pull would pay for the import
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

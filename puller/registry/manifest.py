@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import platform as _platform
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ class Platform:
 
     @classmethod
     def host(cls) -> Platform:
-        machine = _platform.machine().lower()
+        machine = os.uname().machine.lower()  # what platform.machine() says, without its import
         arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
         return cls(*_normalize_arch("linux", arch, None))
 
