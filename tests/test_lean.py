@@ -15,7 +15,7 @@ import pytest
 from puller.errors import TransportError
 from puller.registry.bodies import SlowTransfer, SpeedLimit
 from puller.registry.http import Timeouts
-from puller.registry.lean import BLOCK, LeanRanges, Lent, NotPartial
+from puller.registry.lean import BLOCK, Cut, LeanRanges, Lent, NotPartial
 
 from .rig import ScriptedServer
 
@@ -129,6 +129,48 @@ async def test_a_buffer_the_caller_takes_is_never_written_again_and_comes_back_t
         await lean.get(server.url, 0, len(BLOB), take, SpeedLimit().guard("test"))
         assert b"".join(block for _, block, _ in kept) == BLOB
         assert {id(lent.buffer) for _, _, lent in kept} & given  # received into buffers given back
+
+
+def in_pieces(start: int, end: int) -> list[bytes]:
+    body = BLOB[start:end]
+    return [partial(start, end), *(body[i : i + 65536] for i in range(0, len(body), 65536))]
+
+
+async def test_a_request_cut_short_receives_up_to_the_cut_and_no_further():
+    """A tail split lowers a range's end while its answer streams: the client stops receiving at the cut (the
+    last block ends there, nothing past it is delivered), the request ends without an error, and the connection,
+    whose answer was not read to its end, is not reused. A cut before the head applies once it comes; a cut past
+    the end changes nothing."""
+    start, end = 10, 3 * BLOCK
+    cut_end = start + BLOCK + 100_000
+    async with Server(in_pieces, delay=0.002) as server, client() as lean:
+        cut, blocks = Cut(), []
+
+        async def deliver(offset: int, block: memoryview, lent: Lent) -> bool:
+            blocks.append((offset, bytes(block)))
+            if len(blocks) == 1:
+                cut.at(cut_end)  # while the second block is on its way
+            return True
+
+        await lean.get(server.url, start, end, deliver, SpeedLimit().guard("test"), cut)
+        assert blocks[-1][0] + len(blocks[-1][1]) == cut_end  # the last block ends at the cut
+        assert b"".join(b for _, b in blocks) == BLOB[start:cut_end]
+        assert not list(lean._idle)  # not reused: the rest of its answer was never read
+
+        early, got = Cut(), []
+        early.at(start + 1000)  # before the request has a connection
+
+        async def collect(offset: int, block: memoryview, lent: Lent) -> bool:
+            got.append(bytes(block))
+            return True
+
+        await lean.get(server.url, start, end, collect, SpeedLimit().guard("test"), early)
+        assert b"".join(got) == BLOB[start : start + 1000]
+
+        late, got = Cut(), []
+        late.at(end + 5)
+        await lean.get(server.url, start, end, collect, SpeedLimit().guard("test"), late)
+        assert b"".join(got) == BLOB[start:end] and len(list(lean._idle)) == 1  # whole, and kept
 
 
 async def test_a_head_split_into_single_bytes_is_read():

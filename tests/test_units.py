@@ -226,8 +226,11 @@ def test_tail_split_takes_second_half_of_slowest():
     slow = Chunk(0, 16 * mib, pos=2 * mib, streaming=True)
     fast = Chunk(16 * mib, 24 * mib, pos=23 * mib, streaming=True)
     idle = Chunk(24 * mib, 40 * mib)  # not streaming yet: never split
+    told: list[int] = []
+    slow.request_cut = told.append  # the request in flight is told where it now ends (see lean.Cut)
     tail = split_for_tail([slow, fast, idle], min_split=mib)
     assert tail is not None and tail.end == 16 * mib and slow.end == tail.start == 9 * mib
+    assert told == [9 * mib]
     assert split_for_tail([fast], min_split=mib) is None
 
 

@@ -34,7 +34,7 @@ from ..ranges import RangeSet
 from ..reference import Reference
 from ..registry.blobs import BlobReader, RangeBody
 from ..registry.client import DEFAULT_ATTEMPTS, MIRROR_ATTEMPTS, NET_ERRORS, RegistryClient, retried
-from ..registry.lean import Lent, NotPartial
+from ..registry.lean import Cut, Lent, NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Buffer, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
@@ -393,14 +393,16 @@ class _BlobDownload:
         if self.range_ok and self.reader.lean_ready:
             chunk.streaming = True
             chunk.heard(self.progress.fetched)
+            cut = Cut()
+            chunk.request_cut = cut.at
             try:
                 deliver = functools.partial(self._deliver, writer, chunk, self.reader.host)
-                await self.reader.read_lean(chunk.pos, chunk.end, deliver)
+                await self.reader.read_lean(chunk.pos, chunk.end, deliver, cut)
                 return
             except NotPartial:
                 pass  # asked again through the client's pool, which maps the status (an expired URL, an error)
             finally:
-                chunk.streaming = False
+                chunk.streaming, chunk.request_cut = False, None
         async with self.reader.open(chunk.pos, chunk.end) as body:
             skip = 0
             self._set_range_support(not body.whole)
@@ -421,7 +423,7 @@ class _BlobDownload:
         if not ok:
             self.pending.clear()
             for other in self.inflight:
-                other.end = other.pos  # stop the others; the whole-body stream covers their bytes
+                other.cut(other.pos)  # stop the others; the whole-body stream covers their bytes
         self.range_known.set()
 
     async def _copy_body(self, writer: BlobWriter, chunk: Chunk, body: RangeBody, skip: int) -> None:

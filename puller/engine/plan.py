@@ -9,7 +9,7 @@ first: the contiguous prefix, and with it the hash and a store that takes bytes 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
@@ -27,6 +27,7 @@ class Chunk:
     mark: int = 0  # the blob's received bytes when this chunk last received some (or started streaming)
     heard_at: float = 0.0  # when that was (time.monotonic)
     writing: bool = False  # its bytes are being handed to the store: not stalled, not to be taken over
+    request_cut: Callable[[int], None] | None = None  # tells its request in flight to end early (see cut)
 
     def __post_init__(self) -> None:
         if self.pos < 0:
@@ -35,6 +36,13 @@ class Chunk:
     def heard(self, received: int) -> None:
         """The chunk received bytes (or started streaming) when the blob had received ``received``."""
         self.mark, self.heard_at = received, time.monotonic()
+
+    def cut(self, end: int) -> None:
+        """Lower the chunk's end (a tail split or a takeover), and tell its request: it stops receiving there
+        instead of receiving bytes past the cut that nobody will use."""
+        self.end = end
+        if self.request_cut is not None:
+            self.request_cut(end)
 
     @property
     def remaining(self) -> int:
@@ -63,7 +71,7 @@ def split_for_tail(inflight: Iterable[Chunk], min_split: int) -> Chunk | None:
     if mid <= victim.pos or victim.end - mid < min_split:
         return None
     tail = Chunk(mid, victim.end)
-    victim.end = mid
+    victim.cut(mid)
     return tail
 
 
@@ -92,6 +100,6 @@ def take_stalled(
         if chunk.writing or (enough is not None and received - chunk.mark <= enough) or at - chunk.heard_at < silence:
             continue
         rest = Chunk(chunk.pos, chunk.end)
-        chunk.end = chunk.pos
+        chunk.cut(chunk.pos)
         return chunk, rest
     return None

@@ -24,7 +24,7 @@ from .bodies import SpeedGuard
 from .client import ExpiredURL, RegistryClient
 from .hosts import PULL
 from .http import Response
-from .lean import Deliver
+from .lean import Cut, Deliver
 from .manifest import Descriptor
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,13 @@ class BlobReader:
         """The blob's URL is resolved (a CDN URL, fetched without credentials): ranges may go through lean.py."""
         return self.url is not None and self.client.lean is not None
 
-    async def read_lean(self, start: int, end: int, deliver: Deliver) -> None:
+    async def read_lean(self, start: int, end: int, deliver: Deliver, cut: Cut | None = None) -> None:
         """Bytes ``[start, end)`` of the resolved URL, handed to ``deliver`` block by block as they arrive
         (:mod:`.lean`); :class:`~puller.registry.lean.NotPartial` when the answer is not a 206: ask through
-        :meth:`open`, which maps every status."""
+        :meth:`open`, which maps every status. ``cut`` may end the request early."""
         assert self.url is not None and self.client.lean is not None
         guard = self.client.settings.speed.guard(f"{self.host}: blob {self.desc.digest}")
-        await self.client.lean.get(self.url, start, end, deliver, guard)
+        await self.client.lean.get(self.url, start, end, deliver, guard, cut)
 
     @asynccontextmanager
     async def open(self, start: int, end: int) -> AsyncIterator[RangeBody]:

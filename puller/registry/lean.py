@@ -73,6 +73,22 @@ def new_buffer() -> mmap.mmap:
 Deliver = Callable[[int, memoryview, Lent], Awaitable[bool]]
 
 
+class Cut:
+    """A caller's handle on its lean request, to end it early: :meth:`at` an offset (see :meth:`_Connection.cut`),
+    also before the request has a connection."""
+
+    __slots__ = ("_conn", "end")
+
+    def __init__(self) -> None:
+        self._conn: _Connection | None = None
+        self.end: int | None = None
+
+    def at(self, end: int) -> None:
+        self.end = end if self.end is None else min(self.end, end)
+        if self._conn is not None:
+            self._conn.cut(self.end)
+
+
 class NotPartial(Exception):
     """The server answered with something other than 206 (before any body byte was taken)."""
 
@@ -102,6 +118,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._range = (0, 0)
         self._pos = 0  # the offset of the block being filled
         self._remaining = 0  # body bytes still to receive
+        self._cut_end: int | None = None  # the range's end as the caller lowered it (see cut)
         self._blocks: collections.deque[tuple[int, int, int, int]] = collections.deque()  # (buffer, a, b, offset)
         self._paused = False
         self._stray = False  # get_buffer gave the scratch buffer
@@ -168,6 +185,8 @@ class _Connection(asyncio.BufferedProtocol):
             if got > length:
                 raise TransportError("more bytes than the body")  # nothing was pipelined
             self._remaining = length - got
+            if self._cut_end is not None:  # cut before the head came
+                self._remaining = max(0, min(self._remaining, self._cut_end - self._pos - got))
             self._head = False
             self._wake.set()
         else:
@@ -192,7 +211,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise TransportError(f"{name} sent twice, differently")
             headers[name] = value
         connection = headers.get("connection", "").lower()
-        self.keep = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
+        self.keep = self.keep and "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
         if status != "206":
             raise NotPartial(int(status))
         if "transfer-encoding" in headers:
@@ -218,6 +237,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._fill = self._start = 0
         self._wake.set()
         if self._remaining == 0:
+            if self._cut_end is not None and self._transport is not None:
+                self._transport.pause_reading()  # cut: no byte past it is read (the connection is not reused)
             return
         if self._busy[1 - i]:  # both buffers wait to be delivered: stop reading until one is free
             self._paused = True
@@ -228,11 +249,27 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _release(self, i: int) -> None:
         self._busy[i] = False
-        if self._paused and not self.closed:
+        if self._paused and not self.closed and self._remaining:
             self._paused = False
             self._cur = i
             assert self._transport is not None
             self._transport.resume_reading()
+
+    def cut(self, end: int) -> None:
+        """The caller needs the range only up to ``end`` now (a tail split gave the rest to another connection):
+        receive no further than that, and end the request there. The connection is not reused (the rest of the
+        answer is not read), but the bytes on their way past the cut are not received into a block for nothing."""
+        if not self._active or self.closed or end >= self._range[1]:
+            return
+        self._cut_end = end if self._cut_end is None else min(end, self._cut_end)
+        self.keep = False
+        if self._head:
+            return  # applied when the head has come
+        remaining = max(0, self._cut_end - (self._pos + self._fill - self._start))
+        if remaining < self._remaining:
+            self._remaining = remaining
+            if remaining == 0:
+                self._queue_block()
 
     def _fail(self, e: BaseException) -> None:
         if self._error is None:
@@ -258,15 +295,21 @@ class _Connection(asyncio.BufferedProtocol):
         timeouts: Timeouts,
         buffers: list[mmap.mmap],
         free: list[mmap.mmap],
+        cut: Cut | None = None,
     ) -> None:
         """GET bytes ``[start, end)`` into ``buffers`` (two of BLOCK bytes) and hand them to ``deliver`` in order,
         one block at a time; a buffer the caller keeps is replaced in ``buffers`` by one from ``free`` (or a new
-        one)."""
+        one). ``cut`` may end the request early."""
         assert self._transport is not None and not self._active
         self._arrays = buffers
         self._views = [memoryview(a) for a in buffers]
         self._active, self._head, self._range, self._pos = True, True, (start, end), start
         self._cur, self._fill, self._start, self._remaining, self.received = 0, 0, 0, end - start, 0
+        self._cut_end, self.keep = None, True
+        if cut is not None:
+            cut._conn = self
+            if cut.end is not None:
+                self.cut(cut.end)
         self._transport.write(
             f"GET {target} HTTP/1.1\r\nHost: {host}\r\nRange: bytes={start}-{end - 1}\r\n"
             f"Accept-Encoding: identity\r\nUser-Agent: {USER_AGENT}\r\n\r\n".encode("latin-1")
@@ -301,6 +344,8 @@ class _Connection(asyncio.BufferedProtocol):
             raise
         finally:
             self._arrays, self._views = [], []  # a pooled connection holds no buffers
+            if cut is not None:
+                cut._conn = None
 
     async def _wait(self, guard: SpeedGuard, head_by: float | None, read_s: float) -> None:
         """Wait for the head or a whole block, bounded: the head by ``head_by``, the body by ``read_s`` without a
@@ -338,8 +383,11 @@ class LeanRanges:
     async def __aexit__(self, *exc: object) -> None:
         self._idle.close()
 
-    async def get(self, url: str, start: int, end: int, deliver: Deliver, guard: SpeedGuard) -> None:
-        """Bytes ``[start, end)`` of ``url`` to ``deliver``; :class:`NotPartial` when the answer is not a 206."""
+    async def get(
+        self, url: str, start: int, end: int, deliver: Deliver, guard: SpeedGuard, cut: Cut | None = None
+    ) -> None:
+        """Bytes ``[start, end)`` of ``url`` to ``deliver``; :class:`NotPartial` when the answer is not a 206.
+        ``cut`` may end the request early."""
         parts = urlsplit(url)
         scheme, host = parts.scheme, parts.hostname or ""
         origin = (scheme, host, parts.port or (443 if scheme == "https" else 80))
@@ -354,7 +402,9 @@ class LeanRanges:
             if conn is None:
                 conn = await self._connect(origin, url)
             try:
-                await conn.fetch(host_header, target, start, end, deliver, guard, self._timeouts, buffers, self._free)
+                await conn.fetch(
+                    host_header, target, start, end, deliver, guard, self._timeouts, buffers, self._free, cut
+                )
             except _Stale:  # nothing was delivered
                 if attempt == 2 or not reused:
                     raise TransportError(f"{host}: connection closed before the answer") from None
