@@ -238,12 +238,21 @@ async def _pull_with_a_stalled_front(tmp_path, size: int, seed: int) -> Fake:
 
 
 @pytest.mark.timeout(60)
-async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(tmp_path):
+async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(tmp_path, monkeypatch):
     """The range at 128 KiB (the front once the first chunk is in) goes silent (head sent, no body) while the
     others stream: another connection asks for it again and the silent request is dropped (the read timeout,
-    longer than the test's own, is not what rescues it), and the blob is complete and verified."""
+    longer than the test's own, is not what rescues it), and the blob is complete and verified. Its rest is asked
+    for in pieces of TAKEOVER_PIECE, over several connections (one new request might starve again)."""
+    from puller.engine import fetcher as fetcher_module
+
+    monkeypatch.setattr(fetcher_module, "TAKEOVER_PIECE", 32 * 1024)  # the test's chunks are 128 KiB
     f = await _pull_with_a_stalled_front(tmp_path, 40 << 20, seed=11)
     assert f.b.stalls == 2  # asked for again, once
+    ranges = [tuple(int(x) for x in r["range"].removeprefix("bytes=").split("-")) for r in f.b.requests]
+    stalled = next(r for r in ranges if r[0] == 128 * 1024)
+    pieces = [r for r in ranges[ranges.index(stalled) + 1 :] if stalled[0] <= r[0] <= stalled[1]]
+    assert len(pieces) > 1 and all(end - start + 1 <= 32 * 1024 for start, end in pieces)
+    assert sum(end - start + 1 for start, end in pieces) == stalled[1] - stalled[0] + 1
 
 
 @pytest.mark.timeout(60)

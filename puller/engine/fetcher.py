@@ -48,6 +48,9 @@ MIN_CHUNK = 1 * MIB  # smallest chunk the planner makes on its own (a request co
 CHUNKS_PER_CONNECTION = 4
 STALL_PATIENCE = 4 * MIB  # a range is stalled when the others received this much each while it had none
 STALL_SILENCE_S = 0.5  # ... and it has been silent this long (TCP's least retransmission timeout is 0.2 s)
+# A stalled range's rest goes out in pieces this big, over as many connections: a flow opened (or reused) into a
+# full link may starve again, and the hash waits on every byte of a stalled range at the front.
+TAKEOVER_PIECE = 256 * 1024
 ROOM_WAIT_S = 5.0  # longest a range waits for the store to have room for it before it is requested regardless
 PROBE_BYTES = 64 * 1024  # the first range of a blob, which resolves its URL and learns whether ranges work
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
@@ -321,7 +324,10 @@ class _BlobDownload:
         log.debug("%s: taking over the stalled range at %d", self.desc.digest, rest.start)
         if (request := self.requests.get(stalled)) is not None:
             request.cancel()  # its connection is closed; its worker goes on with the next chunk
-        return rest
+        first, *others = plan_chunks([(rest.start, rest.end)], TAKEOVER_PIECE)
+        if others:  # the next workers to come free take them, before anything further on
+            self.pending = sorted([*others, *self.pending], key=lambda c: c.pos)
+        return first
 
     async def _watch_stalls(self, conn: Connection) -> Chunk | None:
         """Nothing is left to hand out: one worker of the blob stays, without its slot, while others stream, and
