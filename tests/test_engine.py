@@ -39,6 +39,7 @@ class Behaviour:
     stall_first: int = 0  # send half the range, then go silent (connection left open) for STALL_S
     stall_at: int | None = None  # the first request for the range starting here: the head, then silence until
     # the range is asked for again
+    stall_sends: float = 0.0  # ... after this fraction of its body
     corrupt: bool = False
     delay_s: float = 0.0  # before each range is answered
     requests: list[dict] = field(default_factory=list)
@@ -54,6 +55,7 @@ class Fake:
     async def start(self):
         self.released = asyncio.Event()
         self.asked_again = asyncio.Event()
+        self.stalled_range = (-1, -1)
         cdn = web.Application()
         cdn.router.add_get("/cdn/{digest}", self.cdn_blob)
         self.cdn_runner = web.AppRunner(cdn)
@@ -134,10 +136,13 @@ class Fake:
         await resp.prepare(request)
         if b.stall_at == start and b.stalls == 0:
             b.stalls += 1
+            self.stalled_range = (start, end)
+            if b.stall_sends:
+                await resp.write(body[: int(len(body) * b.stall_sends)])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.asked_again.wait(), STALL_S)
             return resp
-        if b.stall_at == start and b.stalls == 1:
+        if b.stalls == 1 and self.stalled_range[0] <= start <= self.stalled_range[1]:  # its rest, asked again
             b.stalls += 1
             self.asked_again.set()
         if b.cut_first:
@@ -223,10 +228,11 @@ async def test_transient_faults_recover(fake, tmp_path):
     assert list((store.staging_dir).glob("*.partial")) == []
 
 
-async def _pull_with_a_stalled_front(tmp_path, size: int, seed: int) -> Fake:
-    """Pull a one-layer image whose range at 128 KiB goes silent (head sent, no body); check it is complete."""
+async def _pull_with_a_stalled_front(tmp_path, size: int, seed: int, sends: float = 0.0) -> Fake:
+    """Pull a one-layer image whose range at 128 KiB goes silent (head sent, then ``sends`` of its body); check it
+    is complete."""
     blobs, config = _blobs(1, size, seed=seed)
-    f = Fake(blobs, Behaviour(stall_at=128 * 1024))
+    f = Fake(blobs, Behaviour(stall_at=128 * 1024, stall_sends=sends))
     f.config = config
     await f.start()
     try:
@@ -253,6 +259,19 @@ async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(
     pieces = [r for r in ranges[ranges.index(stalled) + 1 :] if stalled[0] <= r[0] <= stalled[1]]
     assert len(pieces) > 1 and all(end - start + 1 <= 32 * 1024 for start, end in pieces)
     assert sum(end - start + 1 for start, end in pieces) == stalled[1] - stalled[0] + 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_range_hands_over_the_bytes_it_received_before_it_went_silent(tmp_path):
+    """The range at 128 KiB sends half its body, then goes silent: those bytes, received but short of a whole
+    block, are kept (written, and not asked for again); only the rest is asked for again."""
+    f = await _pull_with_a_stalled_front(tmp_path, 40 << 20, seed=13, sends=0.5)
+    assert f.b.stalls == 2
+    ranges = [tuple(int(x) for x in r["range"].removeprefix("bytes=").split("-")) for r in f.b.requests]
+    stalled = next(r for r in ranges if r[0] == 128 * 1024)
+    half = (stalled[1] - stalled[0] + 1) // 2
+    again = [r for r in ranges[ranges.index(stalled) + 1 :] if stalled[0] <= r[0] <= stalled[1]]
+    assert again and min(start for start, _ in again) == stalled[0] + half
 
 
 @pytest.mark.timeout(60)

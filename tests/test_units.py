@@ -277,6 +277,21 @@ def test_stalled_ranges_are_taken_over_lowest_first_not_only_the_front():
     assert take() is None  # the front and the others stream
 
 
+def test_a_stalled_range_is_taken_over_from_where_its_request_has_received_to():
+    mib = 1 << 20
+    stalled = Chunk(0, 2 * mib, pos=mib, streaming=True, mark=0)
+    told: list[int] = []
+    stalled.request_cut, stalled.request_received = told.append, lambda: mib + 300_000  # part of a block, held
+    other = Chunk(2 * mib, 8 * mib, pos=6 * mib, streaming=True, mark=20 * mib)
+    taken = take_stalled([stalled, other], received=20 * mib, patience=mib, silence=0.5, now=stalled.heard_at + 1)
+    assert taken is not None and taken[1].start == mib + 300_000 and taken[1].end == 2 * mib
+    assert stalled.end == mib + 300_000 and told == [mib + 300_000]  # it hands its bytes over, then ends
+    other.mark = 30 * mib  # streaming on
+    # taken over once: while it hands its last bytes over, it is not taken over again
+    later = stalled.heard_at + 2
+    assert take_stalled([stalled, other], received=30 * mib, patience=mib, silence=0.5, now=later) is None
+
+
 async def test_priority_semaphore_serves_the_most_urgent_first():
     sem = PrioritySemaphore(1)
     await sem.acquire(5)  # taken at once: nobody waits

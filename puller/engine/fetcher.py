@@ -322,8 +322,9 @@ class _BlobDownload:
             return None
         stalled, rest = taken
         log.debug("%s: taking over the stalled range at %d", self.desc.digest, rest.start)
-        if (request := self.requests.get(stalled)) is not None:
+        if stalled.remaining == 0 and (request := self.requests.get(stalled)) is not None:
             request.cancel()  # its connection is closed; its worker goes on with the next chunk
+        # else its request, cut where it has received to, hands those bytes over and ends
         first, *others = plan_chunks([(rest.start, rest.end)], TAKEOVER_PIECE)
         if others:  # the next workers to come free take them, before anything further on
             self.pending = sorted([*others, *self.pending], key=lambda c: c.pos)
@@ -400,7 +401,7 @@ class _BlobDownload:
             chunk.streaming = True
             chunk.heard(self.progress.fetched)
             cut = Cut()
-            chunk.request_cut = cut.at
+            chunk.request_cut, chunk.request_received = cut.at, cut.received_to
             try:
                 deliver = functools.partial(self._deliver, writer, chunk, self.reader.host)
                 await self.reader.read_lean(chunk.pos, chunk.end, deliver, cut)
@@ -408,7 +409,7 @@ class _BlobDownload:
             except NotPartial:
                 pass  # asked again through the client's pool, which maps the status (an expired URL, an error)
             finally:
-                chunk.streaming, chunk.request_cut = False, None
+                chunk.streaming, chunk.request_cut, chunk.request_received = False, None, None
         async with self.reader.open(chunk.pos, chunk.end) as body:
             skip = 0
             self._set_range_support(not body.whole)

@@ -28,6 +28,7 @@ class Chunk:
     heard_at: float = 0.0  # when that was (time.monotonic)
     writing: bool = False  # its bytes are being handed to the store: not stalled, not to be taken over
     request_cut: Callable[[int], None] | None = None  # tells its request in flight to end early (see cut)
+    request_received: Callable[[], int | None] | None = None  # how far its request has received (see received_to)
 
     def __post_init__(self) -> None:
         if self.pos < 0:
@@ -43,6 +44,11 @@ class Chunk:
         self.end = end
         if self.request_cut is not None:
             self.request_cut(end)
+
+    def received_to(self) -> int:
+        """How far the chunk's request has received bytes, handed over yet or not (at least ``pos``)."""
+        got = self.request_received() if self.request_received is not None else None
+        return self.pos if got is None else max(self.pos, min(got, self.end))
 
     @property
     def remaining(self) -> int:
@@ -89,7 +95,8 @@ def take_stalled(
     connection, say a TCP flow backing off after losses, or one that lost out to the others at a shared link. The
     stalled chunk then ends where it is. Bytes alone would misjudge a request just sent while short chunks complete
     in a burst from full socket buffers (loopback, many small layers); time alone, a slow link. ``patience`` None:
-    time alone (where the others are held back, so that no bytes can tell).
+    time alone (where the others are held back, so that no bytes can tell). The rest starts where the stalled
+    request has received to: the bytes it holds (up to a block, received but not yet handed over) are kept.
 
     Not only the front: two starved ranges side by side would otherwise be taken over one after the other, the
     second only once the first's new request is done, and the contiguous prefix (with it the hash) waits on both."""
@@ -99,7 +106,10 @@ def take_stalled(
     for chunk in sorted(streaming, key=lambda c: c.pos):
         if chunk.writing or (enough is not None and received - chunk.mark <= enough) or at - chunk.heard_at < silence:
             continue
-        rest = Chunk(chunk.pos, chunk.end)
-        chunk.cut(chunk.pos)
+        handed_over = chunk.received_to()  # what it has received it hands over before it ends
+        if handed_over >= chunk.end:
+            continue  # taken over already: it is handing over its last bytes
+        rest = Chunk(handed_over, chunk.end)
+        chunk.cut(handed_over)
         return chunk, rest
     return None

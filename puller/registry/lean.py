@@ -88,6 +88,11 @@ class Cut:
         if self._conn is not None:
             self._conn.cut(self.end)
 
+    def received_to(self) -> int | None:
+        """The offset up to which the request has received bytes, delivered or not (None before it has a
+        connection): cut there, a request that stalls hands over what it has instead of dropping it."""
+        return self._conn.received_to() if self._conn is not None else None
+
 
 class NotPartial(Exception):
     """The server answered with something other than 206 (before any body byte was taken)."""
@@ -255,6 +260,9 @@ class _Connection(asyncio.BufferedProtocol):
             assert self._transport is not None
             self._transport.resume_reading()
 
+    def received_to(self) -> int:
+        return self._range[0] if self._head else self._pos + self._fill - self._start
+
     def cut(self, end: int) -> None:
         """The caller needs the range only up to ``end`` now (a tail split gave the rest to another connection):
         receive no further than that, and end the request there. The connection is not reused (the rest of the
@@ -265,7 +273,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.keep = False
         if self._head:
             return  # applied when the head has come
-        remaining = max(0, self._cut_end - (self._pos + self._fill - self._start))
+        remaining = max(0, self._cut_end - self.received_to())
         if remaining < self._remaining:
             self._remaining = remaining
             if remaining == 0:
