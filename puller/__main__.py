@@ -1,7 +1,5 @@
 """``python -m puller``: the same command line as ``puller``."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()
