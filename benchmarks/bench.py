@@ -40,6 +40,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
@@ -199,13 +200,29 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
     return Sample(seconds, cpu, peak[0] / 1024, inner, own)
 
 
+def python_as_installed(tree: Path) -> list[str]:
+    """The command that starts Python for puller from ``tree``, as a wheel install runs it: without this
+    machine's .pth files (-S). The development install's editable finder costs about 11 ms at every start, and
+    this sandbox's CA hook about 9; the image in deploy/ has neither. The interpreter's site-packages follow the
+    tree on the path, for the dependencies; -P keeps the working directory off it."""
+    paths = sysconfig.get_paths()
+    path = os.pathsep.join(dict.fromkeys([str(tree), paths["purelib"], paths["platlib"]]))
+    return ["env", f"PYTHONPATH={path}", sys.executable, "-S", "-P"]
+
+
+REPO = Path(__file__).resolve().parent.parent
+PULLER = [*python_as_installed(REPO), "-m", "puller.cli"]  # puller's command line, from this checkout
+
+
 def use_bytecode(work: Path) -> None:
     """Python tools run from compiled bytecode, as an installed package does (pip compiles it; the image in
     deploy/ is built so), even where PYTHONDONTWRITEBYTECODE is set: else every run of puller would compile its
     own modules first (about 0.1 CPU-s here), a cost no node pays. The bytecode goes under ``work``."""
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    compile_bytecode(Path(__file__).resolve().parent.parent / "puller")
+    compile_bytecode(REPO / "puller")
+    # The dependencies' bytecode lands under the prefix too, here and not in the first measured run.
+    subprocess.run([*PULLER, "--version"], check=True, capture_output=True)
 
 
 def compile_bytecode(package: Path) -> None:
@@ -253,12 +270,11 @@ class Bench:
         tool, _, rev = tool.partition("~")
         if rev:  # puller as of git revision REV, side by side with the working tree's
             cmd, extra = self.commands(tool, ref, urls, out, ctrd)
-            assert cmd[0] == sys.executable
-            # -P: the working directory (this checkout) must not come before the exported one on sys.path
-            return ["env", f"PYTHONPATH={self.checkout(rev)}", sys.executable, "-P", *cmd[1:]], extra
+            python = python_as_installed(REPO)
+            assert cmd[: len(python)] == python
+            return [*python_as_installed(self.checkout(rev)), *cmd[len(python) :]], extra
         if tool == "puller":
-            cmd = [sys.executable, "-m", "puller.cli", "pull", ref, "--store", f"oci:{out}", "--json", "--plain-http"]
-            return cmd, None
+            return [*PULLER, "pull", ref, "--store", f"oci:{out}", "--json", "--plain-http"], None
         if tool == "skopeo":
             return ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{out}:x"], None
         if tool == "ctr":
@@ -267,9 +283,7 @@ class Bench:
         if tool in ("puller-ctrd", "puller-ctrd2"):
             assert ctrd
             return [
-                sys.executable,
-                "-m",
-                "puller.cli",
+                *PULLER,
                 "pull",
                 ref,
                 "--store",
@@ -439,9 +453,7 @@ class Bench:
             shutil.rmtree(store, ignore_errors=True)
             s = run_measured(
                 [
-                    sys.executable,
-                    "-m",
-                    "puller.cli",
+                    *PULLER,
                     "pull",
                     f"{reg.host}/bench/{name}:v1",
                     "--store",
