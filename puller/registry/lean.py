@@ -36,7 +36,7 @@ from .http import IdleConnections, SSLFor, Timeouts, tls_for
 BLOCK = 1024 * 1024  # bytes per buffer; two per connection (each full one is a write, a thread hand-off)
 MAX_HEAD = 64 * 1024
 MAX_SPARE = 32  # buffer pairs kept for the next requests (64 MiB): fresh ones cost page faults
-MAX_FREE = 16  # buffers given back by callers that kept them, kept for connections to go on with (16 MiB)
+MAX_FREE = 64  # buffers given back by callers that kept them, kept for connections to go on with (64 MiB)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 Origin = tuple[str, str, int]  # scheme, host, port
