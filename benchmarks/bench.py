@@ -211,7 +211,7 @@ def python_as_installed(tree: Path) -> list[str]:
 
 
 REPO = Path(__file__).resolve().parent.parent
-PULLER = [*python_as_installed(REPO), "-m", "puller.cli"]  # puller's command line, from this checkout
+PULLER = [*python_as_installed(REPO), "-m", "puller"]  # puller's command line, from this checkout
 
 
 def use_bytecode(work: Path) -> None:

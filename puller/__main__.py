@@ -1,5 +1,5 @@
 """``python -m puller``: the same command line as ``puller``."""
 
-from .cli import run
+from .command import run
 
 run()

@@ -145,7 +145,7 @@ def containerd(request, containerds):
     return containerds(request.param)
 
 
-PULLER = (sys.executable, "-m", "puller.cli")  # the installed package, whatever PATH says
+PULLER = (sys.executable, "-m", "puller")  # the installed package, whatever PATH says
 
 
 def start_puller(*args: str, env: dict | None = None, prefix: list[str] | None = None, **popen) -> subprocess.Popen:

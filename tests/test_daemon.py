@@ -183,7 +183,7 @@ def test_warmup_waits_for_every_node_and_names_the_laggard(slow_rig, tmp_path):
             [
                 "script",
                 "-qec",
-                f"{sys.executable} -m puller.cli warmup {big.ref} --endpoints {endpoints} --wait",
+                f"{sys.executable} -m puller warmup {big.ref} --endpoints {endpoints} --wait",
                 "/dev/null",
             ],
             capture_output=True,

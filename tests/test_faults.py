@@ -151,7 +151,7 @@ def test_progress_on_a_tty(cdn_rig, tmp_path: Path):
     """On a terminal puller draws per-layer bars (rich); `script` gives it a pseudo-terminal."""
     reg, _ = cdn_rig
     p = pushed(reg, "test/app", "v1")
-    cmd = f"{sys.executable} -m puller.cli pull {p.ref} --store {tmp_path}"
+    cmd = f"{sys.executable} -m puller pull {p.ref} --store {tmp_path}"
     r = subprocess.run(
         ["script", "-qec", cmd, "/dev/null"],
         capture_output=True,

@@ -434,7 +434,7 @@ def test_wrong_shapes_of_index_json_and_docker_config_are_one_line(tmp_path: Pat
 def test_a_thousand_layers_fit_a_small_open_files_limit(tmp_path: Path):
     image = make_image("t/many", "v1", [100 + i for i in range(300)])
     with HostileRegistry([image]) as reg:
-        cmd = f"ulimit -n 384; exec {sys.executable} -m puller.cli pull {reg.host}/t/many:v1 --store {tmp_path / 's'}"
+        cmd = f"ulimit -n 384; exec {sys.executable} -m puller pull {reg.host}/t/many:v1 --store {tmp_path / 's'}"
         r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
 
