@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -276,16 +275,24 @@ def _close_lock(fd: int | None) -> None:
         os.close(fd)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int]:
+    """libc's sync_file_range, which Python's os module lacks (ctypes is imported on first use: a pull's start
+    does not need it)."""
+    import ctypes
+
+    call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call
+
+
 def start_writeback(fd: int, offset: int, n: int) -> bool:
-    """Start writing ``[offset, offset + n)`` of ``fd`` back to disk without waiting for it (sync_file_range,
-    which Python's os module lacks); whether the kernel took it. Advisory: a failure only leaves the work to the
-    fsync at commit."""
-    return _libc.sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE) == 0
+    """Start writing ``[offset, offset + n)`` of ``fd`` back to disk without waiting for it; whether the kernel
+    took it. Advisory: a failure only leaves the work to the fsync at commit."""
+    return _sync_file_range()(fd, offset, n, SYNC_FILE_RANGE_WRITE) == 0
 
 
 class PrefixHasher:
