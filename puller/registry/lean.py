@@ -5,9 +5,10 @@ byte is what limits a pull (benchmarks/README.md). For the requests that carry n
 its resolved URL (the CDN URL a registry redirected to, fetched without credentials), this module speaks HTTP/1.1
 itself over an :class:`asyncio.BufferedProtocol`: the transport receives (for TLS: decrypts) straight into one of
 two buffers of the connection; a full buffer is handed to the caller while the other one fills, and reading
-pauses when both wait. The buffers go back to a small spare list after a request that ended normally. A caller
+pauses when both wait. The buffers go back to a spare list after a request that ended normally. A caller
 may keep a delivered block's buffer instead of copying its bytes (:class:`Lent`): the connection goes on with
-another, and the buffer comes back to a pool when the caller gives it back.
+another, and the buffer comes back to a pool when the caller gives it back. A caller may also end a request early
+(:class:`Cut`: a tail split, a takeover): it stops receiving at the cut, and the connection is not reused.
 
 It does only that: GET with Range, and a 206 answer with a Content-Length and a Content-Range equal to the range
 asked for, identity encoding, keep-alive. Any other status raises :class:`NotPartial` before a body byte is
