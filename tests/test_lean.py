@@ -14,7 +14,7 @@ import pytest
 
 from puller.errors import TransportError
 from puller.registry.bodies import SlowTransfer, SpeedLimit
-from puller.registry.http import Timeouts
+from puller.registry.http import ConnectionFailed, Timeouts, TLSNotTrusted
 from puller.registry.lean import BLOCK, Cut, LeanRanges, Lent, NotPartial
 
 from .rig import ScriptedServer
@@ -257,6 +257,14 @@ async def test_tls_ranges_are_received_into_the_same_buffers(tmp_path: Path):
         trusted = ssl.create_default_context(cafile=str(server.ca))
         async with client(ssl_for=lambda url: trusted) as lean:
             assert await fetch(lean, server.url, 0, len(BLOB)) == BLOB
-        async with client(ssl_for=lambda url: True) as untrusted:  # the system's CAs: refused
-            with pytest.raises(TransportError, match="TLS"):
+        async with client(ssl_for=lambda url: True) as untrusted:  # the system's CAs: refused, as http.py says it
+            with pytest.raises(TLSNotTrusted, match=r"127\.0\.0\.1:\d+: TLS certificate not trusted"):
                 await fetch(untrusted, server.url, 0, 10)
+
+
+async def test_a_refused_connection_is_a_transport_error_naming_the_host():
+    async with Server() as server:
+        url = server.url
+    async with client() as lean:  # the server is gone: its port refuses
+        with pytest.raises(ConnectionFailed, match=r"127\.0\.0\.1:\d+: "):
+            await fetch(lean, url, 0, 10)

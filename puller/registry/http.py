@@ -16,6 +16,7 @@ failures raise :class:`ConnectionFailed` (a :class:`~puller.errors.TransportErro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 from collections.abc import Callable, Hashable, Iterator
@@ -56,6 +57,27 @@ class TLSNotTrusted(ConnectionFailed):
 
 class TLSFailed(ConnectionFailed):
     """The TLS handshake failed for another reason (a server that speaks plain HTTP, say)."""
+
+
+@contextlib.contextmanager
+def connect_errors(netloc: str, tls: bool) -> Iterator[None]:
+    """A connection attempt's failures (a timeout included) as puller's errors, naming ``netloc``; ``tls``: the
+    attempt includes a TLS handshake. Both clients connect under it (this module's pool and :mod:`.lean`)."""
+    try:
+        yield
+    except TimeoutError:
+        raise ConnectionFailed(f"{netloc}: connect timed out") from None
+    except ssl.SSLCertVerificationError as e:
+        reason = e.verify_message or e.reason or str(e)
+        raise TLSNotTrusted(f"{netloc}: TLS certificate not trusted ({reason})", reason) from None
+    except ssl.SSLError as e:
+        raise TLSFailed(f"{netloc}: TLS: {e.reason or e}") from None
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
+        if tls:  # closed during the handshake
+            raise TLSFailed(f"{netloc}: TLS: {e.strerror or e}") from None
+        raise ConnectionFailed(f"{netloc}: {e.strerror or e}") from None
+    except OSError as e:
+        raise ConnectionFailed(f"{netloc}: {e.strerror or e}") from None
 
 
 class Pooled(Protocol):
@@ -361,22 +383,9 @@ class HttpPool:
             conn.close()
 
     async def _connect(self, host: str, port: int, netloc: str, context: ssl.SSLContext | None) -> _Connection:
-        try:
+        with connect_errors(netloc, tls=context is not None):
             async with asyncio.timeout(self.timeouts.connect_s):
                 reader, writer = await asyncio.open_connection(
                     host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
                 )
-        except TimeoutError:
-            raise ConnectionFailed(f"{netloc}: connect timed out") from None
-        except ssl.SSLCertVerificationError as e:
-            reason = e.verify_message or e.reason or str(e)
-            raise TLSNotTrusted(f"{netloc}: TLS certificate not trusted ({reason})", reason) from None
-        except ssl.SSLError as e:
-            raise TLSFailed(f"{netloc}: TLS: {e.reason or e}") from None
-        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
-            if context is not None:  # closed during the handshake
-                raise TLSFailed(f"{netloc}: TLS: {e.strerror or e}") from None
-            raise ConnectionFailed(f"{netloc}: {e.strerror or e}") from None
-        except OSError as e:
-            raise ConnectionFailed(f"{netloc}: {e.strerror or e}") from None
         return _Connection(reader, writer, netloc)

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import mmap
 import re
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -32,7 +31,7 @@ from urllib.parse import urlsplit
 
 from ..errors import TransportError
 from .bodies import USER_AGENT, SpeedGuard
-from .http import IdleConnections, SSLFor, Timeouts, tls_for
+from .http import IdleConnections, SSLFor, Timeouts, connect_errors, tls_for
 
 BLOCK = 1024 * 1024  # bytes per buffer; two per connection (each full one is a write, a thread hand-off)
 MAX_HEAD = 64 * 1024
@@ -430,15 +429,9 @@ class LeanRanges:
         _, host, port = origin
         context = tls_for(self._ssl_for, url)
         loop = asyncio.get_running_loop()
-        try:
+        with connect_errors(f"{host}:{port}", tls=context is not None):
             async with asyncio.timeout(self._timeouts.connect_s):
                 _, conn = await loop.create_connection(
                     _Connection, host, port, ssl=context, server_hostname=host if context else None
                 )
-        except TimeoutError:
-            raise TransportError(f"{host}:{port}: connect timed out") from None
-        except ssl.SSLError as e:
-            raise TransportError(f"{host}:{port}: TLS: {e.reason or e}") from None
-        except OSError as e:
-            raise TransportError(f"{host}:{port}: {e.strerror or e}") from None
         return conn
