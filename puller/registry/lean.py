@@ -190,9 +190,9 @@ class _Connection(asyncio.BufferedProtocol):
             if got > length:
                 raise TransportError("more bytes than the body")  # nothing was pipelined
             self._remaining = length - got
-            if self._cut_end is not None:  # cut before the head came
-                self._remaining = max(0, min(self._remaining, self._cut_end - self._pos - got))
             self._head = False
+            if self._cut_end is not None:  # cut before the head came
+                self._limit_to_cut()
             self._wake.set()
         else:
             self._remaining -= n
@@ -273,11 +273,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.keep = False
         if self._head:
             return  # applied when the head has come
-        remaining = max(0, self._cut_end - self.received_to())
-        if remaining < self._remaining:
-            self._remaining = remaining
-            if remaining == 0:
-                self._queue_block()
+        before = self._remaining
+        self._limit_to_cut()
+        if self._remaining == 0 < before:
+            self._queue_block()
+
+    def _limit_to_cut(self) -> None:
+        assert self._cut_end is not None
+        self._remaining = min(self._remaining, max(0, self._cut_end - self.received_to()))
 
     def _fail(self, e: BaseException) -> None:
         if self._error is None:
