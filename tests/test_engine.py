@@ -228,6 +228,21 @@ async def test_transient_faults_recover(fake, tmp_path):
     assert list((store.staging_dir).glob("*.partial")) == []
 
 
+def _asked(fake: Fake) -> list[tuple[int, int]]:
+    """The byte ranges the CDN was asked for, in the order asked: (first, last) inclusive."""
+    return [
+        (int(first), int(last))
+        for first, last in (r["range"].removeprefix("bytes=").split("-") for r in fake.b.requests if r["range"])
+    ]
+
+
+def _asked_again(fake: Fake) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The range at 128 KiB that stalled, and the ranges within it asked for after it."""
+    ranges = _asked(fake)
+    stalled = next(r for r in ranges if r[0] == 128 * 1024)
+    return stalled, [r for r in ranges[ranges.index(stalled) + 1 :] if stalled[0] <= r[0] <= stalled[1]]
+
+
 async def _pull_with_a_stalled_front(tmp_path, size: int, seed: int, sends: float = 0.0) -> Fake:
     """Pull a one-layer image whose range at 128 KiB goes silent (head sent, then ``sends`` of its body); check it
     is complete."""
@@ -254,9 +269,7 @@ async def test_a_stalled_range_at_the_front_is_taken_over_by_another_connection(
     monkeypatch.setattr(fetcher_module, "TAKEOVER_PIECE", 32 * 1024)  # the test's chunks are 128 KiB
     f = await _pull_with_a_stalled_front(tmp_path, 40 << 20, seed=11)
     assert f.b.stalls == 2  # asked for again, once
-    ranges = [tuple(int(x) for x in r["range"].removeprefix("bytes=").split("-")) for r in f.b.requests]
-    stalled = next(r for r in ranges if r[0] == 128 * 1024)
-    pieces = [r for r in ranges[ranges.index(stalled) + 1 :] if stalled[0] <= r[0] <= stalled[1]]
+    stalled, pieces = _asked_again(f)
     assert len(pieces) > 1 and all(end - start + 1 <= 32 * 1024 for start, end in pieces)
     assert sum(end - start + 1 for start, end in pieces) == stalled[1] - stalled[0] + 1
 
@@ -267,10 +280,8 @@ async def test_a_stalled_range_hands_over_the_bytes_it_received_before_it_went_s
     block, are kept (written, and not asked for again); only the rest is asked for again."""
     f = await _pull_with_a_stalled_front(tmp_path, 40 << 20, seed=13, sends=0.5)
     assert f.b.stalls == 2
-    ranges = [tuple(int(x) for x in r["range"].removeprefix("bytes=").split("-")) for r in f.b.requests]
-    stalled = next(r for r in ranges if r[0] == 128 * 1024)
+    stalled, again = _asked_again(f)
     half = (stalled[1] - stalled[0] + 1) // 2
-    again = [r for r in ranges[ranges.index(stalled) + 1 :] if stalled[0] <= r[0] <= stalled[1]]
     assert again and min(start for start, _ in again) == stalled[0] + half
 
 
@@ -333,9 +344,7 @@ async def test_same_digest_twice_is_fetched_once(fake, tmp_path):
         p1, p2 = BlobProgress(digest, desc.size), BlobProgress(digest, desc.size)
         await asyncio.gather(fetcher.fetch(ref, desc, store, p1), fetcher.fetch(ref, desc, store, p2))
     assert p1.fetched + p2.fetched == desc.size
-    served = sorted(
-        tuple(map(int, r["range"].removeprefix("bytes=").split("-"))) for r in fake.b.requests if r["range"]
-    )
+    served = sorted(_asked(fake))
     assert [s for s, _ in served] == [0, *(e + 1 for _, e in served[:-1])]  # each byte asked for once, in order
     assert served[-1][1] == desc.size - 1
 
