@@ -211,7 +211,8 @@ def python_as_installed(tree: Path) -> list[str]:
 
 
 REPO = Path(__file__).resolve().parent.parent
-PULLER = [*python_as_installed(REPO), "-m", "puller"]  # puller's command line, from this checkout
+PYTHON = python_as_installed(REPO)
+PULLER = [*PYTHON, "-m", "puller"]  # puller's command line, from this checkout
 
 
 def use_bytecode(work: Path) -> None:
@@ -270,9 +271,8 @@ class Bench:
         tool, _, rev = tool.partition("~")
         if rev:  # puller as of git revision REV, side by side with the working tree's
             cmd, extra = self.commands(tool, ref, urls, out, ctrd)
-            python = python_as_installed(REPO)
-            assert cmd[: len(python)] == python
-            return [*python_as_installed(self.checkout(rev)), *cmd[len(python) :]], extra
+            assert cmd[: len(PYTHON)] == PYTHON
+            return [*python_as_installed(self.checkout(rev)), *cmd[len(PYTHON) :]], extra
         if tool == "puller":
             return [*PULLER, "pull", ref, "--store", f"oci:{out}", "--json", "--plain-http"], None
         if tool == "skopeo":
