@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextvars
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -219,6 +220,28 @@ def test_rangeset_and_plan():
     chunks = plan_chunks(rs.missing(50), 4)
     assert [(c.start, c.end) for c in chunks] == [(20, 24), (24, 28), (28, 30), (40, 44), (44, 48), (48, 50)]
     assert RangeSet([(3, 9)]).prefix_end() == 0
+
+
+def test_chunks_shrink_toward_the_end_of_a_blob():
+    """With ``spread``, each chunk is at most 1/spread of what is left from its start, down to ``least``: the
+    ranges in flight at the end span a few MiB, not connections x chunk size (the hash reads that back last)."""
+    mib = 1 << 20
+    chunks = plan_chunks([(0, 1024 * mib)], 8 * mib, spread=32, least=mib)
+    sizes = [c.end - c.start for c in chunks]
+    assert chunks[0].start == 0 and chunks[-1].end == 1024 * mib
+    assert all(a.end == b.start for a, b in itertools.pairwise(chunks))
+    assert sizes[0] == 8 * mib and sizes[-31:-1] == [mib] * 30 and sizes[-1] <= mib  # the last MiBs one by one
+    assert sizes == sorted(sizes, reverse=True)
+    left = 1024 * mib
+    for c in chunks:  # never more than a 32nd of what is left, rounded up to the split alignment
+        assert c.end - c.start <= max(mib, -(-left // 32) + 64 * 1024)
+        left -= c.end - c.start
+    # Over several missing ranges (a resumed pull) the taper counts what is left in all of them.
+    resumed = plan_chunks([(0, 64 * mib), (128 * mib, 192 * mib)], 8 * mib, spread=32, least=mib)
+    assert resumed[0].end - resumed[0].start == 4 * mib
+    assert all(c.end <= 64 * mib or c.start >= 128 * mib for c in resumed)
+    assert sum(c.end - c.start for c in resumed) == 128 * mib and resumed[-1].end == 192 * mib
+    assert len(plan_chunks([(0, 64 * mib)], 8 * mib)) == 8  # no spread: all the same size
 
 
 def test_tail_split_takes_second_half_of_slowest():

@@ -1,9 +1,10 @@
 """Which bytes of a blob to fetch, in which pieces.
 
-A blob is split into chunks of ``chunk_size`` bytes over the ranges not yet done; when nothing is left to hand
-out, the largest range still streaming is split in two (:func:`split_for_tail`), so the last seconds of a blob
-do not wait on one slow connection. A stalled range is taken over whole (:func:`take_stalled`), the lowest
-first: the contiguous prefix, and with it the hash and a store that takes bytes in order, waits for it.
+A blob is split into chunks of ``chunk_size`` bytes over the ranges not yet done, shrinking toward its end
+(:func:`plan_chunks`); when nothing is left to hand out, the largest range still streaming is split in two
+(:func:`split_for_tail`), so the last seconds of a blob do not wait on one slow connection. A stalled range is
+taken over whole (:func:`take_stalled`), the lowest first: the contiguous prefix, and with it the hash and a store
+that takes bytes in order, waits for it.
 """
 
 from __future__ import annotations
@@ -55,12 +56,25 @@ class Chunk:
         return max(0, self.end - self.pos)
 
 
-def plan_chunks(missing: Iterable[tuple[int, int]], chunk_size: int) -> list[Chunk]:
-    """Split the missing ranges into chunks of at most ``chunk_size`` bytes, in file order."""
+def plan_chunks(missing: Iterable[tuple[int, int]], chunk_size: int, spread: int = 0, least: int = 0) -> list[Chunk]:
+    """Split the missing ranges into chunks of at most ``chunk_size`` bytes, in file order. With ``spread``, the
+    chunks shrink toward the end, to no less than ``least``: each is at most 1/``spread`` of the bytes from its
+    start on. The ranges in flight at the end then span little of the blob, and so do the bytes written beyond the
+    last of them to complete, which the hash has to read back after the last byte has come."""
+    ranges = list(missing)
+    left = sum(end - start for start, end in ranges)
     out = []
-    for start, end in missing:
-        for s in range(start, end, chunk_size):
-            out.append(Chunk(s, min(s + chunk_size, end)))
+    for start, end in ranges:
+        s = start
+        while s < end:
+            size = chunk_size
+            if spread:
+                tapered = -(-left // spread)
+                size = min(chunk_size, max(least, tapered + -tapered % SPLIT_ALIGN))
+            e = min(s + size, end)
+            out.append(Chunk(s, e))
+            left -= e - s
+            s = e
     return out
 
 
