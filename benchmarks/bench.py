@@ -200,19 +200,34 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
     return Sample(seconds, cpu, peak[0] / 1024, inner, own)
 
 
-def python_as_installed(tree: Path) -> list[str]:
-    """The command that starts Python for puller from ``tree``, as a wheel install runs it: without this
+def python_as_installed(tree: Path, python: str = sys.executable) -> list[str]:
+    """The command that starts ``python`` for puller from ``tree``, as a wheel install runs it: without this
     machine's .pth files (-S). The development install's editable finder costs about 11 ms at every start, and
-    this sandbox's CA hook about 9; the image in deploy/ has neither. The interpreter's site-packages follow the
-    tree on the path, for the dependencies; -P keeps the working directory off it."""
+    this sandbox's CA hook about 9; the image in deploy/ has neither. This interpreter's site-packages follow the
+    tree on the path, for the dependencies (``python`` must be the same minor version); -P keeps the working
+    directory off it."""
     paths = sysconfig.get_paths()
     path = os.pathsep.join(dict.fromkeys([str(tree), paths["purelib"], paths["platlib"]]))
-    return ["env", f"PYTHONPATH={path}", sys.executable, "-S", "-P"]
+    return ["env", f"PYTHONPATH={path}", python, "-S", "-P"]
 
 
 REPO = Path(__file__).resolve().parent.parent
-PYTHON = python_as_installed(REPO)
+PYTHON = python_as_installed(REPO)  # set again by --python
 PULLER = [*PYTHON, "-m", "puller"]  # puller's command line, from this checkout
+
+
+def use_interpreter(python: str) -> str:
+    """Run puller's tools on ``python`` (see --python); returns its version. The dependencies come from this
+    interpreter's site-packages, so it must be the same minor version."""
+    global PYTHON, PULLER
+    out = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True)
+    version = out.stdout.strip()
+    minor = ".".join(map(str, sys.version_info[:2]))
+    if out.returncode != 0 or version.rsplit(".", 1)[0] != minor:
+        raise SystemExit(f"--python {python}: needs Python {minor}, got {version or out.stderr.strip()}")
+    PYTHON = python_as_installed(REPO, python)
+    PULLER = [*PYTHON, "-m", "puller"]
+    return version
 
 
 def use_bytecode(work: Path) -> None:
@@ -272,7 +287,7 @@ class Bench:
         if rev:  # puller as of git revision REV, side by side with the working tree's
             cmd, extra = self.commands(tool, ref, urls, out, ctrd)
             assert cmd[: len(PYTHON)] == PYTHON
-            return [*python_as_installed(self.checkout(rev)), *cmd[len(PYTHON) :]], extra
+            return [*python_as_installed(self.checkout(rev), self.args.python), *cmd[len(PYTHON) :]], extra
         if tool == "puller":
             return [*PULLER, "pull", ref, "--store", f"oci:{out}", "--json", "--plain-http"], None
         if tool == "skopeo":
@@ -563,21 +578,29 @@ def main() -> int:
         help="run puller's tools under this command; {run} names the run, e.g. "
         "'py-spy record --format raw -o /tmp/{run}.txt --'",
     )
+    ap.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter puller's tools run on (default: this one). The image in deploy/ runs CPython built "
+        "with PGO and LTO (python:3.11-slim); an unoptimised build (pyenv's default) starts puller about 15 ms slower",
+    )
     ap.add_argument("--rss", action="store_true", help="also measure puller's peak RSS from 256 MiB to 4 GiB")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--name", default="pullers", help="file name stem of the results")
     args = ap.parse_args()
+    python_version = use_interpreter(args.python)
     if os.geteuid() != 0 and args.link_mbit:
         print("warning: not root, no link limit", file=sys.stderr)
     with tempdir("puller-bench-") as work:
         work.chmod(0o755)
         use_bytecode(work)
         results, rig = Bench(args, work).run()
+    rig["python"] = f"{args.python} ({python_version})"
     machine = f"{os.cpu_count()} cores, {platform.machine()}, kernel {platform.release()}"
     stamp = time.strftime("%Y-%m-%d")
     title = (
         f"{stamp}, {machine}; CDN {args.rate_mbps:g} MB/s per connection, {rig['link']} link "
-        f"{rig['link_mbit'] or 'unlimited'} Mbit/s"
+        f"{rig['link_mbit'] or 'unlimited'} Mbit/s; puller on Python {python_version}"
     )
     text = f"# {title}\n{table(results, rig)}\n"
     print(text)
