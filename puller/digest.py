@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import InvalidDigest
 
@@ -13,8 +13,7 @@ SUPPORTED_ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[a-f0-9]+")
 
 
-@dataclass(frozen=True, slots=True)
-class Digest:
+class Digest(NamedTuple):
     """``algorithm:hex`` with a supported algorithm and lowercase hex of the right length."""
 
     algorithm: str

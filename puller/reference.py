@@ -8,7 +8,7 @@ distribution's ``reference`` package.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .digest import Digest
 from .errors import InvalidDigest, InvalidReference
@@ -28,8 +28,7 @@ _REMOTE_NAME = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # distribution's grammar: ASCII only
 
 
-@dataclass(frozen=True, slots=True)
-class Reference:
+class Reference(NamedTuple):
     """A normalised image reference. ``domain`` is the name users see (``docker.io``);
     :attr:`api_host` is where its API lives."""
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from ..errors import ConfigError, Unauthorized
 from ..reference import DEFAULT_DOMAIN, DOCKER_HUB_API_HOST
@@ -60,8 +61,7 @@ class Credentials:
         return hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True)
-class Challenge:
+class Challenge(NamedTuple):
     scheme: str  # "bearer" or "basic"
     params: dict[str, str]
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import RegistryError, TransportError
 
@@ -32,8 +31,7 @@ class SlowTransfer(TransportError):
     """A server sent less than the low-speed limit for a whole window."""
 
 
-@dataclass(frozen=True, slots=True)
-class SpeedLimit:
+class SpeedLimit(NamedTuple):
     bytes_per_s: int = DEFAULT_LOW_SPEED_LIMIT  # 0: no limit
     window_s: float = DEFAULT_LOW_SPEED_TIME
 

@@ -20,8 +20,7 @@ import contextlib
 import functools
 import ssl
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, overload
+from typing import Generic, NamedTuple, Protocol, TypeVar, overload
 from urllib.parse import urlsplit
 
 import h11
@@ -36,8 +35,7 @@ MAX_DISCARD = 64 * 1024  # a body read to its end only to keep its connection (a
 SSLFor = Callable[[str], ssl.SSLContext | bool]  # the TLS of a URL: a context, or verify (True) or not (False)
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
+class Timeouts(NamedTuple):
     connect_s: float
     headers_s: float  # from sending the request to the end of the answer's head
     read_s: float  # between two reads of the body

@@ -16,8 +16,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..errors import DiskFull, StoreError
 from ..ranges import RangeSet
@@ -39,8 +38,7 @@ class Handover(Protocol):
     def give_back(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class WriteStatus:
+class WriteStatus(NamedTuple):
     """What a writer already holds: ``done``, the byte ranges kept from an earlier run (fetch only the rest);
     ``present``, the blob is committed already (by another pull meanwhile): nothing to write."""
 
