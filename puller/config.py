@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .engine.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_HOST
 from .engine.fetcher import DEFAULT_CHUNK_SIZE, DEFAULT_MIN_SPLIT
@@ -220,8 +220,7 @@ def address(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-@dataclass(frozen=True, slots=True)
-class DaemonSettings:
+class DaemonSettings(NamedTuple):
     """What the daemon's reconcile loop and API read: built once from :class:`Settings` (:meth:`Settings.daemon`),
     never changed. The engine's parts have their own (ClientSettings, FetchSettings, the store's arguments)."""
 

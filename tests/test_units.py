@@ -375,9 +375,9 @@ def test_the_daemon_gets_its_own_frozen_settings():
     s = config.apply(config.Settings(), {"source_namespaces": ["a"], "pin": True, "watch_interval": 1})
     d = s.daemon("node-1")
     assert d.node_name == "node-1" and d.pin is True and d.watch_interval == 1.0 and d.source_namespaces == ("a",)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # frozen
         d.pin = False  # type: ignore[misc]
-    daemon_fields = {f.name for f in dataclasses.fields(config.DaemonSettings)} - {"node_name"}
+    daemon_fields = set(config.DaemonSettings._fields) - {"node_name"}
     assert daemon_fields <= {f.name for f in dataclasses.fields(config.Settings)}  # each from one setting
 
 
