@@ -38,7 +38,7 @@ from ..registry.lean import Cut, Lent, NotPartial
 from ..registry.manifest import Descriptor
 from ..stores import BlobWriter, Buffer, Store
 from .budget import BandwidthCap, Connection, ConnectionBudget
-from .plan import MIB, SPLIT_ALIGN, Chunk, plan_chunks, split_for_tail, streaming_chunks, take_stalled
+from .plan import MIB, Chunk, aligned_share, plan_chunks, split_for_tail, streaming_chunks, take_stalled
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ def chunk_size_for(missing: int, fetcher: BlobFetcher) -> int:
     Enough chunks that one blob can use the whole budget; small enough that the chunks in flight (connections x
     chunk size) are a fraction of the blob, so the contiguous prefix, and with it the hash, follows the download
     closely instead of completing only when the last chunk lands."""
-    per_chunk = -(-missing // (fetcher.budget.total * CHUNKS_PER_CONNECTION))
-    per_chunk += -per_chunk % SPLIT_ALIGN
+    per_chunk = aligned_share(missing, fetcher.budget.total * CHUNKS_PER_CONNECTION)
     return max(min(MIN_CHUNK, fetcher.settings.chunk_size), min(fetcher.settings.chunk_size, per_chunk))
 
 

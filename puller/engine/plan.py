@@ -56,6 +56,12 @@ class Chunk:
         return max(0, self.end - self.pos)
 
 
+def aligned_share(total: int, parts: int) -> int:
+    """``total / parts``, rounded up to a multiple of SPLIT_ALIGN."""
+    share = -(-total // parts)
+    return share + -share % SPLIT_ALIGN
+
+
 def plan_chunks(missing: Iterable[tuple[int, int]], chunk_size: int, spread: int = 0, least: int = 0) -> list[Chunk]:
     """Split the missing ranges into chunks of at most ``chunk_size`` bytes, in file order. With ``spread``, the
     chunks shrink toward the end, to no less than ``least``: each is at most 1/``spread`` of the bytes from its
@@ -69,8 +75,7 @@ def plan_chunks(missing: Iterable[tuple[int, int]], chunk_size: int, spread: int
         while s < end:
             size = chunk_size
             if spread:
-                tapered = -(-left // spread)
-                size = min(chunk_size, max(least, tapered + -tapered % SPLIT_ALIGN))
+                size = min(chunk_size, max(least, aligned_share(left, spread)))
             e = min(s + size, end)
             out.append(Chunk(s, e))
             left -= e - s
