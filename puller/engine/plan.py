@@ -2,9 +2,9 @@
 
 A blob is split into chunks of ``chunk_size`` bytes over the ranges not yet done, shrinking toward its end
 (:func:`plan_chunks`); when nothing is left to hand out, the largest range still streaming is split in two
-(:func:`split_for_tail`), so the last seconds of a blob do not wait on one slow connection. A stalled range is
-taken over whole (:func:`take_stalled`), the lowest first: the contiguous prefix, and with it the hash and a store
-that takes bytes in order, waits for it.
+(:func:`split_for_tail`), so the last seconds of a blob do not wait on one slow connection. The rest of a stalled
+range is taken over (:func:`take_stalled`), the lowest first: the contiguous prefix, and with it the hash and a
+store that takes bytes in order, waits for it.
 """
 
 from __future__ import annotations
