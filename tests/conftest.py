@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from .kube import KUBE_BINS, KUBE_RELEASES
 from .rig import (
     CONTAINERD_BINS,
     CRICTL,
+    TEST_BIN,
     Containerd,
     CRIConfig,
     Image,
@@ -34,7 +36,9 @@ BUSYBOX = (Path("/bin/busybox").read_bytes(), 0o755)  # busybox-static: runs in 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
-    missing += [str(p) for p in (CONTAINERD_BINS["2.2"] / "containerd", CRICTL) if not p.exists()]
+    missing += [str(b / "containerd") for b in CONTAINERD_BINS.values() if not (b / "containerd").exists()]
+    kube = [b / name for b in KUBE_RELEASES.values() for name in KUBE_BINS]
+    missing += [str(p) for p in (CRICTL, TEST_BIN / "etcd", *kube) if not p.exists()]
     if missing:
         # Real parts are the point of these tests: fail loudly rather than skip.
         raise pytest.UsageError(f"missing test tools {missing}: run bash .ci/install-test")

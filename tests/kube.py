@@ -1,7 +1,7 @@
-"""A Kubernetes control plane from real parts, started by the tests: etcd and kube-apiserver of one pinned release
-(built by .ci/build-components into /opt/puller-test/bin), on loopback, with certificates and the service-account
-key made here. ``kubectl`` talks to it as cluster admin, or as any ServiceAccount with a token from the
-TokenRequest API.
+"""A Kubernetes control plane from real parts, started by the tests: etcd and kube-apiserver of a pinned release
+(each built by .ci/build-components into /opt/puller-test/bin/kubernetes-<minor>), on loopback, with certificates
+and the service-account key made here. ``kubectl`` talks to it as cluster admin, or as any ServiceAccount with a
+token from the TokenRequest API.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .rig import TEST_BIN, TestCA, pem_private_key
 
-KUBE_BINS = ("etcd", "kube-apiserver", "kube-scheduler", "kubelet", "kubectl")
+# The oldest and the newest supported release: .ci/kube/<minor>/go.mod pins each
+KUBE_RELEASES = {minor: TEST_BIN / f"kubernetes-{minor}" for minor in ("1.35", "1.37")}
+KUBE_BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl")
 LOOPBACK_CNI = {"cniVersion": "1.0.0", "name": "puller-test", "plugins": [{"type": "loopback"}]}
 BRIDGE = "pullertest0"
 
@@ -63,18 +65,17 @@ class Certificates:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver under ``workdir``; use as a context manager."""
+    """etcd + kube-apiserver of ``release`` (a key of :data:`KUBE_RELEASES`) under ``workdir``; use as a context
+    manager."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, release: str):
         self.workdir = workdir
+        self.release = release
+        self.bin = KUBE_RELEASES[release]  # kube-apiserver, the other control-plane parts, kubelet and kubectl
         self.procs: list[subprocess.Popen] = []
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = workdir / "admin.kubeconfig"
-
-    @staticmethod
-    def available() -> bool:
-        return all((TEST_BIN / b).exists() for b in KUBE_BINS)
 
     def __enter__(self) -> ControlPlane:
         w = self.workdir
@@ -99,7 +100,7 @@ class ControlPlane:
             self._start(
                 "kube-apiserver",
                 [
-                    str(TEST_BIN / "kube-apiserver"),
+                    str(self.bin / "kube-apiserver"),
                     f"--etcd-servers={etcd}",
                     "--bind-address=127.0.0.1",
                     "--advertise-address=127.0.0.1",
@@ -113,6 +114,9 @@ class ControlPlane:
                     f"--service-account-signing-key-file={certs.sa_key}",
                     "--service-cluster-ip-range=10.96.0.0/16",
                     "--authorization-mode=Node,RBAC",
+                    # 1.37 refuses a loopback advertise address for the endpoints of the kubernetes Service, which
+                    # nothing here reaches (no kube-proxy): that Service gets no endpoints
+                    "--endpoint-reconciler-type=none",
                     "--v=1",
                 ],
             )
@@ -173,7 +177,7 @@ class ControlPlane:
     def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True, input: str | None = None):
         """kubectl as the admin (or ``kubeconfig``); with ``check``, a failure is an AssertionError with its stderr."""
         r = subprocess.run(
-            [str(TEST_BIN / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+            [str(self.bin / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
             capture_output=True,
             text=True,
             input=input,
@@ -210,7 +214,7 @@ class ControlPlane:
         self._start(
             name,
             [
-                str(TEST_BIN / name),
+                str(self.bin / name),
                 *(
                     f"--{k}={kubeconfig}"
                     for k in ("kubeconfig", "authentication-kubeconfig", "authorization-kubeconfig")
@@ -237,8 +241,8 @@ class ControlPlane:
 
 
 class Kubelet:
-    """kubelet of the pinned release for node ``name``, on containerd's CRI socket, registering with ``taints``;
-    use as a context manager inside a :class:`ControlPlane`. The tests' pods use the host's network: the CNI
+    """kubelet of the control plane's release for node ``name``, on containerd's CRI socket, registering with
+    ``taints``; use as a context manager inside a :class:`ControlPlane`. The tests' pods use the host's network: the CNI
     configuration containerd is given (:data:`LOOPBACK_CNI`) only makes its network "ready" for kubelet."""
 
     def __init__(self, workdir: Path, cp: ControlPlane, cri_socket: Path, name: str, taints: list[str]):
@@ -264,6 +268,7 @@ class Kubelet:
             },
             "authorization": {"mode": "AlwaysAllow"},
             "cgroupDriver": "cgroupfs",
+            "failCgroupV1": False,  # these machines boot with cgroup v1, refused by default since 1.35
             "cgroupsPerQOS": False,
             "enforceNodeAllocatable": [],
             "failSwapOn": False,
@@ -287,7 +292,7 @@ class Kubelet:
         w = self.workdir
         return subprocess.Popen(
             [
-                str(TEST_BIN / "kubelet"),
+                str(self.cp.bin / "kubelet"),
                 f"--config={w / 'config.json'}",
                 f"--kubeconfig={kubeconfig}",
                 f"--hostname-override={self.name}",

@@ -38,7 +38,8 @@ from cryptography.x509.oid import NameOID
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = OCI_LAYER + "+gzip"
 ACCEPT_ALL = ", ".join(
     [
         OCI_INDEX,
@@ -245,6 +246,12 @@ class Image:
     size: int = 0
 
 
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=3).compress(data)
+
+
 def _tar(files: dict[str, tuple[bytes, int] | None]) -> bytes:
     """A layer tar of ``files``, with their parent directories; None makes a whiteout of that path."""
     buf = io.BytesIO()
@@ -329,11 +336,19 @@ class LayoutWriter:
     ) -> Image:
         """An image of gzip layers, bottom first; in each, path -> (content, mode), or None for a whiteout
         (``.wh.<name>``: the file of a lower layer is deleted)."""
+        return self.add_tar_layers_image(tag, [(_tar(files), "gzip") for files in layers], cmd)
+
+    def add_tar_layers_image(
+        self, tag: str, layers: list[tuple[bytes, str]], cmd: tuple[str, ...] = ("/bin/busybox", "true")
+    ) -> Image:
+        """An image of the layer tars ``layers``, bottom first, each compressed as its second item says ("gzip",
+        "zstd" or "" for none); the config's diff IDs are the tars' digests."""
         descs, diff_ids, blobs = [], [], {}
-        for files in layers:
-            raw = _tar(files)
-            digest, size = self.put(gzip.compress(raw, mtime=0))
-            descs.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size})
+        for raw, compression in layers:
+            blob = {"gzip": lambda b: gzip.compress(b, mtime=0), "zstd": _zstd, "": bytes}[compression](raw)
+            digest, size = self.put(blob)
+            media_type = OCI_LAYER + (f"+{compression}" if compression else "")
+            descs.append({"mediaType": media_type, "digest": digest, "size": size})
             diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
             blobs[digest] = size
         config = {
@@ -402,9 +417,20 @@ class LayoutWriter:
 
 
 def skopeo_push(
-    layout: Path, tag: str, dest: str, *, all_images: bool = False, fmt: str | None = None, creds: str | None = None
+    layout: Path,
+    tag: str,
+    dest: str,
+    *,
+    all_images: bool = False,
+    fmt: str | None = None,
+    creds: str | None = None,
+    preserve_digests: bool = False,
 ) -> None:
+    """Push image ``tag`` of an OCI layout; ``preserve_digests``: layers as they are (skopeo otherwise compresses
+    an uncompressed one)."""
     cmd = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
+    if preserve_digests:
+        cmd.append("--preserve-digests")
     if all_images:
         cmd.append("--all")
     if fmt:
@@ -733,7 +759,8 @@ def tempdir(prefix: str = "puller-") -> Iterator[Path]:
 
 
 TEST_BIN = Path(os.environ.get("PULLER_TEST_BIN", "/opt/puller-test/bin"))  # built by .ci/build-components
-CONTAINERD_BINS = {"1.6": Path("/usr/bin"), "2.2": TEST_BIN}  # Debian's 1.6.20, and the 2.x build
+# Debian's 1.6.20, and the 2.x releases built by .ci/build-components (each with its own ctr and shim)
+CONTAINERD_BINS = {"1.6": Path("/usr/bin"), "2.3": TEST_BIN / "containerd-2.3", "2.4": TEST_BIN / "containerd-2.4"}
 CRICTL = TEST_BIN / "crictl"
 
 
@@ -747,7 +774,7 @@ class CRIConfig:
 
 
 class Containerd:
-    """containerd of ``version`` ("1.6": Debian's; "2.2": built into /opt/puller-test/bin) with its own root,
+    """containerd of ``version`` (a key of :data:`CONTAINERD_BINS`: "1.6" is Debian's) with its own root,
     state and sockets under ``workdir``. With ``cri`` the CRI plugin serves on the same socket (crictl talks to
     it, as kubelet does); without, it is disabled. These machines withhold CAP_SYS_RESOURCE, so a pod sandbox's
     oom_score_adj of -998 is refused; the CRI's own ``restrict_oom_score_adj`` (meant for such hosts) is set."""

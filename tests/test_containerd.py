@@ -601,7 +601,7 @@ async def test_a_prefix_write_that_waited_for_a_stream_goes_on_when_the_stream_e
 
 
 def test_unpacked_tree_holds_every_layer_and_whiteouts_hide_lower_files(containerd, tmp_path: Path):
-    """Layers applied in parallel (containerd 2.2: prepared without a parent, committed onto it) or one after
+    """Layers applied in parallel (containerd 2.x: prepared without a parent, committed onto it) or one after
     another (1.6) give the same tree: upper files win, whiteouts hide lower files."""
     lw = LayoutWriter(tmp_path / "layout")
     busybox = (Path("/bin/busybox").read_bytes(), 0o755)

@@ -1,4 +1,4 @@
-"""deploy/ against a real Kubernetes API server (tests/kube.py: etcd and kube-apiserver of the pinned release):
+"""deploy/ against a real Kubernetes API server (tests/kube.py: etcd and kube-apiserver of each tested release):
 every object accepted, and deploy/'s RBAC exactly enough: the daemon's ServiceAccount, with a token from the
 TokenRequest API, removes its node's start-up taint through puller's own code and can do nothing else it was not
 given; the warmup Job's account lists pods in its namespace and nothing more."""
@@ -20,7 +20,7 @@ from puller.errors import KubernetesError
 
 from .conftest import run_puller
 from .daemon_rig import Daemon
-from .kube import BRIDGE, LOOPBACK_CNI, ControlPlane, Kubelet, bridge_cni
+from .kube import BRIDGE, KUBE_RELEASES, LOOPBACK_CNI, ControlPlane, Kubelet, bridge_cni
 from .rig import Containerd, CRIConfig, Registry, skopeo_push
 
 pytestmark = pytest.mark.kube
@@ -28,11 +28,14 @@ pytestmark = pytest.mark.kube
 DEPLOY = Path(__file__).parent.parent / "deploy"
 TAINT = "puller.io/prefetch"
 CLUSTER_AUTOSCALER_TAINT = "startup-taint.cluster-autoscaler.kubernetes.io/puller"
+NODE_CONTAINERD = "2.4"  # the containerd release under the tests' kubelets
 
 
-@pytest.fixture(scope="module")
-def cluster(workdir: Path):
-    with ControlPlane(workdir / "kube") as cp:
+@pytest.fixture(scope="module", params=sorted(KUBE_RELEASES))
+def cluster(workdir: Path, request):
+    """A control plane of each tested Kubernetes release with deploy/ applied; kubelets in these tests run on
+    containerd 2.4."""
+    with ControlPlane(workdir / f"kube-{request.param}", request.param) as cp:
         r = cp.kubectl("apply", "-k", str(DEPLOY), "--validate=strict")
         assert r.returncode == 0, r.stderr
         yield cp
@@ -143,7 +146,7 @@ def test_a_new_node_is_held_back_until_its_list_is_present_then_runs_it_without_
     with Registry(w / "registry") as reg:
         cri = _node_images(reg, layout, w, LOOPBACK_CNI)
         image = f"{reg.host}/test/run:v1"
-        with Containerd(w / "ctrd", version="2.2", cri=cri) as ctrd, _pods_removed(ctrd):
+        with Containerd(w / "ctrd", version=NODE_CONTAINERD, cri=cri) as ctrd, _pods_removed(ctrd):
             subprocess.run(ctrd.crictl("pull", cri.sandbox_image), check=True, capture_output=True)  # the node's own
             with Kubelet(w / "kubelet", cluster, ctrd.socket, "node-gate", [f"{TAINT}=pending:NoSchedule"]) as node:
                 node.wait_ready()
@@ -502,7 +505,7 @@ def test_warmup_finds_the_daemon_pods_by_deploy_labels_and_waits_for_every_node(
     with contextlib.ExitStack() as stack:
         reg = stack.enter_context(Registry(w / "registry"))
         cri = _node_images(reg, layout, w, bridge_cni("10.244.77.0/24", w / "ipam"))
-        ctrd = stack.enter_context(Containerd(w / "ctrd", version="2.2", cri=cri))
+        ctrd = stack.enter_context(Containerd(w / "ctrd", version=NODE_CONTAINERD, cri=cri))
         stack.enter_context(_pods_removed(ctrd))
         stack.enter_context(_bridge_removed())
         stack.enter_context(Kubelet(w / "kubelet", cluster, ctrd.socket, "node-warm", [])).wait_ready()

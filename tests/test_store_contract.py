@@ -1,5 +1,5 @@
 """One conformance suite for every store, as containerd's content test suite runs against each of its stores: the
-OCI layout, the overlaybd cache, and containerd 1.6 and 2.2 (real daemons). Each test drives the store's
+OCI layout, the overlaybd cache, and containerd 1.6, 2.3 and 2.4 (real daemons). Each test drives the store's
 :class:`~puller.stores.BlobWriter` and image calls the way the engine does, and checks what is visible through
 the store's own files or containerd's API."""
 
