@@ -18,7 +18,8 @@
     │   └── PullTimeout            daemon: an image not present within pull_timeout
     ├── VerificationError          bytes did not match their descriptor
     │   ├── DigestMismatch
-    │   └── SizeMismatch
+    │   ├── SizeMismatch
+    │   └── InvalidLayer           a layer's bytes are not a tar puller's applier may apply (unpack/)
     ├── StoreError                 the store could not take the data
     │   ├── DiskFull
     │   └── UnsafeDirectory        a staging or store directory others could plant links in (stores/safedir.py)
@@ -108,6 +109,11 @@ class SizeMismatch(VerificationError):
         super().__init__(f"{what} size mismatch: expected {expected} bytes, got {actual}")
         self.expected = expected
         self.actual = actual
+
+
+class InvalidLayer(VerificationError):
+    """A layer cannot be applied: broken compression or tar, an entry type containerd refuses, or an unpack
+    limit exceeded."""
 
 
 class StoreError(PullerError):
