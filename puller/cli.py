@@ -193,6 +193,11 @@ def _pull_parser(p: argparse.ArgumentParser) -> None:
     c.add_argument("--namespace", help="containerd namespace (default k8s.io, where kubelet looks)")
     c.add_argument("--snapshotter", help="snapshotter to unpack into (default overlayfs)")
     c.add_argument("--no-unpack", dest="unpack", action="store_false", default=None, help="store content only")
+    c.add_argument(
+        "--unpack-path",
+        choices=("auto", "stream", "diff"),
+        help="apply layers while they download (stream: puller's applier) or after (diff: containerd's); default auto",
+    )
     o = p.add_argument_group("overlaybd store")
     o.add_argument(
         "--overlaybd-config", help="overlaybd.json that names the cache (default /etc/overlaybd/overlaybd.json)"
@@ -237,6 +242,7 @@ def _pull(args: argparse.Namespace) -> int:
         "namespace": args.namespace,
         "snapshotter": args.snapshotter,
         "unpack": args.unpack,
+        "unpack_path": args.unpack_path,
         "pin": args.pin,
         "staging_dir": args.staging_dir,
         "overlaybd_config": args.overlaybd_config,

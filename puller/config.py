@@ -78,6 +78,9 @@ class Settings:
     namespace: str = CONTAINERD_NAMESPACE
     snapshotter: str = CONTAINERD_SNAPSHOTTER
     unpack: bool = True
+    unpack_path: str = "auto"  # auto, stream (puller's applier, while downloading) or diff (containerd's, after)
+    unpack_max_entries: int = 1_000_000  # bounds on one layer, for puller's applier
+    unpack_max_size: int = 256 << 30  # decompressed bytes of one layer
     pin: bool = False
     staging_dir: str = CONTAINERD_STAGING
     lease_expiry: float = CONTAINERD_LEASE_EXPIRY
@@ -125,6 +128,10 @@ class Settings:
             raise ConfigError("start_jitter must be zero or a positive number of seconds")
         if self.max_blob_size < 1 or self.staging_max_bytes < 0:
             raise ConfigError("max_blob_size must be positive and staging_max_bytes zero or positive")
+        if self.unpack_path not in ("auto", "stream", "diff"):
+            raise ConfigError(f"unpack_path must be auto, stream or diff, not {self.unpack_path!r}")
+        if self.unpack_max_entries < 1 or self.unpack_max_size < 1:
+            raise ConfigError("unpack_max_entries and unpack_max_size must be positive")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.api_max_images < 1:
@@ -323,6 +330,7 @@ def apply(settings: Settings, values: dict[str, Any], where: str = "flags") -> S
             "low_speed_limit",
             "max_blob_size",
             "staging_max_bytes",
+            "unpack_max_size",
         ):
             try:
                 value = parse_size(value)

@@ -131,6 +131,8 @@ def summary_line(result: PullResult) -> str:
     )
     if len(result.by_host) > 1:
         line += " from " + ",".join(f"{host}={n}" for host, n in result.by_host.items())
+    if result.unpacked_by is not None:
+        line += f" unpack={result.unpacked_by['path']}"
     return line
 
 
@@ -145,4 +147,5 @@ def summary_json(result: PullResult) -> dict:
         "seconds": round(result.seconds, 3),
         "mb_per_s": round(result.mb_per_s, 1),
         "hosts": result.by_host,
+        **({"unpack": result.unpacked_by} if result.unpacked_by is not None else {}),
     }

@@ -383,6 +383,8 @@ class Daemon:
                     "seconds": round(result.seconds, 3),
                     "hosts": result.by_host,
                 }
+                if result.unpacked_by is not None:
+                    fields["unpack"] = result.unpacked_by
                 log.info(
                     "%s present%s: %s in %.1f s; %s",
                     *(ref, why, result.digest, result.seconds, hosts),

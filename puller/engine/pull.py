@@ -62,6 +62,7 @@ class PullResult:
     fetched_bytes: int  # bytes received over the network by this pull
     seconds: float
     by_host: dict[str, int] = field(default_factory=dict)  # of fetched_bytes, per host that served them
+    unpacked_by: dict[str, str] | None = None  # how the store applied the layers ({"path", "reason"}), if it did
 
     @property
     def mb_per_s(self) -> float:
@@ -147,4 +148,5 @@ async def pull_image(
         fetched_bytes=progress.fetched,
         seconds=progress.finished - started,
         by_host=progress.by_host,
+        unpacked_by=store.unpacked_by(),
     )

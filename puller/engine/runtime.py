@@ -31,6 +31,7 @@ def open_store(settings: config.Settings) -> Store:
     kind, sep, arg = spec.partition(":")
     if spec == "containerd":
         from ..stores.containerd import ContainerdStore  # grpc is loaded only for this store
+        from ..unpack import Limits
 
         return ContainerdStore(
             settings.containerd_address,
@@ -40,6 +41,8 @@ def open_store(settings: config.Settings) -> Store:
             settings.staging_dir,
             settings.lease_expiry,
             settings.containerd_root,
+            settings.unpack_path,
+            Limits(max_entries=settings.unpack_max_entries, max_unpacked=settings.unpack_max_size),
         )
     if spec == "overlaybd":
         from ..stores.overlaybd import OverlaybdStore

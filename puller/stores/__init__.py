@@ -115,6 +115,10 @@ class Store(Protocol):
     async def unpin_image(self, ref: Reference, digest: str | None) -> None:
         """``ref`` (resolved to ``digest`` when known) is no longer wanted pinned: take off a pin puller set."""
 
+    def unpacked_by(self) -> dict[str, str] | None:
+        """How the store applies layers (``{"path": ..., "reason": ...}``), or None for a store that keeps blobs
+        only."""
+
 
 class StoreBase:
     """Defaults for the optional parts of :class:`Store`."""
@@ -132,6 +136,9 @@ class StoreBase:
         return None
 
     async def abandon_image(self, manifest: Manifest) -> None:
+        return None
+
+    def unpacked_by(self) -> dict[str, str] | None:
         return None
 
 

@@ -9,7 +9,8 @@ snapshots) through the same ``containerd.io/gc.ref.*`` labels containerd's own p
   with the expected digest and the distribution source label.
 - Manifests and indexes: written the same way, labelled with gc references (index -> manifests, manifest ->
   config and layers) and ``containerd.io/distribution.source.<host>=<repo>``.
-- Unpack (default on, :mod:`.unpack`): each layer is applied into the snapshotter as soon as it is committed.
+- Unpack (default on, :mod:`.unpack`): each layer is applied into the snapshotter while it downloads (puller's
+  own applier, where containerd and its snapshotter allow it) or as soon as it is committed (the Diff service).
 - Image records as the CRI plugin expects them (:mod:`.images`), pinned on request.
 - :mod:`.api`: the gRPC channel and containerd's errors in the project's terms.
 """
@@ -25,6 +26,7 @@ from ...errors import DiskFull, StoreError
 from ...reference import Reference
 from ...registry import manifest as mf
 from ...registry.manifest import Descriptor
+from ...unpack import Limits
 from .. import StoreBase, free_bytes
 from ..defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 from ..defaults import CONTAINERD_LEASE_EXPIRY as DEFAULT_LEASE_EXPIRY
@@ -37,7 +39,7 @@ from .api import Api
 from .content import Content
 from .images import ImageRecords, gc_labels, image_names, source_label
 from .leases import ImageKey, Leases
-from .unpack import Unpacker
+from .unpack import FeedSlot, Unpacker
 from .writer import BlobState, ContainerdWriter, Shared
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class ContainerdStore(StoreBase):
         staging_dir: str | os.PathLike[str] = DEFAULT_STAGING,
         lease_expiry: float = DEFAULT_LEASE_EXPIRY,
         root: str | os.PathLike[str] = DEFAULT_ROOT,
+        unpack_path: str = "auto",
+        limits: Limits | None = None,
     ):
         self.api = Api(address, namespace)
         self.address = address
@@ -68,7 +72,7 @@ class ContainerdStore(StoreBase):
         self.content = Content(self.api, self.root)
         self.leases = Leases(self.api, lease_expiry)
         self.records = ImageRecords(self.api)
-        self.unpacker = Unpacker(self.api, self.content, snapshotter)
+        self.unpacker = Unpacker(self.api, self.content, snapshotter, unpack_path, limits)
         self._staging: SafeDir | None = None
         self._shared: Shared | None = None
         self._blobs: dict[str, BlobState] = {}  # blobs of the images being pulled
@@ -103,6 +107,7 @@ class ContainerdStore(StoreBase):
         for unpacking in self._unpacking.values():  # pulls that failed before their layers came
             unpacking.cancel()
         await asyncio.gather(*self._unpacking.values(), return_exceptions=True)
+        await self.unpacker.close()
         await self.leases.close()
         await self.api.__aexit__()
         self.staging.close()
@@ -159,8 +164,20 @@ class ContainerdStore(StoreBase):
             state.images += 1
         self._images[key] = self._images.get(key, 0) + 1
         if self.unpack and key not in self._unpacking:
-            unpacking = self.unpacker.unpack(manifest, lease.id, self._wait_present)
+            feeds = await self._claim_feeds(manifest) if (await self.unpacker.path()).name == "stream" else None
+            unpacking = self.unpacker.unpack(manifest, lease.id, self._wait_present, feeds)
             self._unpacking[key] = asyncio.ensure_future(unpacking)
+
+    async def _claim_feeds(self, manifest: mf.Manifest) -> FeedSlot:
+        """Feed slots for the image's layers that no other pull in progress applies while downloading: each
+        layer's writer waits for the unpacker to fill its slot (with a feed, or None) before it streams."""
+        loop = asyncio.get_running_loop()
+        mine: dict[str, asyncio.Future] = {}
+        for layer in manifest.layers:
+            state = self._blobs[str(layer.digest)]
+            if state.feed is None:
+                state.feed = mine[str(layer.digest)] = loop.create_future()
+        return lambda desc: mine.get(str(desc.digest))
 
     async def abandon_image(self, manifest: mf.Manifest) -> None:
         """The pull failed: stop waiting to unpack its layers."""
@@ -183,6 +200,8 @@ class ContainerdStore(StoreBase):
         for digest in dict.fromkeys(key):
             state = self._blobs.get(digest)
             if state is not None:
+                if state.feed is not None and state.feed.done():
+                    state.feed = None  # its unpack is over: a later pull of the blob claims it anew
                 state.images -= 1
                 if state.images <= 0:
                     del self._blobs[digest]
@@ -215,6 +234,10 @@ class ContainerdStore(StoreBase):
 
     async def unpin_image(self, ref: Reference, digest: str | None) -> None:
         await self.records.unpin(ref, digest)
+
+    def unpacked_by(self) -> dict[str, str] | None:
+        path = self.unpacker.chosen if self.unpack else None
+        return {"path": path.name, "reason": path.reason} if path is not None else None
 
 
 def _image_key(manifest: mf.Manifest) -> ImageKey:

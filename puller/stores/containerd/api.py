@@ -40,6 +40,7 @@ class Api:
     def __init__(self, address: str, namespace: str):
         self.address = address
         self.namespace = namespace
+        self.version = ""  # containerd's own, as its Version service says (e.g. "v2.4.2")
         self._channel: Channel | None = None
 
     async def __aenter__(self) -> Api:
@@ -56,7 +57,8 @@ class Api:
         self._socket = str(sock.absolute())
         self._channel = Channel(self._socket)
         try:
-            await self.call(VERSION + "Version", None, version_pb2.VersionResponse, timeout=CONNECT_TIMEOUT_S)
+            answer = await self.call(VERSION + "Version", None, version_pb2.VersionResponse, timeout=CONNECT_TIMEOUT_S)
+            self.version = answer.version
         except RpcError as e:
             await self.__aexit__()
             raise self.error(e, "connecting") from None

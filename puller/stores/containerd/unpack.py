@@ -1,9 +1,20 @@
-"""Unpacking layers into the snapshotter through the Snapshots and Diff services, as containerd's unpacker does.
+"""Unpacking layers into the snapshotter, as containerd's unpacker does.
 
 Each layer is applied into an active snapshot (key ``extract-<unique> <chainID>``) and committed as its chain ID;
 the config gets ``containerd.io/gc.ref.snapshot.<snapshotter>`` and each layer ``containerd.io/uncompressed``.
-Each layer is unpacked as soon as its blob is committed, while later layers download; where the snapshotter can
-rebase (overlayfs in containerd 2.2+), several at once.
+Where the snapshotter can rebase (overlayfs in containerd 2.2+), every layer is prepared without a parent and
+committed onto its parent in layer order (containerd's parallel unpack); elsewhere one after another.
+
+Two ways to apply a layer (:class:`ApplyPath`):
+
+- ``stream``: puller's own applier (:mod:`puller.unpack`) writes the layer into its snapshot's directory while
+  the blob downloads, from the bytes streamed into containerd (the writer hands them to a
+  :class:`~puller.unpack.feed.LayerFeed`); the snapshot is committed once containerd has committed the blob (its
+  digest checked) and the applier found the diff ID of the config. Chosen by ``auto`` where containerd is 2.2.3
+  or later, the snapshotter is overlayfs and can rebase, and puller can open the snapshot's directory (it runs as
+  root beside containerd). A layer whose bytes did not all pass through its feed (a pull that resumes a blob
+  containerd holds part of) is applied by the Diff service instead.
+- ``diff``: containerd's Diff service applies each layer once its blob is committed.
 """
 
 from __future__ import annotations
@@ -13,16 +24,21 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from google.protobuf import empty_pb2
 
-from ...errors import StoreError
+from ...errors import ConfigError, StoreError
 from ...registry import manifest as mf
 from ...registry.manifest import Descriptor
+from ...unpack import LayerStream, Limits
+from ...unpack.feed import LayerFeed
 from ..containerd_api import diff_pb2, introspection_pb2, snapshots_pb2, types_pb2
+from ..safedir import SafeDir
 from .api import DIFF, INTROSPECTION, SNAPSHOTS, Api
 from .content import Content
 from .stream import RpcError, StatusCode
@@ -38,20 +54,87 @@ SNAPSHOT_REF = "containerd.io/snapshot.ref"
 SNAPSHOT_DIFF_ID = "containerd.io/snapshot/diff-id"
 SNAPSHOT_PARENT = "containerd.io/snapshot/parent-chain-id"
 
+APPLY_PATHS = ("auto", "stream", "diff")
+STREAM_SINCE = (2, 2, 3)  # parallel unpack keeps whiteouts since 2.2.3
+APPLIER_THREADS = 4  # layers puller's applier works on at once (most wait for bytes)
+
 WaitPresent = Callable[[Descriptor], Awaitable[None]]  # returns once the blob is committed
+FeedSlot = Callable[[Descriptor], "asyncio.Future[LayerFeed | None] | None"]  # where a layer's writer finds its feed
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyPath:
+    """How this store applies layers: ``stream`` (puller's applier, while downloading) or ``diff`` (containerd's
+    Diff service, after), and why."""
+
+    name: str
+    reason: str
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """containerd's version string ("v2.4.2", "1.6.20~ds1") as numbers, () when it has none."""
+    found = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version)
+    return tuple(int(n) for n in found.groups()) if found else ()
+
+
+class _CannotStream(Exception):
+    """puller's applier cannot write into this snapshot (its mount is not a directory puller can open)."""
 
 
 class Unpacker:
-    def __init__(self, api: Api, content: Content, snapshotter: str):
+    def __init__(self, api: Api, content: Content, snapshotter: str, apply: str = "auto", limits: Limits | None = None):
+        if apply not in APPLY_PATHS:
+            raise ConfigError(f"unpack_path must be one of {', '.join(APPLY_PATHS)}, not {apply!r}")
         self.api = api
         self.content = content
         self.snapshotter = snapshotter
+        self.apply = apply
+        self.limits = limits or Limits()
         self._rebase: bool | None = None  # the snapshotter can rebase (parallel unpack); asked once
+        self._path: ApplyPath | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
-    async def unpack(self, manifest: mf.Manifest, lease: str | None, wait_present: WaitPresent) -> None:
-        """Apply every layer whose snapshot is missing, each as soon as its blob is committed: one after another
-        on its parent, or, where the snapshotter can rebase (overlayfs in containerd 2.2+), several at once,
-        each prepared without a parent and committed onto it in layer order (containerd's parallel unpack)."""
+    @property
+    def chosen(self) -> ApplyPath | None:
+        """The way layers are applied, once :meth:`path` decided it."""
+        return self._path
+
+    async def path(self) -> ApplyPath:
+        """The way layers are applied (see the module docstring), decided once."""
+        if self._path is None:
+            self._path = await self._choose_path()
+            log.info("layers applied by %s: %s", self._path.name, self._path.reason)
+        return self._path
+
+    async def _choose_path(self) -> ApplyPath:
+        if self.apply == "diff":
+            return ApplyPath("diff", "unpack_path is diff")
+        version = version_tuple(self.api.version)
+        why_not = ""
+        if self.snapshotter != "overlayfs":
+            why_not = f"the snapshotter is {self.snapshotter}, not overlayfs"
+        elif not version or version < STREAM_SINCE:
+            why_not = f"containerd {self.api.version or '(unknown version)'} is older than 2.2.3"
+        elif not await self._can_rebase():
+            why_not = "the snapshotter cannot rebase (containerd in a user namespace?)"
+        if why_not:
+            if self.apply == "stream":
+                raise ConfigError(f"unpack_path is stream, but {why_not}")
+            return ApplyPath("diff", why_not)
+        return ApplyPath("stream", f"containerd {self.api.version} with overlayfs snapshots that rebase")
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown)
+            self._executor = None
+
+    async def unpack(
+        self, manifest: mf.Manifest, lease: str | None, wait_present: WaitPresent, feeds: FeedSlot | None = None
+    ) -> None:
+        """Apply every layer whose snapshot is missing: one after another on its parent, or, where the snapshotter
+        can rebase (overlayfs in containerd 2.2+), several at once, each prepared without a parent and committed
+        onto it in layer order (containerd's parallel unpack). A layer with a feed slot (``feeds``, on the stream
+        path) is applied while it downloads; the others as soon as their blob is committed."""
         await wait_present(manifest.config)
         config = json.loads(await self.content.read_all(str(manifest.config.digest)))
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
@@ -74,7 +157,7 @@ class Unpacker:
             if parallel:
                 slots = asyncio.Semaphore(PARALLEL_UNPACKS)
                 applying = [
-                    asyncio.ensure_future(self._prepare_apply(x, lease, slots, True, wait_present)) for x in layers
+                    asyncio.ensure_future(self._apply_one(x, lease, slots, wait_present, feeds)) for x in layers
                 ]
             for i, x in enumerate(layers):
                 key = await (applying[i] if parallel else self._prepare_apply(x, lease, None, False, wait_present))
@@ -121,12 +204,84 @@ class Unpacker:
             return StoreError(f"containerd has no snapshotter {self.snapshotter!r} (set it with --snapshotter)")
         return self.api.error(e, what)
 
-    async def _prepare_apply(
-        self, x: Layer, lease: str | None, slots: asyncio.Semaphore | None, rebase: bool, wait_present: WaitPresent
+    async def _apply_one(
+        self,
+        x: Layer,
+        lease: str | None,
+        slots: asyncio.Semaphore,
+        wait_present: WaitPresent,
+        feeds: FeedSlot | None,
     ) -> str:
-        """Prepare an active snapshot for layer ``x`` (without a parent when ``rebase``) and apply the layer into
-        it once its blob is committed; returns the snapshot key (removed again on failure)."""
-        await wait_present(x.desc)
+        """One layer of a parallel unpack, by the stream path where it has a feed slot, else by the Diff service."""
+        slot = feeds(x.desc) if feeds is not None else None
+        if slot is None:
+            return await self._prepare_apply(x, lease, slots, True, wait_present)
+        try:
+            return await self._stream_apply(x, lease, slots, wait_present, slot)
+        finally:
+            if not slot.done():
+                slot.set_result(None)  # the blob's writer goes on without a feed
+
+    async def _stream_apply(
+        self,
+        x: Layer,
+        lease: str | None,
+        slots: asyncio.Semaphore,
+        wait_present: WaitPresent,
+        slot: asyncio.Future[LayerFeed | None],
+    ) -> str:
+        """Prepare the layer's snapshot, open its directory and hand the blob's writer a feed into puller's
+        applier; once containerd has committed the blob, verify and return the snapshot key. A layer that is
+        present already, or whose bytes did not all pass through the feed, goes to the Diff service."""
+        if await self.content.has(x.desc):
+            slot.set_result(None)
+            return await self._prepare_apply(x, lease, slots, True, wait_present)
+        key, mounts = await self._prepare(x, lease, rebase=True)
+        feed: LayerFeed | None = None
+        try:
+            try:
+                root = self._open_snapshot(mounts)
+            except _CannotStream as e:
+                log.warning("layer %s: %s; applied by containerd's Diff service", x.desc.digest, e)
+                slot.set_result(None)
+                await self._apply_diff(x, key, mounts, lease, slots, wait_present)
+                return key
+            with root:
+                stream = LayerStream(x.desc, x.diff_id, root.fd, bool(x.parent), self.limits, check_digest=False)
+            feed = LayerFeed(stream, self._applier_threads())
+            slot.set_result(feed)
+            await wait_present(x.desc)
+            if feed.offset != x.desc.size:  # containerd had part of the blob already (a resumed pull)
+                log.info("layer %s resumed: applied by containerd's Diff service", x.desc.digest)
+                await self._remove_snapshot(key)
+                return await self._prepare_apply(x, lease, slots, True, wait_present)
+            async with asyncio.timeout(APPLY_TIMEOUT_S):
+                await feed.finish()
+        except BaseException:
+            await self._remove_snapshot(key)
+            raise
+        finally:
+            if feed is not None:
+                await feed.abort()
+                feed.close()
+        return key
+
+    def _open_snapshot(self, mounts: list[types_pb2.Mount]) -> SafeDir:
+        """The directory of a snapshot prepared without a parent (a bind mount of it), checked and open."""
+        if len(mounts) != 1 or mounts[0].type != "bind":
+            raise _CannotStream(f"its snapshot is mounted as {[m.type for m in mounts]}, not one bind mount")
+        try:
+            return SafeDir.open(mounts[0].source, create=False)
+        except (OSError, StoreError) as e:
+            raise _CannotStream(f"cannot open its snapshot directory {mounts[0].source}: {e}") from None
+
+    def _applier_threads(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(APPLIER_THREADS, thread_name_prefix="puller-apply")
+        return self._executor
+
+    async def _prepare(self, x: Layer, lease: str | None, rebase: bool) -> tuple[str, list[types_pb2.Mount]]:
+        """An active snapshot for layer ``x`` (without a parent when ``rebase``): its key and mounts."""
         key = f"extract-{secrets.token_hex(6)} {x.chain_id}"
         parent = "" if rebase else x.parent
         try:
@@ -140,10 +295,34 @@ class Unpacker:
             )
         except RpcError as e:
             raise self._snapshot_error(e, f"preparing a snapshot for {x.desc.digest}") from None
-        mounts = list(prepared.mounts)
-        if rebase and x.parent:
-            mounts = [bind_to_overlay(m) for m in mounts]  # so that the differ writes whiteouts as overlayfs does
+        return key, list(prepared.mounts)
+
+    async def _prepare_apply(
+        self, x: Layer, lease: str | None, slots: asyncio.Semaphore | None, rebase: bool, wait_present: WaitPresent
+    ) -> str:
+        """Prepare an active snapshot for layer ``x`` (without a parent when ``rebase``) and apply the layer into
+        it with the Diff service once its blob is committed; returns the snapshot key (removed again on
+        failure)."""
+        await wait_present(x.desc)
+        key, mounts = await self._prepare(x, lease, rebase)
+        await self._apply_diff(x, key, mounts, lease, slots, wait_present)
+        return key
+
+    async def _apply_diff(
+        self,
+        x: Layer,
+        key: str,
+        mounts: list[types_pb2.Mount],
+        lease: str | None,
+        slots: asyncio.Semaphore | None,
+        wait_present: WaitPresent,
+    ) -> None:
+        """containerd's Diff service applies the layer into snapshot ``key`` once its blob is committed (the
+        snapshot is removed on failure)."""
+        if x.parent:  # prepared without its parent: the differ must write whiteouts as overlayfs does
+            mounts = [bind_to_overlay(m) for m in mounts]
         try:
+            await wait_present(x.desc)
             async with slots or contextlib.nullcontext():
                 applied = await self.api.call(
                     DIFF + "Apply",
@@ -167,7 +346,6 @@ class Unpacker:
         except BaseException:
             await self._remove_snapshot(key)
             raise
-        return key
 
     async def _commit_layer(self, x: Layer, key: str, lease: str | None, onto_parent: bool) -> None:
         """Commit the applied snapshot ``key`` as the layer's chain ID (onto its parent, for a rebased one)."""

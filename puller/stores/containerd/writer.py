@@ -21,6 +21,11 @@ change; after it the bytes are kept or staged as any others.
 
 At most MAX_WRITE_STREAMS blobs are streamed at once, lowest layers first: the layer unpacked next must not share
 containerd's ingest with the layers after it, nor wait for a layer whose bytes are still on their way.
+
+Where layers are applied while they download (the unpacker's stream path), a layer's stream first waits (up to
+FEED_WAIT_S) for the unpacker to hand it the layer's :class:`~puller.unpack.feed.LayerFeed`, then gives the feed
+every piece it sends, in order from byte 0 (a stream that resumes containerd's ingest past byte 0 gives it
+nothing: the unpacker then has the Diff service apply that layer). A feed with no room makes the stream wait.
 """
 
 from __future__ import annotations
@@ -56,9 +61,11 @@ from .leases import Lease, Leases
 from .stream import Framed, Gathered
 
 if TYPE_CHECKING:
+    from ...unpack.feed import LayerFeed
     from ..safedir import SafeDir
 
 MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
+FEED_WAIT_S = 60.0  # longest wait of a layer's stream for its feed (the unpacker needs the image config first)
 MAX_AHEAD = 64 << 20  # how far a blob's writes may run ahead of what containerd has taken before they wait
 MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the module docstring)
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
@@ -78,6 +85,7 @@ class BlobState:
     labelled: dict[str, str] | None = None  # the labels it was committed with
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is committed
     images: int = 0  # images being pulled that have it
+    feed: asyncio.Future[LayerFeed | None] | None = None  # a layer applied while it downloads: its feed, once known
 
 
 class Shared:
@@ -148,6 +156,7 @@ class ContainerdWriter:
         self._lease: Lease | None = None
         self._present = False
         self._promised = 0  # this writer's part of Shared.promised
+        self._feed: LayerFeed | None = None  # the layer's applier, given every byte sent (the stream path)
 
     async def __aenter__(self) -> ContainerdWriter:
         await self._staged.__aenter__()
@@ -326,6 +335,9 @@ class ContainerdWriter:
             while self.done.prefix_end() == self.sent < self.desc.size:
                 self._wake.clear()
                 await self._wake.wait()
+            if self._state.feed is not None:  # before a slot: the config, which the unpacker waits for, needs one
+                with contextlib.suppress(TimeoutError):
+                    self._feed = await asyncio.wait_for(asyncio.shield(self._state.feed), FEED_WAIT_S)
             await self._take_slot()
             self._streaming = True
             self._shared.streaming.add(self)
@@ -388,6 +400,8 @@ class ContainerdWriter:
         return [message.data()[offset - message.offset :]]  # containerd's ingest ended inside them (a resume)
 
     async def _chunks(self, offset: int) -> AsyncIterator[Piece]:
+        if self._feed is not None and self._feed.offset != offset:
+            self._feed = None  # containerd holds bytes the feed never saw: the unpacker sees it short
         while True:
             self._took(offset)
             if offset >= self.desc.size:
@@ -408,5 +422,8 @@ class ContainerdWriter:
                 framed, slots = staged_message(self._ref, offset, n)
                 await self._staged.run(self._staged.read_into, offset, slots)  # straight into the message's frames
                 data = Message(offset, n, framed, n)
+            if self._feed is not None:
+                for view in (data.data(),) if isinstance(data, Message) else data:
+                    await self._feed.put(memoryview(view))
             yield data
             offset += piece_length(data)
