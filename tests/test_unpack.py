@@ -354,3 +354,14 @@ def test_broken_compression_is_one_clear_error(tmp_path: Path):
         stream.finish()
     stream.close()
     os.close(fd)
+
+
+def test_the_stream_path_needs_containerd_2_2_3_and_a_valid_setting():
+    from puller.config import Settings
+    from puller.errors import ConfigError
+    from puller.stores.containerd.unpack import STREAM_SINCE, version_tuple
+
+    assert version_tuple("v2.4.2") == (2, 4, 2) > STREAM_SINCE > version_tuple("v2.2.2")
+    assert version_tuple("1.6.20~ds1") == (1, 6, 20) and version_tuple("") == ()
+    with pytest.raises(ConfigError, match="unpack_path"):
+        Settings(unpack_path="fast").validate()

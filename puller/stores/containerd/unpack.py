@@ -135,6 +135,17 @@ class Unpacker:
         can rebase (overlayfs in containerd 2.2+), several at once, each prepared without a parent and committed
         onto it in layer order (containerd's parallel unpack). A layer with a feed slot (``feeds``, on the stream
         path) is applied while it downloads; the others as soon as their blob is committed."""
+        try:
+            await self._unpack(manifest, lease, wait_present, feeds)
+        finally:  # a layer it did not get to (present, failed before): its writer goes on without a feed
+            for layer in manifest.layers:
+                slot = feeds(layer) if feeds is not None else None
+                if slot is not None and not slot.done():
+                    slot.set_result(None)
+
+    async def _unpack(
+        self, manifest: mf.Manifest, lease: str | None, wait_present: WaitPresent, feeds: FeedSlot | None
+    ) -> None:
         await wait_present(manifest.config)
         config = json.loads(await self.content.read_all(str(manifest.config.digest)))
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
@@ -147,8 +158,9 @@ class Unpacker:
         layers = [
             Layer(layer, diff_ids[i], chains[i], chains[i - 1] if i else "") for i, layer in enumerate(manifest.layers)
         ][first:]
-        parallel = len(layers) > 1 and await self._can_rebase()
-        if parallel:
+        # on the stream path even one layer is prepared without a parent (its applier cannot write on a parent)
+        parallel = (len(layers) > 1 or feeds is not None) and await self._can_rebase()
+        if parallel and len(layers) > 1:
             log.info("unpacking %d layers in parallel (%s can rebase)", len(layers), self.snapshotter)
         applying: list[asyncio.Future] = []
         labelling: list[asyncio.Future] = []  # label updates go on while the next layers are applied
