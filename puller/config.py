@@ -96,6 +96,7 @@ class Settings:
     node_name: str | None = None
     watch_interval: float = 2.0
     resolve_interval: float = 300.0
+    always_resolve_interval: float = 30.0  # images a workload pulls with pullPolicy Always
     parallel_pulls: int = 4
     retry_backoff_max: float = 300.0
     start_jitter: float = 0.0
@@ -143,6 +144,7 @@ class Settings:
         for name in (
             "watch_interval",
             "resolve_interval",
+            "always_resolve_interval",
             "retry_backoff_max",
             "startup_deadline",
             "pull_timeout",
@@ -196,6 +198,7 @@ class Settings:
             node_name=node_name,
             watch_interval=self.watch_interval,
             resolve_interval=self.resolve_interval,
+            always_resolve_interval=self.always_resolve_interval,
             parallel_pulls=self.parallel_pulls,
             retry_backoff_max=self.retry_backoff_max,
             start_jitter=self.start_jitter,
@@ -235,6 +238,7 @@ class DaemonSettings(NamedTuple):
     node_name: str | None
     watch_interval: float
     resolve_interval: float
+    always_resolve_interval: float
     parallel_pulls: int
     retry_backoff_max: float
     start_jitter: float

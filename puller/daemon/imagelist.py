@@ -51,6 +51,7 @@ class ImageSpec:
     pin: bool | None = None
     node_selector: tuple[tuple[str, str], ...] = ()  # node labels that must all match; () = every node
     pull_secrets: tuple[KubeRef, ...] = ()
+    always: bool = False  # pullPolicy Always in the cluster: the tag is resolved again every always_resolve_interval
 
     @property
     def key(self) -> str:
@@ -64,7 +65,7 @@ class ImageSpec:
 
 def merge(specs: list[ImageSpec]) -> list[ImageSpec]:
     """One spec per key, for an image named by several entries or sources: the first entry's pin and selector,
-    and every entry's pull secrets (tried in order)."""
+    every entry's pull secrets (tried in order), and Always if any entry says it."""
     merged: dict[str, ImageSpec] = {}
     for spec in specs:
         first = merged.get(spec.key)
@@ -73,7 +74,8 @@ def merge(specs: list[ImageSpec]) -> list[ImageSpec]:
             continue
         secrets = first.pull_secrets + tuple(s for s in spec.pull_secrets if s not in first.pull_secrets)
         pin = first.pin if first.pin is not None else spec.pin
-        merged[spec.key] = replace(first, pin=pin, pull_secrets=secrets[:MAX_PULL_SECRETS])
+        always = first.always or spec.always
+        merged[spec.key] = replace(first, pin=pin, pull_secrets=secrets[:MAX_PULL_SECRETS], always=always)
     return list(merged.values())
 
 

@@ -333,8 +333,10 @@ class Daemon:
         if st.state != PRESENT or st.checked is None:
             return True
         # Present images are checked again: a tag may have moved, and kubelet's image GC or an operator may
-        # have removed content from the store.
-        return now - st.checked >= self.settings.resolve_interval
+        # have removed content from the store. Images a workload pulls with pullPolicy Always, more often: kubelet
+        # resolves their tag at every pod start, and the new digest should be here by then.
+        interval = self.settings.always_resolve_interval if st.spec.always else self.settings.resolve_interval
+        return now - st.checked >= interval
 
     def _start(self, st: ImageState) -> None:
         st.settled.clear()

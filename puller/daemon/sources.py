@@ -1,6 +1,10 @@
 """Sources of the image list in the cluster, watched through the Kubernetes API: Knative's caching ``Image``
-resources, and the images of pods and Deployments that match a label selector (what a Deployment will need on a
-node before it scales out onto it).
+resources, and the images of the workloads that match a label selector (what they will need on a node before they
+scale out onto it): Pods, Deployments, StatefulSets, DaemonSets, Jobs and CronJobs, from their pod templates. In
+each pod spec: containers, init containers and image volumes (``volumes[].image.reference``). An image pulled
+with ``Always`` (``imagePullPolicy`` of a container, ``pullPolicy`` of an image volume; a ``:latest`` or untagged
+reference without one, as Kubernetes defaults it) is resolved again every ``always_resolve_interval``: kubelet
+resolves its tag at every pod start.
 
 Each source lists its objects (in pages), then watches from the list's resourceVersion; a watch that ends is
 resumed from the last version seen, and an error (410 Gone included) means listing again after a backoff. The
@@ -53,17 +57,37 @@ def _knative_specs(obj: dict) -> list[ImageSpec]:
     if isinstance(spec.get("serviceAccountName"), str) and spec["serviceAccountName"]:
         refs += (KubeRef("ServiceAccount", namespace, spec["serviceAccountName"]),)
     selector = _annotation_selector((meta.get("annotations") or {}).get(NODE_SELECTOR_ANNOTATION))
-    return _specs(obj, [spec.get("image")], selector, refs)
+    return _specs(obj, [(spec.get("image"), None)], selector, refs)
 
 
-def _pod_spec_specs(obj: dict, pod: dict, account: bool) -> list[ImageSpec]:
+def _pod_spec_specs(obj: dict, pod: Any, account: bool) -> list[ImageSpec]:
+    if not isinstance(pod, dict):
+        return []
     namespace = (obj.get("metadata") or {}).get("namespace", "")
-    containers = [c for key in ("initContainers", "containers") for c in pod.get(key) or [] if isinstance(c, dict)]
+    containers = [c for key in ("initContainers", "containers") for c in _dicts(pod.get(key))]
+    images = [(c.get("image"), c.get("imagePullPolicy")) for c in containers]
+    for volume in _dicts(pod.get("volumes")):
+        image = volume.get("image")
+        if isinstance(image, dict):
+            images.append((image.get("reference"), image.get("pullPolicy")))
     refs = _secret_refs(namespace, pod.get("imagePullSecrets"))
     if account:  # a template's account: its imagePullSecrets join the pods' when they are created
         refs += (KubeRef("ServiceAccount", namespace, str(pod.get("serviceAccountName") or "default")),)
     selector = pod.get("nodeSelector") or {}
-    return _specs(obj, [c.get("image") for c in containers], selector, refs)
+    return _specs(obj, images, selector, refs)
+
+
+def _dicts(value: Any) -> list[dict]:
+    """The mappings of a list field (anything else in it, or a field that is not a list, is left out)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _template(obj: dict, *path: str) -> Any:
+    """The value at ``path`` under ``obj``, or None where any step is missing or not a mapping."""
+    value: Any = obj
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _pod_specs(obj: dict) -> list[ImageSpec]:
@@ -71,9 +95,13 @@ def _pod_specs(obj: dict) -> list[ImageSpec]:
     return _pod_spec_specs(obj, obj.get("spec") or {}, account=False)
 
 
-def _deployment_specs(obj: dict) -> list[ImageSpec]:
-    template = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
-    return _pod_spec_specs(obj, template, account=True)
+def _workload_specs(obj: dict) -> list[ImageSpec]:
+    """Deployments, StatefulSets, DaemonSets and Jobs: ``spec.template.spec``."""
+    return _pod_spec_specs(obj, _template(obj, "spec", "template", "spec"), account=True)
+
+
+def _cronjob_specs(obj: dict) -> list[ImageSpec]:
+    return _pod_spec_specs(obj, _template(obj, "spec", "jobTemplate", "spec", "template", "spec"), account=True)
 
 
 def _secret_refs(namespace: str, value: Any) -> tuple[KubeRef, ...]:
@@ -88,8 +116,19 @@ def _annotation_selector(value: Any) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in pairs}
 
 
-def _specs(obj: dict, images: list[Any], selector: Any, refs: tuple[KubeRef, ...]) -> list[ImageSpec]:
-    """ImageSpecs of one object; what is malformed is logged and left out, never fails the others."""
+def _always(reference: Reference, policy: Any) -> bool:
+    """Whether kubelet resolves the image at every pod start: pullPolicy Always, or none given and the tag
+    ``latest`` or no tag (Kubernetes' default; the API server fills it in for containers)."""
+    if policy is None:
+        return reference.digest is None and reference.tag in (None, "latest")
+    return policy == "Always"
+
+
+def _specs(
+    obj: dict, images: list[tuple[Any, Any]], selector: Any, refs: tuple[KubeRef, ...]
+) -> list[ImageSpec]:
+    """ImageSpecs of one object from its (image, pull policy) pairs; what is malformed is logged and left out,
+    never fails the others."""
     meta = obj.get("metadata") or {}
     where = f"{obj.get('kind', 'object')} {meta.get('namespace')}/{meta.get('name')}"
     try:
@@ -98,14 +137,15 @@ def _specs(obj: dict, images: list[Any], selector: Any, refs: tuple[KubeRef, ...
         log.warning("%s; ignored", e)
         return []
     specs = []
-    for image in images:
+    for image, policy in images:
         try:
             reference = Reference.parse(image) if isinstance(image, str) else None
         except InvalidReference as e:
             log.warning("%s: %s; ignored", where, e)
             continue
         if reference is not None:
-            specs.append(ImageSpec(reference, node_selector=node_selector, pull_secrets=refs))
+            always = _always(reference, policy)
+            specs.append(ImageSpec(reference, node_selector=node_selector, pull_secrets=refs, always=always))
     return specs
 
 
@@ -125,18 +165,28 @@ def _pod_list(api: Any, namespace: str | None) -> tuple[Callable, tuple]:
     return (core.list_namespaced_pod, (namespace,)) if namespace else (core.list_pod_for_all_namespaces, ())
 
 
-def _deployment_list(api: Any, namespace: str | None) -> tuple[Callable, tuple]:
-    from kubernetes_asyncio import client
+def _api_list(group: str, plural: str) -> Callable[[Any, str | None], tuple[Callable, tuple]]:
+    """The list call of kind ``plural`` of an API group's client (AppsV1Api, BatchV1Api)."""
 
-    apps = client.AppsV1Api(api)
-    if namespace:
-        return apps.list_namespaced_deployment, (namespace,)
-    return apps.list_deployment_for_all_namespaces, ()
+    def list_call(api: Any, namespace: str | None) -> tuple[Callable, tuple]:
+        from kubernetes_asyncio import client
+
+        group_api = getattr(client, group)(api)
+        if namespace:
+            return getattr(group_api, f"list_namespaced_{plural}"), (namespace,)
+        return getattr(group_api, f"list_{plural}_for_all_namespaces"), ()
+
+    return list_call
 
 
 KNATIVE_IMAGES = Kind("knative images", _knative_specs, _knative_list)
 PODS = Kind("pods", _pod_specs, _pod_list)
-DEPLOYMENTS = Kind("deployments", _deployment_specs, _deployment_list)
+DEPLOYMENTS = Kind("deployments", _workload_specs, _api_list("AppsV1Api", "deployment"))
+STATEFULSETS = Kind("statefulsets", _workload_specs, _api_list("AppsV1Api", "stateful_set"))
+DAEMONSETS = Kind("daemonsets", _workload_specs, _api_list("AppsV1Api", "daemon_set"))
+JOBS = Kind("jobs", _workload_specs, _api_list("BatchV1Api", "job"))
+CRONJOBS = Kind("cronjobs", _cronjob_specs, _api_list("BatchV1Api", "cron_job"))
+WORKLOADS = (PODS, DEPLOYMENTS, STATEFULSETS, DAEMONSETS, JOBS, CRONJOBS)
 
 
 class Source:
@@ -262,7 +312,7 @@ def _describe(e: Exception) -> str:
 
 def sources_for(knative: bool, workload_selector: str | None, namespaces: Sequence[str]) -> list[Source]:
     """The sources the settings ask for, one per kind and namespace."""
-    kinds = ([KNATIVE_IMAGES] if knative else []) + ([PODS, DEPLOYMENTS] if workload_selector else [])
+    kinds = ([KNATIVE_IMAGES] if knative else []) + (list(WORKLOADS) if workload_selector else [])
     where: list[str | None] = list(namespaces) or [None]
     return [
         Source(kind, namespace, None if kind is KNATIVE_IMAGES else workload_selector)
