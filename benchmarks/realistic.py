@@ -3,7 +3,9 @@
 Random layers are incompressible and unpack to one file each; real layers are about 2-3x compressible and
 unpack to thousands of files of every size, which is what containerd's decompression and snapshotter work on.
 ``real2g`` is about 2 GiB unpacked in 8 layers, the lowest about 1 GiB (an OS and runtime base), then smaller
-ones (libraries, the application, configuration), as images are built.
+ones (libraries, the application, configuration), as images are built. ``ml3g`` is an ML-style image: two layers,
+3 GiB unpacked, of large compressible binaries only (files of 1 MiB and more: shared libraries, toolchains), as
+CUDA and PyTorch layers are.
 
 Files are taken in sorted order from the trees below, each layer filled up to its size; symbolic links and
 special files are skipped. The layers are cached under ``$PULLER_BENCH_CACHE`` (default
@@ -23,18 +25,19 @@ from pathlib import Path
 
 MIB = 1 << 20
 TREES = ("/usr/lib", "/usr/share", "/usr/local", "/usr/bin", "/root/.rustup", "/opt")
-RECIPES = {"real2g": [1024, 384, 256, 160, 96, 64, 32, 16]}  # MiB unpacked per layer, bottom first
+RECIPES = {"real2g": [1024, 384, 256, 160, 96, 64, 32, 16], "ml3g": [2048, 1024]}  # MiB unpacked per layer
+MIN_FILE = {"ml3g": MIB}  # only files at least this large go into the recipe's layers
 GZIP_LEVEL = 6  # what docker and buildkit use
 CACHE = Path(os.environ.get("PULLER_BENCH_CACHE", "/var/tmp/puller-bench-cache"))
 
 
-def _files() -> Iterator[Path]:
+def _files(min_size: int = 0) -> Iterator[Path]:
     for tree in TREES:
         for root, dirs, files in os.walk(tree):
             dirs.sort()
             for name in sorted(files):
                 p = Path(root, name)
-                if p.is_file() and not p.is_symlink():
+                if p.is_file() and not p.is_symlink() and (not min_size or p.stat().st_size >= min_size):
                     yield p
 
 
@@ -43,14 +46,15 @@ def _layers(name: str) -> list[dict]:
     from tests.rig import _HashingWriter
 
     recipe = RECIPES[name]
-    key = hashlib.sha256(json.dumps([recipe, TREES, GZIP_LEVEL]).encode()).hexdigest()[:16]
+    what: list = [recipe, TREES, GZIP_LEVEL] + ([MIN_FILE[name]] if name in MIN_FILE else [])
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
     cache = CACHE / f"{name}-{key}"
     index = cache / "layers.json"
     if index.exists():
         return json.loads(index.read_text())
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    files = _files()
+    files = _files(MIN_FILE.get(name, 0))
     out = []
     for i, mib in enumerate(recipe):
         path = cache / f"layer{i}.tar.gz"

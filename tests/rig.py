@@ -786,8 +786,10 @@ class Containerd:
         version: str = "1.6",
         cri: CRIConfig | None = None,
         extra_config: str = "",
+        env: dict[str, str] | None = None,
     ):
         self.workdir = workdir
+        self.env = env or {}  # more environment (e.g. CONTAINERD_DISABLE_IGZIP=1: Go's gzip, not igzip)
         self.socket = workdir / "containerd.sock"
         self.netns = netns  # run in this network namespace (the benchmarks' client side)
         self.version = version
@@ -839,7 +841,7 @@ class Containerd:
         cfg.write_text(self._config() + self.extra_config)
         self.log = open(self.workdir / "containerd.log", "wb")
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         if self.bin != Path("/usr/bin"):  # its own shim first
             env["PATH"] = f"{self.bin}:{env.get('PATH', '/usr/bin:/bin')}"
         self.proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 
 from .layer import Applied, LayerStream
 
-MAX_QUEUED = 16 << 20  # bytes of one layer waiting for its applier thread
+MAX_QUEUED = 4 << 20  # bytes of one layer waiting for its applier thread
 
 
 class LayerFeed:
