@@ -86,7 +86,6 @@ IMAGES = {
     "layers200": [max(64 * 1024, int(512 * MIB / (i + 1) / sum(1 / (k + 1) for k in range(200)))) for i in range(200)],
 }
 RSS_SERIES = ("fat256", "fat1g", "fat2g", "fat4g")  # --rss: peak RSS must not grow with the image
-REAL_IMAGES = ("real2g",)  # made from this machine's files by benchmarks/realistic.py
 CURL_RANGES = 16
 KNOWN_TOOLS = (
     "curl-16",
@@ -198,6 +197,16 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
     last = outs[0].strip().rsplit(b"\n", 1)[-1] if outs and outs[0].strip() else b""
     inner = json.loads(last)["seconds"] if last.startswith(b'{"event":"done"') else None
     return Sample(seconds, cpu, peak[0] / 1024, inner, own)
+
+
+def add_bench_image(lw: LayoutWriter, name: str) -> None:
+    """Image ``name`` into the layout: one of realistic.py's recipes (this machine's files), or of IMAGES."""
+    from benchmarks.realistic import RECIPES, add_real_image
+
+    if name in RECIPES:
+        add_real_image(lw, name)
+    else:
+        lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
 
 
 def python_as_installed(tree: Path, python: str = sys.executable) -> list[str]:
@@ -381,12 +390,7 @@ class Bench:
         print(f"generating images {generate} ...", flush=True)
         lw = LayoutWriter(work / "layout")
         for name in generate:
-            if name in REAL_IMAGES:
-                from benchmarks.realistic import add_real_image
-
-                add_real_image(lw, name)
-            else:
-                lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
+            add_bench_image(lw, name)
         with contextlib.ExitStack() as stack:
             veth = None
             if a.link == "veth":

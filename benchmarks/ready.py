@@ -40,8 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench
-from benchmarks.bench import IMAGES, run_measured, transfer_config, use_bytecode, use_interpreter
-from benchmarks.realistic import RECIPES, add_real_image
+from benchmarks.bench import add_bench_image, run_measured, transfer_config, use_bytecode, use_interpreter
 from benchmarks.rig_net import VethLink
 from tests.rig import Containerd, LayoutWriter, Nginx, Registry, skopeo_push, tempdir
 
@@ -128,10 +127,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict]:
     tools = args.tools.split(",") if args.tools else list(TOOLS)
     lw = LayoutWriter(work / "layout")
     for name in images:
-        if name in RECIPES:
-            add_real_image(lw, name)
-        else:
-            lw.add_image(name, IMAGES[name], seed=sum(name.encode()))
+        add_bench_image(lw, name)
     rows: dict[tuple[str, str], Row] = {}
     floors: dict[str, list[float]] = {}
     compressed: dict[str, int] = {}

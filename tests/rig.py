@@ -750,6 +750,17 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 @contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "4m") mounted at ``where`` (made), unmounted after: a small disk to fill."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextlib.contextmanager
 def tempdir(prefix: str = "puller-") -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     try:

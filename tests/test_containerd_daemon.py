@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import pushed, run_puller, start_puller
 from .daemon_rig import Daemon
-from .rig import CONTAINERD_BINS, Containerd
+from .rig import CONTAINERD_BINS, Containerd, tmpfs
 
 
 def ctr_ns(c: Containerd, ns: str, *args: str) -> str:
@@ -112,14 +112,8 @@ def test_pins_follow_the_list_and_others_pins_are_left_alone(containerd, cdn_rig
 @pytest.fixture(params=sorted(CONTAINERD_BINS))
 def small_containerd(request, tmp_path: Path):
     """A containerd of each version whose root is a 40 MiB tmpfs (no CRI)."""
-    root = tmp_path / "small"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(root)], check=True)
-    try:
-        with Containerd(root, version=request.param) as c:
-            yield c
-    finally:
-        subprocess.run(["umount", "-l", str(root)], check=False)
+    with tmpfs(tmp_path / "small", "40m") as root, Containerd(root, version=request.param) as c:
+        yield c
 
 
 def test_a_pull_that_cannot_fit_is_refused_before_its_first_byte(small_containerd, slow_rig, tmp_path: Path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import MIB, Registry, assert_store_holds, pushed, run_puller, staged_files, start_puller
-from .rig import FaultProxy, Nginx, flip_middle_byte, sha256_file, skopeo_push
+from .rig import FaultProxy, Nginx, flip_middle_byte, sha256_file, skopeo_push, tmpfs
 
 
 def test_server_ignoring_range_falls_back_to_one_stream(workdir: Path, layout, tmp_path: Path):
@@ -118,13 +118,8 @@ def test_truncated_blob_in_registry(workdir: Path, layout, tmp_path: Path):
 @pytest.fixture()
 def small_disk(tmp_path: Path):
     """A 4 MiB tmpfs: too small for the 11 MB test image."""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "small-disk", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_is_a_clear_error_and_a_later_pull_succeeds(cdn_rig, small_disk: Path):

@@ -18,7 +18,7 @@ import pytest
 from puller.stores.containerd.unpack import chain_ids
 
 from .conftest import PULLER, run_puller
-from .rig import Containerd, LayoutWriter, Registry, skopeo_push, wait_for
+from .rig import Containerd, LayoutWriter, Registry, skopeo_push, tmpfs, wait_for
 from .test_unpack import UPPERDIR, apply_with_puller, real_tree_layer, snapshot_dir
 from .trees import TarBuilder, diff, dir_entries, walk
 
@@ -173,14 +173,8 @@ def test_a_pull_killed_mid_apply_is_completed_by_the_next_and_leaves_nothing_aft
 @pytest.fixture()
 def small_containerd(tmp_path: Path):
     """containerd 2.4 whose root is a 48 MiB tmpfs."""
-    root = tmp_path / "small"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(root)], check=True)
-    try:
-        with Containerd(root / "ctrd", version="2.4") as c:
-            yield c
-    finally:
-        subprocess.run(["umount", "-l", str(root)], check=False)
+    with tmpfs(tmp_path / "small", "48m") as root, Containerd(root / "ctrd", version="2.4") as c:
+        yield c
 
 
 def test_a_disk_that_fills_mid_apply_is_exit_10_with_no_snapshot_and_no_image(small_containerd, tmp_path: Path):

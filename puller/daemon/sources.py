@@ -124,9 +124,7 @@ def _always(reference: Reference, policy: Any) -> bool:
     return policy == "Always"
 
 
-def _specs(
-    obj: dict, images: list[tuple[Any, Any]], selector: Any, refs: tuple[KubeRef, ...]
-) -> list[ImageSpec]:
+def _specs(obj: dict, images: list[tuple[Any, Any]], selector: Any, refs: tuple[KubeRef, ...]) -> list[ImageSpec]:
     """ImageSpecs of one object from its (image, pull policy) pairs; what is malformed is logged and left out,
     never fails the others."""
     meta = obj.get("metadata") or {}

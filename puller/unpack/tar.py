@@ -174,25 +174,25 @@ class TarReader:
         size = _numeric(block[124:136])
         if size < 0:
             raise InvalidLayer("invalid tar header (a negative size)")
+        if typeflag in "xLKg" and size > MAX_SPECIAL:
+            raise InvalidLayer("archive/tar: header field too long (an extended header over 1 MiB)")
         if typeflag in "xLK":
-            if size > MAX_SPECIAL:
-                raise InvalidLayer("archive/tar: header field too long (an extended header over 1 MiB)")
-            self._special = (typeflag, size)
-            self._need = size
-            self._step = self._extended
-            if size == 0:
-                self._extended(b"")
+            self._read_special(typeflag, size, self._extended)
             return
         entry = self._entry(block, typeflag, size)
         if typeflag == "g":
-            self._need = size
-            self._special = (typeflag, size)
             self._pending = entry
-            self._step = self._global
-            if size == 0:
-                self._global(b"")
+            self._read_special(typeflag, size, self._global)
             return
         self._emit(entry, 0 if entry.typeflag in HEADER_ONLY else entry.size)
+
+    def _read_special(self, typeflag: str, size: int, then: Callable[[bytes], None]) -> None:
+        """Gather the ``size`` bytes of an extended header (PAX records, a GNU long name), then call ``then``."""
+        self._special = (typeflag, size)
+        self._need = size
+        self._step = then
+        if size == 0:
+            then(b"")
 
     def _extended(self, data: bytes) -> None:
         assert self._special is not None
