@@ -21,7 +21,7 @@ from puller.errors import KubernetesError
 from .conftest import run_puller
 from .daemon_rig import Daemon
 from .kube import BRIDGE, KUBE_RELEASES, LOOPBACK_CNI, ControlPlane, Kubelet, bridge_cni
-from .rig import Containerd, CRIConfig, Registry, skopeo_push
+from .rig import Containerd, CRIConfig, LayoutWriter, Registry, skopeo_push
 
 pytestmark = pytest.mark.kube
 
@@ -203,6 +203,86 @@ def test_a_new_node_is_held_back_until_its_list_is_present_then_runs_it_without_
                 events = cluster.kubectl("get", "events", "-n", "apps", "-o", "json").stdout
                 messages = [e["message"] for e in json.loads(events)["items"] if e["reason"] == "Pulled"]
                 assert any("already present on machine" in m for m in messages), messages
+
+
+def test_a_job_mounting_an_image_volume_runs_with_the_registry_stopped_after_puller_prefetched_it_from_the_template(
+    cluster: ControlPlane, layout, tmp_path: Path
+):
+    """Image volumes on a real kubelet (containerd 2.4's CRI): a labelled Job whose pod mounts an image volume with
+    a subPath; puller's daemon, whose only list is the cluster source, prefetches the container's image and the
+    volume's from the Job's template, and the start-up gate holds the new node until both are present; the
+    registry is stopped; the Job's pod reads the file from its image volume and completes."""
+    w = tmp_path
+    volume_layout = LayoutWriter(w / "volume-layout")
+    volume_layout.add_files_image("data", {"/data/hello.txt": (b"hello from an image volume\n", 0o644)})
+    with Registry(w / "registry") as reg:
+        cri = _node_images(reg, layout, w, LOOPBACK_CNI)
+        image, volume = f"{reg.host}/test/run:v1", f"{reg.host}/test/data:v1"
+        skopeo_push(w / "volume-layout", "data", volume)
+        with Containerd(w / "ctrd", version=NODE_CONTAINERD, cri=cri) as ctrd, _pods_removed(ctrd):
+            subprocess.run(ctrd.crictl("pull", cri.sandbox_image), check=True, capture_output=True)
+            node_name = "node-volume"
+            with Kubelet(w / "kubelet", cluster, ctrd.socket, node_name, [f"{TAINT}=pending:NoSchedule"]) as node:
+                node.wait_ready()
+                cluster.start_scheduler()
+                cluster.start_controller_manager()
+                cluster.kubectl("apply", "-k", str(DEPLOY / "sources"), "--validate=strict")
+                cluster.kubectl("create", "namespace", "jobs")
+                _default_account(cluster, "jobs")
+                check = '[ "$(cat /vol/hello.txt)" = "hello from an image volume" ]'
+                pod_spec = {
+                    "hostNetwork": True,
+                    "automountServiceAccountToken": False,
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "job",
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": ["/bin/busybox", "sh", "-c", check],
+                            "volumeMounts": [{"name": "runtime", "mountPath": "/vol", "subPath": "data"}],
+                        }
+                    ],
+                    "volumes": [{"name": "runtime", "image": {"reference": volume, "pullPolicy": "IfNotPresent"}}],
+                }
+                job = {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": {"name": "reader", "namespace": "jobs", "labels": {PREFETCH_LABEL: "true"}},
+                    "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}},
+                }
+                _apply(cluster, job)
+                kubeconfig = cluster.service_account_kubeconfig("puller", "puller", w / "daemon.kubeconfig")
+                settings = {
+                    "store": "containerd",
+                    "containerd_address": str(ctrd.socket),
+                    "namespace": "k8s.io",
+                    "staging_dir": str(w / "staging"),
+                    "containerd_root": str(ctrd.workdir),
+                    "startup_taint": TAINT,
+                    "node_name": node_name,
+                    "plain_http": [reg.host],
+                    "workload_selector": f"{PREFETCH_LABEL}=true",
+                    "source_namespaces": ["jobs"],
+                }
+                daemon = Daemon(w / "daemon", settings, env={"KUBECONFIG": str(kubeconfig)})
+                with daemon:
+                    _until(lambda: TAINT not in _taints(cluster, node_name), 120, "the start-up taint to go")
+                    listed = subprocess.run(ctrd.crictl("images", "-o", "json"), capture_output=True, text=True)
+                    tags = {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}
+                    assert {image, volume} <= tags, tags  # both present before the gate opened
+                reg.__exit__(None, None, None)
+                done = ("get", "job", "reader", "-n", "jobs", "-o", "json")
+                try:
+                    _until(
+                        lambda: json.loads(cluster.kubectl(*done).stdout)["status"].get("succeeded") == 1,
+                        120,
+                        "the Job",
+                    )
+                except AssertionError as e:
+                    described = cluster.kubectl("describe", "pods", "-n", "jobs").stdout
+                    daemon_log = (w / "daemon" / "daemon.log").read_text()[-3000:]
+                    raise AssertionError(f"{e}\n{described}\n{daemon_log}\n{node.log_tail()}") from None
 
 
 def _node_images(reg: Registry, layout, w: Path, cni: dict) -> CRIConfig:

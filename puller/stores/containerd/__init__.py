@@ -30,6 +30,7 @@ from ...unpack import Limits
 from .. import StoreBase, free_bytes
 from ..defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 from ..defaults import CONTAINERD_LEASE_EXPIRY as DEFAULT_LEASE_EXPIRY
+from ..defaults import CONTAINERD_NAMESPACE as CRI_NAMESPACE
 from ..defaults import CONTAINERD_NAMESPACE as DEFAULT_NAMESPACE
 from ..defaults import CONTAINERD_ROOT as DEFAULT_ROOT
 from ..defaults import CONTAINERD_SNAPSHOTTER as DEFAULT_SNAPSHOTTER
@@ -229,6 +230,10 @@ class ContainerdStore(StoreBase):
             await self.unpacker.unpack(manifest, lease, self._wait_present)
         for name in image_names(ref, str(top.digest)):
             await self.records.put(name, top, pin, lease)
+        if self.namespace == CRI_NAMESPACE:
+            # and under its image ID (the config's digest), as the CRI plugin's own pull records it: containerd's
+            # CRI looks an image volume's image up by that name. Never pinned: the named records carry the pin.
+            await self.records.put(str(manifest.config.digest), top, False, lease)
         if key in self._images:
             self._end_image(manifest)
 
