@@ -176,18 +176,7 @@ def test_a_new_node_is_held_back_until_its_list_is_present_then_runs_it_without_
                 time.sleep(3)
                 assert _pod(cluster)["status"]["phase"] == "Pending"  # the start-up taint keeps it off the node
                 assert not _pod(cluster)["spec"].get("nodeName")
-                kubeconfig = cluster.service_account_kubeconfig("puller", "puller", w / "daemon.kubeconfig")
-                settings = {
-                    "store": "containerd",
-                    "containerd_address": str(ctrd.socket),
-                    "namespace": "k8s.io",
-                    "staging_dir": str(w / "staging"),
-                    "containerd_root": str(ctrd.workdir),
-                    "startup_taint": TAINT,
-                    "node_name": "node-gate",
-                    "plain_http": [reg.host],
-                }
-                daemon = Daemon(w / "daemon", settings, env={"KUBECONFIG": str(kubeconfig)})
+                daemon = _node_daemon(cluster, w, ctrd, reg, "node-gate")
                 daemon.images.set_images([image])  # the list is there when the daemon starts, as its ConfigMap is
                 with daemon:
                     _until(lambda: TAINT not in _taints(cluster, "node-gate"), 120, "the start-up taint to go")
@@ -234,6 +223,7 @@ def test_a_job_mounting_an_image_volume_runs_with_the_registry_stopped_after_pul
                     "hostNetwork": True,
                     "automountServiceAccountToken": False,
                     "restartPolicy": "Never",
+                    "nodeSelector": {"kubernetes.io/hostname": node_name},  # not a node of an earlier test
                     "containers": [
                         {
                             "name": "job",
@@ -252,20 +242,8 @@ def test_a_job_mounting_an_image_volume_runs_with_the_registry_stopped_after_pul
                     "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}},
                 }
                 _apply(cluster, job)
-                kubeconfig = cluster.service_account_kubeconfig("puller", "puller", w / "daemon.kubeconfig")
-                settings = {
-                    "store": "containerd",
-                    "containerd_address": str(ctrd.socket),
-                    "namespace": "k8s.io",
-                    "staging_dir": str(w / "staging"),
-                    "containerd_root": str(ctrd.workdir),
-                    "startup_taint": TAINT,
-                    "node_name": node_name,
-                    "plain_http": [reg.host],
-                    "workload_selector": f"{PREFETCH_LABEL}=true",
-                    "source_namespaces": ["jobs"],
-                }
-                daemon = Daemon(w / "daemon", settings, env={"KUBECONFIG": str(kubeconfig)})
+                sources = {"workload_selector": f"{PREFETCH_LABEL}=true", "source_namespaces": ["jobs"]}
+                daemon = _node_daemon(cluster, w, ctrd, reg, node_name, **sources)
                 with daemon:
                     _until(lambda: TAINT not in _taints(cluster, node_name), 120, "the start-up taint to go")
                     listed = subprocess.run(ctrd.crictl("images", "-o", "json"), capture_output=True, text=True)
@@ -283,6 +261,26 @@ def test_a_job_mounting_an_image_volume_runs_with_the_registry_stopped_after_pul
                     described = cluster.kubectl("describe", "pods", "-n", "jobs").stdout
                     daemon_log = (w / "daemon" / "daemon.log").read_text()[-3000:]
                     raise AssertionError(f"{e}\n{described}\n{daemon_log}\n{node.log_tail()}") from None
+                finally:  # the labelled Job would stay a source of later tests' daemons (its registry is gone)
+                    cluster.kubectl("delete", "job", "reader", "-n", "jobs", "--cascade=orphan", "--wait=true")
+
+
+def _node_daemon(cluster: ControlPlane, w: Path, ctrd: Containerd, reg: Registry, node: str, **more) -> Daemon:
+    """puller's daemon for kubelet node ``node``, as the DaemonSet runs it: deploy/'s ServiceAccount, containerd's
+    CRI namespace, the start-up taint; ``more`` settings on top."""
+    kubeconfig = cluster.service_account_kubeconfig("puller", "puller", w / "daemon.kubeconfig")
+    settings = {
+        "store": "containerd",
+        "containerd_address": str(ctrd.socket),
+        "namespace": "k8s.io",
+        "staging_dir": str(w / "staging"),
+        "containerd_root": str(ctrd.workdir),
+        "startup_taint": TAINT,
+        "node_name": node,
+        "plain_http": [reg.host],
+        **more,
+    }
+    return Daemon(w / "daemon", settings, env={"KUBECONFIG": str(kubeconfig)})
 
 
 def _node_images(reg: Registry, layout, w: Path, cni: dict) -> CRIConfig:
