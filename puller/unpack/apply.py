@@ -33,7 +33,6 @@ from .tar import Entry, EntrySink, bound_time
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
-XATTR_PREFIX = "SCHILY.xattr."
 MAX_DEVICE = (1 << 32) - 1
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -165,13 +164,14 @@ class Applier(EntrySink):
         if kind == "5":
             if existing is None:
                 os.mkdir(base, 0o700, dir_fd=parent)
-            self._dirs.append((rel, *_times(entry)))
+            times = _times(entry)
+            self._dirs.append((rel, *times))
             fd = os.open(base, DIR_OPEN, dir_fd=parent)
             try:
                 os.fchown(fd, entry.uid, entry.gid)
                 self._set_xattrs(entry, lambda k, v: os.setxattr(fd, k, v), regular=True)
                 os.fchmod(fd, entry.mode & 0o7777)
-                os.utime(fd, ns=_times(entry))
+                os.utime(fd, ns=times)
             finally:
                 os.close(fd)
             return
@@ -248,10 +248,7 @@ class Applier(EntrySink):
                 self.root.remove_all(parent, name)
 
     def _set_xattrs(self, entry: Entry, setxattr, regular: bool) -> None:
-        for key, value in entry.pax.items():
-            if not key.startswith(XATTR_PREFIX):
-                continue
-            name = key[len(XATTR_PREFIX) :]
+        for name, value in entry.xattrs().items():
             if name.startswith("trusted."):
                 continue  # containerd refuses admin attributes from an archive (and skips them)
             raw = value.encode("utf-8", "surrogateescape")

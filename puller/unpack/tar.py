@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..errors import InvalidLayer
 
 BLOCK = 512
+XATTR_PREFIX = "SCHILY.xattr."
 MAX_SPECIAL = 1 << 20  # a PAX record block or GNU long name, as Go's archive/tar bounds them
 HEADER_ONLY = frozenset("123456")  # hard link, symlink, char, block, directory, fifo: no data, whatever size says
 _LOW_BYTES = bytes(range(128))  # deleted to count the bytes a signed checksum counts negative
@@ -40,7 +41,8 @@ class Entry:
     pax: dict[str, str] = field(default_factory=dict)
 
     def xattrs(self) -> dict[str, str]:
-        return {k[len("SCHILY.xattr.") :]: v for k, v in self.pax.items() if k.startswith("SCHILY.xattr.")}
+        """Its ``SCHILY.xattr.*`` PAX records, by attribute name (the only ones containerd applies)."""
+        return {k[len(XATTR_PREFIX) :]: v for k, v in self.pax.items() if k.startswith(XATTR_PREFIX)}
 
 
 class EntrySink:
