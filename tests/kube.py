@@ -245,8 +245,17 @@ class Kubelet:
     ``taints``; use as a context manager inside a :class:`ControlPlane`. The tests' pods use the host's network: the CNI
     configuration containerd is given (:data:`LOOPBACK_CNI`) only makes its network "ready" for kubelet."""
 
-    def __init__(self, workdir: Path, cp: ControlPlane, cri_socket: Path, name: str, taints: list[str]):
+    def __init__(
+        self,
+        workdir: Path,
+        cp: ControlPlane,
+        cri_socket: Path,
+        name: str,
+        taints: list[str],
+        config: dict[str, Any] | None = None,
+    ):
         self.workdir, self.cp, self.cri_socket, self.name, self.taints = workdir, cp, cri_socket, name, taints
+        self.config = config or {}  # KubeletConfiguration fields on top of the tests' own
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Kubelet:
@@ -282,6 +291,7 @@ class Kubelet:
             "localStorageCapacityIsolation": False,
             "resolvConf": "/etc/resolv.conf",
             "serializeImagePulls": False,
+            **self.config,
         }
         (w / "config.json").write_text(json.dumps(config))
         with open(w / "kubelet.log", "wb") as log:  # the child keeps its own descriptor

@@ -14,6 +14,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -443,6 +444,11 @@ def skopeo_push(
 # ---- servers -----------------------------------------------------------------------------------------------
 
 
+_ACCESS_LINE = re.compile(  # distribution's access log: the combined log format
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) \S+ "[^"]*" "(?P<agent>[^"]*)"'
+)
+
+
 class Registry:
     """docker-registry (CNCF distribution) on 127.0.0.1 with a temp root. Options: htpasswd users, a token
     issuer, a redirect of blob GETs to ``redirect_base`` (the redirect storage middleware)."""
@@ -458,8 +464,10 @@ class Registry:
         proxy_remote: str | None = None,
         bind: str = "127.0.0.1",
         netns: str | None = None,
+        access_log: bool = False,
     ):
         self.workdir = workdir
+        self.access_log = access_log  # log each request (method, path, status, user agent): see requests()
         self.netns = netns  # serve inside this network namespace (then bind to an address of it)
         self.proxy_remote = proxy_remote  # pull-through cache of this registry URL
         self.root = workdir / "storage"
@@ -478,7 +486,7 @@ class Registry:
             "log:",
             "  level: warn",
             "  accesslog:",
-            "    disabled: true",
+            f"    disabled: {'false' if self.access_log else 'true'}",
             "storage:",
             "  filesystem:",
             f"    rootdirectory: {self.root}",
@@ -544,6 +552,16 @@ class Registry:
                 self.proc.kill()
         self.log.close()
 
+    def requests(self) -> list[tuple[str, str, int, str]]:
+        """(method, path, status, user agent) of each request served so far (``access_log`` on)."""
+        self.log.flush()
+        out = []
+        for line in (self.workdir / "registry.log").read_text(errors="replace").splitlines():
+            m = _ACCESS_LINE.search(line)
+            if m:
+                out.append((m["method"], m["path"], int(m["status"]), m["agent"]))
+        return out
+
     def blob_path(self, digest: str) -> Path:
         hexd = digest.split(":", 1)[1]
         return self.root / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
@@ -560,7 +578,7 @@ class Registry:
 class Nginx:
     """nginx serving ``root`` (the registry's storage) as a blob CDN, with a per-connection ``limit_rate``
     (bytes/s, 0 = none) and optionally ignoring Range (``max_ranges 0``). Its access log records
-    status, bytes sent and the Range asked for."""
+    status, bytes sent, the Range asked for, the URI and the user agent."""
 
     def __init__(self, workdir: Path, root: Path, *, limit_rate: int = 0, ranges: bool = True, bind: str = "127.0.0.1"):
         self.workdir = workdir
@@ -583,7 +601,7 @@ pid {self.workdir}/nginx.pid;
 error_log {self.workdir}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-  log_format transfer '$status $body_bytes_sent "$http_range" $request_uri';
+  log_format transfer '$status $body_bytes_sent "$http_range" $request_uri "$http_user_agent"';
   access_log {self.access_log} transfer;
   client_body_temp_path {self.workdir}/body; proxy_temp_path {self.workdir}/proxy;
   fastcgi_temp_path {self.workdir}/fcgi; uwsgi_temp_path {self.workdir}/uwsgi; scgi_temp_path {self.workdir}/scgi;

@@ -21,7 +21,7 @@ from puller.errors import KubernetesError
 from .conftest import run_puller
 from .daemon_rig import Daemon
 from .kube import BRIDGE, KUBE_RELEASES, LOOPBACK_CNI, ControlPlane, Kubelet, bridge_cni
-from .rig import Containerd, CRIConfig, LayoutWriter, Registry, skopeo_push
+from .rig import Containerd, CRIConfig, LayoutWriter, Nginx, Registry, skopeo_push
 
 pytestmark = pytest.mark.kube
 
@@ -655,3 +655,194 @@ def _bridge_removed():
         yield
     finally:
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+
+
+# ---- image volumes with pull policy Always; kubelet's credential checks (KEP-2535) ------------------------------
+
+
+SLEEP = ["/bin/busybox", "sleep", "3600"]
+
+
+@contextlib.contextmanager
+def _kubelet_node(
+    cluster: ControlPlane, w: Path, reg: Registry, layout, name: str, kubelet_config: dict | None = None, *more_hosts
+):
+    """Node ``name``: containerd 2.4 with CRI (its images in ``reg``; plain HTTP to ``reg`` and ``more_hosts``), its
+    sandbox image pulled, and a kubelet registered with the start-up taint, Ready; scheduler and controller manager
+    running. Yields (containerd, kubelet)."""
+    cri = _node_images(reg, layout, w, LOOPBACK_CNI)
+    for host in more_hosts:
+        (w / "certs.d" / host).mkdir(parents=True)
+        (w / "certs.d" / host / "hosts.toml").write_text(f'server = "http://{host}"\n')
+    with Containerd(w / "ctrd", version=NODE_CONTAINERD, cri=cri) as ctrd, _pods_removed(ctrd):
+        subprocess.run(ctrd.crictl("pull", cri.sandbox_image), check=True, capture_output=True)
+        taint = [f"{TAINT}=pending:NoSchedule"]
+        with Kubelet(w / "kubelet", cluster, ctrd.socket, name, taint, kubelet_config) as node:
+            node.wait_ready()
+            cluster.start_scheduler()
+            cluster.start_controller_manager()
+            yield ctrd, node
+
+
+def _sleeper(name: str, ns: str, node: str, image: str, secret: str | None = None, **more) -> dict:
+    """A pod on ``node`` that runs ``image`` (IfNotPresent), with pull secret ``secret`` if given."""
+    spec: dict = {
+        "hostNetwork": True,
+        "automountServiceAccountToken": False,
+        "nodeSelector": {"kubernetes.io/hostname": node},
+        "containers": [{"name": "c", "image": image, "imagePullPolicy": "IfNotPresent", "command": SLEEP}],
+        **more,
+    }
+    if secret:
+        spec["imagePullSecrets"] = [{"name": secret}]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def _phase(cluster: ControlPlane, ns: str, name: str) -> tuple[str, str]:
+    """(phase, waiting reason of its first container or "") of pod ``ns/name``."""
+    pod = json.loads(cluster.kubectl("get", "pod", name, "-n", ns, "-o", "json").stdout)
+    statuses = pod["status"].get("containerStatuses") or [{}]
+    return pod["status"].get("phase", ""), statuses[0].get("state", {}).get("waiting", {}).get("reason", "")
+
+
+def _running(cluster: ControlPlane, ns: str, name: str, node: Kubelet, phase: str = "Running") -> None:
+    try:
+        _until(lambda: _phase(cluster, ns, name)[0] == phase, 90, f"pod {ns}/{name} to be {phase}")
+    except AssertionError as e:
+        described = cluster.kubectl("describe", "pod", name, "-n", ns).stdout
+        raise AssertionError(f"{e}\n{described}\n{node.log_tail()}") from None
+
+
+def _prefetched_private(
+    cluster: ControlPlane, w: Path, ctrd: Containerd, reg: Registry, node: str, image: str, private_host: str
+) -> None:
+    """puller's daemon on ``node`` (node-<ns>) pulls ``image`` with pull secret <ns>/regcred into the node's
+    containerd and opens the start-up gate."""
+    ns = node.removeprefix("node-")  # the namespace of the test's pods and secrets
+    entry = {"reference": image, "imagePullSecrets": [{"namespace": ns, "name": "regcred"}]}
+    more = {"pull_secret_namespaces": [ns], "plain_http": [reg.host, private_host]}
+    daemon = _node_daemon(cluster, w, ctrd, reg, node, **more)
+    daemon.images.set_images([entry])
+    with daemon:
+        _until(lambda: TAINT not in _taints(cluster, node), 120, "the start-up taint to go")
+
+
+@contextlib.contextmanager
+def _private_registry(w: Path, layout):
+    """A registry wanting basic auth (USER, PASSWORD), logging its requests, that holds test/private:run (busybox)."""
+    with Registry(w / "private", htpasswd={USER: PASSWORD}, access_log=True) as reg:
+        skopeo_push(layout["path"], "run", f"{reg.host}/test/private:run", creds=f"{USER}:{PASSWORD}")
+        yield reg
+
+
+def test_under_kubelets_default_policy_a_private_image_puller_prefetched_with_a_secret_starts_with_the_registry_down(
+    cluster: ControlPlane, layout, tmp_path: Path
+):
+    """KubeletEnsureSecretPulledImages, default policy NeverVerifyPreloadedImages: an image puller pulled (outside
+    kubelet) counts as preloaded. A pod with imagePullSecrets and IfNotPresent starts from the private image puller
+    prefetched with that secret while its registry is stopped; so does a pod of a namespace without the secret
+    (preloaded images are not verified: the policy that forbids it is AlwaysVerify, tested below)."""
+    w, ns, node_name = tmp_path, "creds-default", "node-creds-default"
+    with Registry(w / "registry") as reg, _private_registry(w, layout) as private:
+        image = f"{private.host}/test/private:run"
+        with _kubelet_node(cluster, w, reg, layout, node_name, None, private.host) as (ctrd, node):
+            _namespace_with_secrets(cluster, ns, private.host)
+            _prefetched_private(cluster, w, ctrd, reg, node_name, image, private.host)
+            private.__exit__(None, None, None)
+            cluster.kubectl("create", "namespace", "creds-other")
+            _default_account(cluster, "creds-other")
+            _apply(
+                cluster,
+                _sleeper("with-secret", ns, node_name, image, "regcred"),
+                _sleeper("without", "creds-other", node_name, image),
+            )
+            try:
+                _running(cluster, ns, "with-secret", node)
+                _running(cluster, "creds-other", "without", node)
+            finally:
+                cluster.kubectl("delete", "namespace", ns, "creds-other", "--wait=false")
+
+
+def test_under_always_verify_kubelet_checks_each_pods_secret_with_the_registry_and_fetches_no_blob(
+    cluster: ControlPlane, layout, tmp_path: Path
+):
+    """KubeletEnsureSecretPulledImages with imagePullCredentialsVerificationPolicy AlwaysVerify: a pod's use of an
+    image puller prefetched is checked by a pull through the CRI with the pod's credentials. With the right secret
+    the pod runs and the registry sees manifest requests only, never a blob; with a wrong secret, or none, the
+    pod is refused the image that is on the node. Once checked, the secret is on kubelet's record: another pod with
+    it starts with the registry stopped."""
+    w, ns, node_name = tmp_path, "creds-verify", "node-creds-verify"
+    policy = {"imagePullCredentialsVerificationPolicy": "AlwaysVerify"}
+    with Registry(w / "registry") as reg, _private_registry(w, layout) as private:
+        image = f"{private.host}/test/private:run"
+        with _kubelet_node(cluster, w, reg, layout, node_name, policy, private.host) as (ctrd, node):
+            _namespace_with_secrets(cluster, ns, private.host)
+            _prefetched_private(cluster, w, ctrd, reg, node_name, image, private.host)
+            before = len(private.requests())
+            try:
+                _apply(cluster, _sleeper("with-secret", ns, node_name, image, "regcred"))
+                _running(cluster, ns, "with-secret", node)
+                asked = private.requests()[before:]
+                # The check is containerd resolving the tag with the pod's secret: HEAD of the manifest (a 401,
+                # then with basic auth a 200); no GET of the manifest, no blob.
+                assert {(m, p) for m, p, _, _ in asked} == {("HEAD", "/v2/test/private/manifests/run")}, asked
+                assert [s for *_, s, agent in asked if "containerd" in agent][-1] == 200, asked
+                _apply(
+                    cluster,
+                    _sleeper("wrong-secret", ns, node_name, image, "wrong"),
+                    _sleeper("no-secret", ns, node_name, image),
+                )
+                refusals = ("ErrImagePull", "ImagePullBackOff")
+                for name in ("wrong-secret", "no-secret"):
+                    _until(lambda n=name: _phase(cluster, ns, n)[1] in refusals, 90, f"{name} to be refused")
+                time.sleep(3)
+                for name in ("wrong-secret", "no-secret"):
+                    assert _phase(cluster, ns, name)[0] == "Pending"
+                # kubelet recorded the check: another pod with the same secret starts with the registry down.
+                private.__exit__(None, None, None)
+                _apply(cluster, _sleeper("same-secret", ns, node_name, image, "regcred"))
+                _running(cluster, ns, "same-secret", node)
+            finally:
+                cluster.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_an_image_volume_with_pull_policy_always_starts_its_pod_with_no_blob_fetched_after_puller_prefetched_it(
+    cluster: ControlPlane, layout, tmp_path: Path
+):
+    """Image volumes, ``pullPolicy: Always``: kubelet pulls through the CRI at every pod start; once puller's
+    daemon prefetched the image from the pod's template, that pull finds every blob in containerd: the registry
+    answers manifest requests and its blob CDN serves nothing."""
+    w, node_name = tmp_path, "node-volume-always"
+    volume_layout = LayoutWriter(w / "volume-layout")
+    volume_layout.add_files_image("data", {"/data/hello.txt": (b"always\n", 0o644)})
+    with (
+        Nginx(w / "cdn", w / "registry" / "storage") as cdn,
+        Registry(w / "registry", redirect_base=cdn.url + "/", access_log=True) as reg,
+    ):
+        volume = f"{reg.host}/test/data:v1"
+        skopeo_push(w / "volume-layout", "data", volume)
+        with _kubelet_node(cluster, w, reg, layout, node_name) as (ctrd, node):
+            ns = "volume-always"
+            cluster.kubectl("apply", "-k", str(DEPLOY / "sources"), "--validate=strict")
+            cluster.kubectl("create", "namespace", ns)
+            _default_account(cluster, ns)
+            pod = _sleeper("reader", ns, node_name, f"{reg.host}/test/run:v1")
+            pod["metadata"]["labels"] = {PREFETCH_LABEL: "true"}
+            pod["spec"]["restartPolicy"] = "Never"
+            check = '[ "$(cat /vol/hello.txt)" = always ]'
+            pod["spec"]["containers"][0]["command"] = ["/bin/busybox", "sh", "-c", check]
+            pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "v", "mountPath": "/vol", "subPath": "data"}]
+            pod["spec"]["volumes"] = [{"name": "v", "image": {"reference": volume, "pullPolicy": "Always"}}]
+            cdn_before, registry_before = len(cdn.requests()), len(reg.requests())  # the node's sandbox pull
+            _apply(cluster, pod)
+            sources = {"workload_selector": f"{PREFETCH_LABEL}=true", "source_namespaces": [ns]}
+            try:
+                with _node_daemon(cluster, w, ctrd, reg, node_name, **sources):
+                    _until(lambda: TAINT not in _taints(cluster, node_name), 120, "the start-up taint to go")
+                _running(cluster, ns, "reader", node, "Succeeded")  # it read the volume's file
+                assert not [r for r in cdn.requests()[cdn_before:] if "containerd" in r]  # not one blob
+                asked = [(m, p, s) for m, p, s, agent in reg.requests()[registry_before:] if "containerd" in agent]
+                assert ("HEAD", "/v2/test/data/manifests/v1", 200) in asked, asked  # kubelet's Always pull
+                assert not any("/blobs/" in p for _, p, _ in asked), asked
+            finally:
+                cluster.kubectl("delete", "namespace", ns, "--wait=false")
