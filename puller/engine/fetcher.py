@@ -165,12 +165,16 @@ class BlobFetcher:
     async def _fetch_verified(
         self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress, priority: int
     ) -> None:
+        mirrors = True
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
+            download = _BlobDownload(self, ref, desc, store, progress, priority, mirrors)
             try:
                 async with self._open_blobs.hold(priority):
-                    await _BlobDownload(self, ref, desc, store, progress, priority).run()
+                    await download.run()
                 return
             except DigestMismatch as e:  # the writer forgot the bytes: fetch them again
+                if download.mirror_bytes:  # a mirror (a peer) may have lied: no mirror is trusted for this blob
+                    mirrors = False
                 log.warning("%s: %s (attempt %d of %d)", ref, e, attempt, VERIFY_ATTEMPTS)
                 if attempt == VERIFY_ATTEMPTS:
                     progress.state = "failed"
@@ -201,6 +205,7 @@ class _BlobDownload:
         store: Store,
         progress: BlobProgress,
         priority: int,
+        mirrors: bool = True,
     ):
         self.f = fetcher
         self.ref = ref
@@ -208,7 +213,8 @@ class _BlobDownload:
         self.priority = priority
         self.store = store
         self.progress = progress
-        self.reader = BlobReader(fetcher.client, ref, desc)  # the HTTP half: hosts, redirects, range checks
+        self.reader = BlobReader(fetcher.client, ref, desc, mirrors)  # the HTTP half: hosts, redirects, ranges
+        self.mirror_bytes = 0  # bytes received from mirrors, not the registry itself
         self.done = RangeSet()  # bytes the writer holds
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
@@ -483,6 +489,8 @@ class _BlobDownload:
         """Count ``n`` bytes received from ``host``, and wait for the bandwidth cap."""
         self.progress.fetched += n
         self.progress.by_host[host] = self.progress.by_host.get(host, 0) + n
+        if host != self.reader.upstream_host:
+            self.mirror_bytes += n
         if self.f.bandwidth is not None:
             await self.f.bandwidth.take(n)
 

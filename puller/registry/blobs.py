@@ -48,19 +48,26 @@ class RangeBody:
 
 
 class BlobReader:
-    """Byte ranges of ``desc`` (of image ``ref``) from the registry's hosts. Not shared between blobs."""
+    """Byte ranges of ``desc`` (of image ``ref``) from the registry's hosts (without ``mirrors``, from the registry
+    itself only). Not shared between blobs."""
 
-    def __init__(self, client: RegistryClient, ref: Reference, desc: Descriptor):
+    def __init__(self, client: RegistryClient, ref: Reference, desc: Descriptor, mirrors: bool = True):
         self.client = client
         self.ref = ref
         self.desc = desc
-        self.endpoints = client.endpoints(ref, PULL)  # mirrors first, then the upstream
+        endpoints = client.endpoints(ref, PULL)  # mirrors first, then the upstream
+        self.endpoints = endpoints if mirrors else endpoints[-1:]
         self.index = 0  # the host ranges come from now; moves on when a host fails
         self.url: str | None = None  # the resolved (redirected) blob URL on that host, reused for every range
 
     @property
     def host(self) -> str:
         return self.endpoints[self.index].host
+
+    @property
+    def upstream_host(self) -> str:
+        """The registry itself (the last host: mirrors come first)."""
+        return self.endpoints[-1].host
 
     @property
     def on_last_host(self) -> bool:

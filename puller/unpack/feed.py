@@ -4,7 +4,8 @@ The store calls :meth:`LayerFeed.put` with each piece of the blob as it streams 
 in order); the piece is copied into a queue of at most MAX_QUEUED bytes, and a pump task hands what is queued to
 :meth:`LayerStream.feed` in an applier thread. Where applying is slower than the network, ``put`` waits for room,
 so the blob's stream waits and, behind it, its downloads (the store's own backpressure). An applier that failed
-takes no more bytes (``put`` returns at once): :meth:`finish` raises its error.
+takes no more bytes (``put`` returns at once): :meth:`finish` raises its error. A feed whose bytes failed the
+blob's digest is :meth:`discarded <LayerFeed.discard>`: its layer is applied from the verified blob instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class LayerFeed:
         self._error: BaseException | None = None
         self._pump = asyncio.ensure_future(self._run())
         self.offset = 0  # bytes put so far
+        self.discarded = False  # what was put is not the blob (it failed its digest): the applier's work is void
 
     async def put(self, view: memoryview) -> None:
         """Queue a copy of ``view`` (the next bytes of the blob), waiting while MAX_QUEUED are queued."""
@@ -89,6 +91,11 @@ class LayerFeed:
         self._room.set()
         with contextlib.suppress(BaseException):
             await asyncio.shield(self._pump)
+
+    async def discard(self) -> None:
+        """The bytes put failed the blob's digest (a lying host): void, and no more are applied."""
+        self.discarded = True
+        await self.abort()
 
     def close(self) -> None:
         self.stream.close()

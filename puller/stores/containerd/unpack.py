@@ -244,7 +244,8 @@ class Unpacker:
     ) -> str:
         """Prepare the layer's snapshot, open its directory and hand the blob's writer a feed into puller's
         applier; once containerd has committed the blob, verify and return the snapshot key. A layer that is
-        present already, or whose bytes did not all pass through the feed, goes to the Diff service."""
+        present already, or whose bytes did not all pass through the feed, or whose feed was given bytes that failed
+        the digest, goes to the Diff service."""
         if await self.content.has(x.desc):
             slot.set_result(None)
             return await self._prepare_apply(x, lease, slots, True, wait_present)
@@ -263,8 +264,9 @@ class Unpacker:
             feed = LayerFeed(stream, self._applier_threads())
             slot.set_result(feed)
             await wait_present(x.desc)
-            if feed.offset != x.desc.size:  # containerd had part of the blob already (a resumed pull)
-                log.info("layer %s resumed: applied by containerd's Diff service", x.desc.digest)
+            if feed.offset != x.desc.size or feed.discarded:  # a resumed blob, or one fetched again
+                why = "its bytes failed the digest" if feed.discarded else "resumed"
+                log.info("layer %s %s: applied by containerd's Diff service", x.desc.digest, why)
                 await self._remove_snapshot(key)
                 return await self._prepare_apply(x, lease, slots, True, wait_present)
             async with asyncio.timeout(APPLY_TIMEOUT_S):

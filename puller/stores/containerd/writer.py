@@ -317,6 +317,9 @@ class ContainerdWriter:
 
     async def abort(self) -> None:
         await self._stop()
+        if self._feed is not None:  # what it was given is not the blob: the layer is applied from the blob
+            await self._feed.discard()
+            self._feed = None
         await self._shared.content.abort(self.desc)
         await self._staged.discard()
         self.done = RangeSet()
