@@ -108,11 +108,13 @@ async def run_daemon(settings: config.Settings) -> None:
 
 async def run_warmup(args: argparse.Namespace, output: str) -> None:
     from .daemon.node import DaemonPod, find_daemon_pods
-    from .warmup import Warmup, display, resolve_service
+    from .warmup import Warmup, display, first_wave_size, resolve_service
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _current_task().cancel)
     for image in args.images:
         Reference.parse(image)  # a bad reference is exit 2 before any daemon is looked for
+    if args.first_wave:
+        first_wave_size(args.first_wave, 1)  # so is a bad --first-wave
     token = _read_token(args.token_file)
     if args.endpoints:
         urls = [u.strip().rstrip("/") for u in args.endpoints.split(",") if u.strip()]
@@ -120,8 +122,9 @@ async def run_warmup(args: argparse.Namespace, output: str) -> None:
     elif args.service:
         pods = await resolve_service(args.service, args.port)
     else:
-        pods = await find_daemon_pods(args.namespace, args.selector, args.port)
-    warmup = Warmup(pods, args.images, args.platform, token)
+        pods = sorted(await find_daemon_pods(args.namespace, args.selector, args.port), key=lambda p: p.node)
+    first_wave = first_wave_size(args.first_wave, len(pods)) if args.first_wave else None
+    warmup = Warmup(pods, args.images, args.platform, token, first_wave)
     if not pods:
         raise ConfigError("no puller daemons found (check --namespace/--selector, --service or --endpoints)")
     with display(output) as show:
@@ -156,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--wait", action="store_true", help="wait until every node reports every image present")
     w.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait with --wait (default 600)")
     w.add_argument("--platform", help="os/arch[/variant] for every image (default: each node's own)")
+    w.add_argument(
+        "--first-wave",
+        metavar="N|P%",
+        help="ask these nodes first (a count or a share: the first by node name, or as listed with --endpoints) and "
+        "the rest once they hold the images, which then come from their peers through a P2P mirror such as Spegel "
+        "(default: all at once)",
+    )
     found = w.add_argument_group("finding the daemons (default: the Kubernetes API)")
     found.add_argument("--endpoints", help="comma-separated daemon URLs, e.g. http://10.0.0.5:8470")
     found.add_argument("--service", help="DNS name of the daemons' headless Service, e.g. puller.puller.svc")

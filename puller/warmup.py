@@ -5,12 +5,19 @@ Kubernetes API (running pods matching a label selector), the DNS records of the 
 URLs. Each is sent ``POST /v1/pull``; with ``--wait`` each is then polled (``GET /v1/images``) and a live
 per-node table is shown until every node reports every image present, or the timeout passes (then the lagging
 nodes are named and the exit code is 12). A daemon that cannot be reached is asked again at every poll.
+
+Waves (``--first-wave N`` or ``P%``): a P2P mirror such as Spegel serves a blob to peers only once a node holds
+it whole, so a fleet asked at once pulls one upstream copy per node. With a first wave, those nodes are asked
+first (the first N: by node name through the Kubernetes API, as listed with --endpoints, by address with
+--service); the rest are asked once each of them holds the images (or has failed, or cannot be reached), and
+then find the blobs on their peers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import sys
 import time
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from .daemon.node import DaemonPod
-from .errors import WarmupError
+from .errors import ConfigError, WarmupError
 from .reference import Reference
 
 POLL_S = 1.0
@@ -33,9 +40,12 @@ class NodeStatus:
     accepted: bool = False
     error: str | None = None
     images: dict[str, dict] = field(default_factory=dict)  # image key -> the daemon's view of it
+    waiting: bool = False  # in a later wave, not asked yet
 
     def cell(self, key: str) -> str:
         view = self.images.get(key)
+        if self.waiting:
+            return "next wave"
         if view is None:
             return self.error or "asked"
         state = view["state"]
@@ -48,6 +58,11 @@ class NodeStatus:
 
     def done(self, keys: list[str]) -> bool:
         return all(self.images.get(k, {}).get("state") == "present" for k in keys)
+
+    def settled(self, keys: list[str]) -> bool:
+        """Nothing more to wait for from this node: every image present, or one failed, or it cannot be reached."""
+        failed = any(self.images.get(k, {}).get("state") == "failed" for k in keys)
+        return self.done(keys) or failed or (not self.accepted and self.error is not None)
 
 
 def _count(value: object) -> bool:
@@ -69,13 +84,44 @@ async def resolve_service(name: str, port: int) -> list[DaemonPod]:
     return [DaemonPod(a, f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}") for a in addrs]
 
 
+def first_wave_size(spec: str, nodes: int) -> int:
+    """How many of ``nodes`` are in the first wave: ``spec`` is a count (``2``) or a share (``10%``, rounded
+    up); at least one."""
+    text = spec.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return max(1, math.ceil(nodes * share / 100))
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except ValueError:
+        raise ConfigError(f"--first-wave wants a count of nodes (2) or a share (10%), not {spec!r}") from None
+
+
 class Warmup:
-    def __init__(self, pods: list[DaemonPod], images: list[str], platform: str | None, token: str | None):
+    def __init__(
+        self,
+        pods: list[DaemonPod],
+        images: list[str],
+        platform: str | None,
+        token: str | None,
+        first_wave: int | None = None,
+    ):
         refs = [str(Reference.parse(i)) for i in images]  # InvalidReference before any daemon is asked
         self.entries = [{"reference": r, "platform": platform} if platform else r for r in refs]
         self.keys = [image_key(r, platform) for r in refs]
         self.nodes = [NodeStatus(p) for p in pods]
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if first_wave is not None and first_wave < len(self.nodes):  # else one wave: every node at once
+            self.waves = [self.nodes[:first_wave], self.nodes[first_wave:]]  # in the order ``pods`` came
+            for node in self.waves[1]:
+                node.waiting = True
+        else:
+            self.waves = [self.nodes]
 
     async def ask(self, session: aiohttp.ClientSession, node: NodeStatus) -> None:
         try:
@@ -142,7 +188,21 @@ class Warmup:
         deadline = time.monotonic() + timeout
         client_timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=client_timeout, headers=self.headers) as session:
-            await asyncio.gather(*(self.ask(session, n) for n in self.nodes))
+            for wave, later in zip(self.waves, self.waves[1:], strict=False):
+                await asyncio.gather(*(self.ask(session, n) for n in wave))
+                show(self)
+                while not all(n.settled(self.keys) for n in wave):
+                    if time.monotonic() >= deadline:
+                        unsettled = [n for n in wave if not n.settled(self.keys)]
+                        raise WarmupError(
+                            f"timed out after {timeout:.0f} s in the first wave: {self.describe(unsettled)}"
+                        )
+                    await asyncio.sleep(POLL_S)
+                    await asyncio.gather(*(self.poll(session, n) for n in wave if not n.settled(self.keys)))
+                    show(self)
+                for node in later:
+                    node.waiting = False
+            await asyncio.gather(*(self.ask(session, n) for n in self.waves[-1]))
             show(self)
             if not wait:
                 refused = [n for n in self.nodes if not n.accepted]

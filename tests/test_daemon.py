@@ -12,7 +12,7 @@ import urllib.parse
 
 from puller import config
 
-from .conftest import assert_store_holds, pushed, run_puller, staged_files
+from .conftest import PULLER, assert_store_holds, pushed, run_puller, staged_files
 from .daemon_rig import Daemon, KubeStandIn, fetched_bytes, http
 from .rig import free_port, skopeo_push
 
@@ -197,6 +197,49 @@ def test_warmup_waits_for_every_node_and_names_the_laggard(slow_rig, tmp_path):
         assert r.returncode == 12 and "1 daemon(s) did not take the request: 127.0.0.1:1" in r.stderr
         r = run_puller("warmup", "Bad Ref", "--endpoints", endpoints)
         assert r.returncode == 2
+
+
+def test_warmup_in_waves_asks_the_rest_only_once_the_first_wave_holds_the_images(slow_rig, layout, tmp_path):
+    """``--first-wave 1``: node-a (first listed) is asked alone; node-b and node-c are asked once it holds the
+    image (the rest then find it on their peers through a P2P mirror). Bad wave sizes are exit 2."""
+    reg, _ = slow_rig
+    skopeo_push(layout["path"], "app", f"{reg.host}/test/app:v1")
+    app = pushed(reg, "test/app", "v1")
+    with (
+        Daemon(tmp_path / "a", {"connections": 2}, env={"NODE_NAME": "node-a"}) as a,  # about 6 s
+        Daemon(tmp_path / "b", {"connections": 24}, env={"NODE_NAME": "node-b"}) as b,
+        Daemon(tmp_path / "c", {"connections": 24}, env={"NODE_NAME": "node-c"}) as c,
+    ):
+        endpoints = ",".join(x.url for x in (a, b, c))
+
+        def state(d: Daemon) -> str | None:
+            views = {i["reference"]: i for i in d.get("/v1/images")[1]["images"]}
+            return views.get(app.ref, {}).get("state")
+
+        warmup = subprocess.Popen(
+            [*PULLER, "warmup", app.ref, "--endpoints", endpoints, "--wait", "--first-wave", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        seen_a_alone = False
+        while warmup.poll() is None:
+            later = (state(b), state(c))  # read before node-a: node-a was present before they were asked
+            first = state(a)
+            if first != "present":
+                assert later == (None, None), (first, later)
+                seen_a_alone = seen_a_alone or first == "pulling"
+            time.sleep(0.2)
+        _, err = warmup.communicate()
+        assert warmup.returncode == 0, err
+        assert seen_a_alone
+        assert "next wave" in err  # the table said why node-b and node-c waited
+        for d in (a, b, c):
+            assert_store_holds(d.store, app)
+        for bad in ("0", "0%", "150%", "some"):
+            r = run_puller("warmup", app.ref, "--endpoints", endpoints, "--first-wave", bad)
+            assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "--first-wave" in r.stderr
 
 
 def test_startup_taint_removed_once_the_list_is_present(direct_registry, tmp_path):
