@@ -186,6 +186,18 @@ class SpegelNode:
             env={**os.environ, "PULLER_CONTAINERD_ROOT": str(self.ctrd.workdir / "root")},
         )  # fmt: skip
 
+    def daemon_settings(self) -> dict:
+        """``puller daemon`` settings for this node: its containerd, k8s.io, its hosts.toml."""
+        return {
+            "store": "containerd",
+            "containerd_address": str(self.ctrd.socket),
+            "namespace": "k8s.io",
+            "containerd_root": str(self.ctrd.workdir / "root"),
+            "staging_dir": str(self.workdir / "daemon-staging"),
+            "hosts_dir": str(self.hosts_dir),
+            "api_allow_unauthenticated": True,  # on the test bridge only
+        }
+
     def images(self) -> set[str]:
         listed = subprocess.run(self.ctrd.crictl("images", "-o", "json"), capture_output=True, text=True, check=True)
         return {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}

@@ -5,6 +5,7 @@ holds committed with distribution-source labels, one range per request, to reque
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import run_puller
+from .daemon_rig import Daemon
 from .p2p import Bridge, SpegelNode
 from .rig import LayoutWriter, Nginx, Registry, flip_middle_byte, skopeo_push
 
@@ -142,3 +145,28 @@ def test_a_peer_that_serves_wrong_bytes_is_refused_by_digest_and_the_blob_fetche
     listed = subprocess.run(nodes[2].ctrd.ctr("-n", "k8s.io", "content", "ls", "-q"), capture_output=True, text=True)
     assert big in listed.stdout.split()  # committed: containerd's content store checked its digest at commit
     assert ref in nodes[2].images()  # and unpacked (its layer applied from the verified blob)
+
+
+def _cdn_bytes(cdn: Nginx, digest: str) -> int:
+    """Body bytes the CDN sent of blob ``digest``."""
+    return sum(int(line.split()[1]) for line in cdn.requests() if digest.split(":")[1] in line)
+
+
+def test_with_waves_the_upstream_serves_each_blob_once_and_every_node_holds_the_image(fleet, tmp_path: Path):
+    """A puller daemon on each node; ``puller warmup --first-wave 1``: the first node pulls from upstream, the
+    other two once it holds the image, from it through Spegel. The CDN sends each blob's bytes once (without the
+    wave, each node pulls its own copy: Spegel shares only whole blobs)."""
+    reg, cdn, nodes, _ = fleet
+    ref = f"{reg.host}/p2p/waves:v1"
+    with contextlib.ExitStack() as stack:
+        daemons = [
+            stack.enter_context(Daemon(tmp_path / n.name, n.daemon_settings(), host=n.ip, netns=n.name)) for n in nodes
+        ]
+        endpoints = ",".join(d.url for d in daemons)
+        r = run_puller("warmup", ref, "--endpoints", endpoints, "--wait", "--first-wave", "1", "--timeout", "120")
+        assert r.returncode == 0, r.stderr
+    manifest = _manifest(reg, "waves")
+    for desc in [manifest["config"], *manifest["layers"]]:
+        assert _cdn_bytes(cdn, desc["digest"]) == desc["size"], desc["digest"]  # one copy upstream
+    for node in nodes:
+        assert ref in node.images()
