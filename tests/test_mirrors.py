@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -171,6 +172,37 @@ def test_a_mirror_failing_mid_blob_hands_the_rest_to_upstream(upstream, tmp_path
         assert from_mirror > 0 and done["hosts"][upstream.host] > 0  # one blob, served by both
         assert sum(done["hosts"].values()) == done["fetched"] >= size
         assert_store_holds(tmp_path / "store", big)  # and verified as one
+
+
+def test_a_mirror_that_stalls_mid_blob_is_left_within_seconds_not_the_read_timeout(upstream, tmp_path):
+    """Every blob response of the mirror stops halfway and stays open (a frozen peer): each range to it stalls at
+    once, so no other range shows the stall; after MIRROR_STALL_S without a byte the mirror is given up and the
+    rest comes from upstream, long before the 30 s read timeout."""
+    big = pushed(upstream, "test/big", "v1")
+    with FaultProxy(f"http://{upstream.host}") as mirror:
+        mirror.set("stall", times=-1)
+        certs = hosts_dir(tmp_path, upstream.host, f'[host."{mirror.url}"]\n  capabilities = ["pull"]\n')
+        started = time.monotonic()
+        done = pull_json(big.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+        took = time.monotonic() - started
+        assert done["hosts"].get(mirror.url.split("://")[1], 0) > 0 and done["hosts"][upstream.host] > 0
+        assert took < 15, took
+        assert_store_holds(tmp_path / "store", big)
+
+
+def test_a_blob_a_mirror_served_wrong_is_fetched_again_from_upstream_only(upstream, tmp_path):
+    """The mirror flips a byte of every blob it serves: the digest refuses the bytes, and the second try of each
+    blob goes to the registry itself (no mirror is trusted beyond the digest); the image is whole."""
+    app = pushed(upstream, "test/app", "v1")
+    with FaultProxy(f"http://{upstream.host}") as mirror:
+        mirror.set("flip", times=-1)
+        certs = hosts_dir(tmp_path, upstream.host, f'[host."{mirror.url}"]\n  capabilities = ["pull"]\n')
+        r = run_puller("pull", "--json", app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+        assert r.returncode == 0, r.stderr
+        assert "digest mismatch" in r.stderr
+        done = json.loads(r.stdout.splitlines()[-1])
+        assert done["hosts"][upstream.host] >= sum(app.blobs.values())
+        assert_store_holds(tmp_path / "store", app)
 
 
 def test_unreadable_mirror_settings_are_clear_errors(upstream, tmp_path):

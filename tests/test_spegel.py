@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -33,6 +35,7 @@ def fleet(workdir: Path):
         "killed": layout.add_image("killed", [24 * MIB], seed=202),
         "lying": layout.add_image("lying", [6 * MIB, 2 * MIB], seed=203),
         "waves": layout.add_image("waves", [4 * MIB, 4 * MIB], seed=204),
+        "frozen": layout.add_image("frozen", [24 * MIB], seed=205),
     }
     with Bridge("psbr0", NET) as bridge:
         cdn = Nginx(root / "cdn", root / "registry" / "storage", bind=bridge.ip)
@@ -170,3 +173,28 @@ def test_with_waves_the_upstream_serves_each_blob_once_and_every_node_holds_the_
         assert _cdn_bytes(cdn, desc["digest"]) == desc["size"], desc["digest"]  # one copy upstream
     for node in nodes:
         assert ref in node.images()
+
+
+def test_a_frozen_mirror_mid_blob_is_left_within_seconds_for_the_next_host(fleet):
+    """Node 2's own Spegel, the first host of its hosts.toml, is stopped (SIGSTOP: it accepts connections and
+    answers nothing) while node 2 pulls a 24 MiB layer through it at 4 MiB/s: every range to it stalls at once, so
+    no stall takeover can notice; within MIRROR_STALL_S puller gives the mirror up and takes the rest from the
+    upstream. The pull takes seconds, not the 30 s read timeout."""
+    reg, _, nodes, _ = fleet
+    ref = f"{reg.host}/p2p/frozen:v1"
+    blobs = _blobs(reg, "frozen")
+    _done(nodes[0].puller("pull", ref, "--json"))
+    _until(lambda: all(nodes[2].finds_on_peers("p2p/frozen", d) for d in blobs), 30, "Spegel to advertise")
+    assert nodes[2].spegel is not None
+    freezer = threading.Timer(1.5, os.killpg, (nodes[2].spegel.pid, signal.SIGSTOP))
+    freezer.start()
+    started = time.monotonic()
+    try:
+        done = _done(nodes[2].puller("pull", ref, "--json", "--bandwidth-limit", "4MiB"))
+    finally:
+        freezer.cancel()
+        os.killpg(nodes[2].spegel.pid, signal.SIGCONT)
+    took = time.monotonic() - started
+    assert done["hosts"].get(nodes[2].mirror, 0) > 0 and done["hosts"].get(reg.host, 0) > 0, done["hosts"]
+    assert took < 20, took  # 6 s of bytes at the cap and the stall noticed in 3 s, not the 30 s read timeout
+    assert ref in nodes[2].images()

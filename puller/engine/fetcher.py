@@ -25,8 +25,9 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import DigestMismatch, RegistryError, SizeMismatch, TransportError, VerificationError
 from ..priority import PrioritySemaphore
@@ -56,6 +57,9 @@ PROBE_BYTES = 64 * 1024  # the first range of a blob, which resolves its URL and
 WRITE_BLOCK = 512 * 1024  # bytes gathered per positional write; bounds memory per connection
 MAX_OPEN_BLOBS = 64  # blobs with open files at once (at least twice the connections)
 VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, then the pull fails
+# A mirror (a P2P peer such as Spegel, in the cluster) from which a blob has received nothing for this long while
+# a request to it is open, and no range waits on the store, is stuck: its ranges go to the next host at once.
+MIRROR_STALL_S = 3.0
 
 
 class TruncatedBody(TransportError):
@@ -184,6 +188,10 @@ class BlobFetcher:
                 raise
 
 
+class MirrorStalled(RegistryError):
+    """A mirror stopped sending (see MIRROR_STALL_S): not retried there; the next host takes over."""
+
+
 def chunk_size_for(missing: int, fetcher: BlobFetcher) -> int:
     """About CHUNKS_PER_CONNECTION chunks per connection of the budget, within [MIN_CHUNK, chunk_size].
 
@@ -215,6 +223,7 @@ class _BlobDownload:
         self.progress = progress
         self.reader = BlobReader(fetcher.client, ref, desc, mirrors)  # the HTTP half: hosts, redirects, ranges
         self.mirror_bytes = 0  # bytes received from mirrors, not the registry itself
+        self.heard_at = 0.0  # when the blob last received bytes (time.monotonic)
         self.done = RangeSet()  # bytes the writer holds
         self.pending: list[Chunk] = []
         self.inflight: set[Chunk] = set()
@@ -375,6 +384,7 @@ class _BlobDownload:
 
     async def _fetch_chunk_from(self, writer: BlobWriter, chunk: Chunk, conn: Connection, attempts: int) -> None:
         tries = 0
+        on_mirror = not self.reader.on_last_host
 
         async def attempt() -> None:
             nonlocal tries
@@ -383,12 +393,32 @@ class _BlobDownload:
                 self.progress.retries += 1
             await conn.acquire(self.ref.api_host)
             try:
-                await self._request(writer, chunk)
+                request = self._request(writer, chunk)
+                await (self._unless_mirror_stalls(request) if on_mirror else request)
             except BaseException:
                 conn.release()  # not held while a retry waits
                 raise
 
         await retried(attempts, attempt)
+
+    async def _unless_mirror_stalls(self, request: Coroutine[Any, Any, None]) -> None:
+        """Run ``request`` (to a mirror); give it up with :class:`MirrorStalled` when the blob has received nothing
+        for MIRROR_STALL_S since it started, and no range is waiting on the store: a stuck or frozen peer, which
+        accepts connections and never answers, would otherwise hold the range for the read timeout."""
+        task = asyncio.ensure_future(request)
+        started = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=MIRROR_STALL_S / 4)
+                if done:
+                    return task.result()
+                quiet = time.monotonic() - max(started, self.heard_at)
+                if quiet >= MIRROR_STALL_S and not any(c.writing for c in self.inflight):
+                    raise MirrorStalled(f"{self.reader.host}: nothing received for {quiet:.1f} s")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _request(self, writer: BlobWriter, chunk: Chunk) -> None:
         """:meth:`_stream` as a task of its own, which a takeover of the chunk cancels (:meth:`_next_chunk`)."""
@@ -488,6 +518,7 @@ class _BlobDownload:
     async def _received(self, host: str, n: int) -> None:
         """Count ``n`` bytes received from ``host``, and wait for the bandwidth cap."""
         self.progress.fetched += n
+        self.heard_at = time.monotonic()
         self.progress.by_host[host] = self.progress.by_host.get(host, 0) + n
         if host != self.reader.upstream_host:
             self.mirror_bytes += n
