@@ -84,9 +84,18 @@ class SpegelNode:
     ``registries`` (host:port, plain HTTP); ``hosts_dir`` as ``spegel configuration`` writes it: each registry
     mirrored by this node's Spegel first, then itself."""
 
-    def __init__(self, workdir: Path, bridge: Bridge, name: str, ip: str, registries: list[str]):
+    def __init__(
+        self,
+        workdir: Path,
+        bridge: Bridge,
+        name: str,
+        ip: str,
+        registries: list[str],
+        spegel_args: tuple[str, ...] = (),
+    ):
         self.workdir, self.bridge, self.name, self.ip = workdir, bridge, name, ip
         self.registries = registries
+        self.spegel_args = spegel_args  # more flags of `spegel registry` (e.g. --mirror-resolve-timeout=500ms)
         self.peers: list[str] = []  # static bootstrap addresses of the other nodes (set before entering)
         self.peer_id = spegel_key(workdir / "spegel")
         self.address = f"/ip4/{ip}/tcp/{SPEGEL_ROUTER_PORT}/p2p/{self.peer_id}"
@@ -135,9 +144,19 @@ class SpegelNode:
                     *(f"--static-bootstrap-peers={p}" for p in self.peers),
                     *(f"--mirrored-registries=http://{r}" for r in self.registries),
                     "--debug-web-enabled=false",
+                    *self.spegel_args,
                 ],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_spegel_env(),
             )  # fmt: skip
+
+    def shape(self, egress_mbit: int | None) -> None:
+        """Limit what this node sends to ``egress_mbit`` (None: unlimited again)."""
+        inner = f"{self.name}-n"[:15]
+        _sh("ip", "netns", "exec", self.name, "tc", "qdisc", "del", "dev", inner, "root", check=False)
+        if egress_mbit:
+            burst = max(64, egress_mbit * 1000 // 8 // 100)
+            _sh("ip", "netns", "exec", self.name, "tc", "qdisc", "add", "dev", inner, "root", "tbf",
+                "rate", f"{egress_mbit}mbit", "burst", f"{burst}kb", "latency", "50ms")  # fmt: skip
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Spegel's /readyz: its router found a peer."""

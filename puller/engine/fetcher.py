@@ -29,7 +29,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DigestMismatch, RegistryError, SizeMismatch, TransportError, VerificationError
+from ..errors import DigestMismatch, NotFound, RegistryError, SizeMismatch, TransportError, VerificationError
 from ..priority import PrioritySemaphore
 from ..ranges import RangeSet
 from ..reference import Reference
@@ -60,6 +60,8 @@ VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, 
 # A mirror (a P2P peer such as Spegel, in the cluster) from which a blob has received nothing for this long while
 # a request to it is open, and no range waits on the store, is stuck: its ranges go to the next host at once.
 MIRROR_STALL_S = 3.0
+MIRROR_NOT_FOUND_RETRIES = 3  # a mirror that served part of a blob and then lacks it is asked again this often ...
+MIRROR_NOT_FOUND_PAUSE_S = 0.2  # ... this long apart
 
 
 class TruncatedBody(TransportError):
@@ -370,7 +372,10 @@ class _BlobDownload:
     async def _fetch_chunk(self, writer: BlobWriter, chunk: Chunk, conn: Connection) -> None:
         """Fetch ``chunk`` from the current host; when a mirror fails (after MIRROR_ATTEMPTS) or lacks the blob,
         the chunk, and every range after it, continue from the next host. The bytes already written stay:
-        the blob is verified as one, whoever served its parts."""
+        the blob is verified as one, whoever served its parts. A mirror that served part of the blob and then
+        says it lacks it (a P2P mirror whose peer lookup timed out) is asked again, up to MIRROR_NOT_FOUND_RETRIES
+        times, before the rest of the blob leaves it."""
+        not_found = 0
         while True:
             index, last = self.reader.index, self.reader.on_last_host
             try:
@@ -380,6 +385,11 @@ class _BlobDownload:
             except (RegistryError, TransportError) as e:
                 if last:
                     raise
+                if isinstance(e, NotFound) and self.mirror_bytes and not_found < MIRROR_NOT_FOUND_RETRIES:
+                    not_found += 1
+                    self.progress.retries += 1
+                    await asyncio.sleep(MIRROR_NOT_FOUND_PAUSE_S)
+                    continue
                 self.reader.fail_over(index, e)
 
     async def _fetch_chunk_from(self, writer: BlobWriter, chunk: Chunk, conn: Connection, attempts: int) -> None:
