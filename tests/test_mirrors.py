@@ -205,6 +205,19 @@ def test_a_blob_a_mirror_served_wrong_is_fetched_again_from_upstream_only(upstre
         assert_store_holds(tmp_path / "store", app)
 
 
+def test_a_404_from_the_mirror_that_served_the_manifest_is_asked_again_not_taken_upstream(upstream, tmp_path):
+    """A P2P mirror answers a blob 404 when its peer lookup times out although its peers hold the image (they
+    served the manifest through it): the blob is asked of it again (up to 4 times, backing off) and every byte
+    comes from the mirror."""
+    app = pushed(upstream, "test/app", "v1")
+    with FaultProxy(f"http://{upstream.host}") as mirror:
+        mirror.set("status:404", times=3)  # the first three blob requests
+        certs = hosts_dir(tmp_path, upstream.host, f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n')
+        done = pull_json(app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs))
+        assert done["hosts"] == {mirror.url.split("://")[1]: sum(app.blobs.values())}
+        assert_store_holds(tmp_path / "store", app)
+
+
 def test_unreadable_mirror_settings_are_clear_errors(upstream, tmp_path):
     app = pushed(upstream, "test/app", "v1")
     certs = hosts_dir(tmp_path, upstream.host, '[host."https://m"]\ncapabilities = ["teleport"]\n')

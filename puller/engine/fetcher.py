@@ -60,8 +60,8 @@ VERIFY_ATTEMPTS = 2  # a blob whose digest does not match is fetched once more, 
 # A mirror (a P2P peer such as Spegel, in the cluster) from which a blob has received nothing for this long while
 # a request to it is open, and no range waits on the store, is stuck: its ranges go to the next host at once.
 MIRROR_STALL_S = 3.0
-MIRROR_NOT_FOUND_RETRIES = 3  # a mirror that served part of a blob and then lacks it is asked again this often ...
-MIRROR_NOT_FOUND_PAUSE_S = 0.2  # ... this long apart
+MIRROR_NOT_FOUND_RETRIES = 4  # a mirror that should hold a blob (see _fetch_chunk) and says not is asked again ...
+MIRROR_NOT_FOUND_PAUSE_S = 0.2  # ... after this long, doubled each time (3 s in all)
 
 
 class TruncatedBody(TransportError):
@@ -139,15 +139,23 @@ class BlobFetcher:
         self._open_blobs = PrioritySemaphore(max(MAX_OPEN_BLOBS, 2 * budget.total))
 
     async def fetch(
-        self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress, priority: int = 0
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        store: Store,
+        progress: BlobProgress,
+        priority: int = 0,
+        manifest_mirror: str | None = None,
     ) -> None:
         """Make ``desc`` present in ``store``; its chunks get connections before those of blobs with a higher
-        ``priority``. Concurrent calls for the same digest and store share one fetch, which is cancelled when the
-        last of them is."""
+        ``priority``. ``manifest_mirror``: the mirror host that served the image's manifest; its peers hold the
+        blobs, so a 404 from it is taken for a peer lookup that timed out (asked again) rather than for a blob it
+        lacks. Concurrent calls for the same digest and store share one fetch, cancelled when the last of them is."""
         key = (id(store), str(desc.digest))
         shared = self._inflight.get(key)
         if shared is None:
-            shared = _Shared(asyncio.ensure_future(self._fetch_verified(ref, desc, store, progress, priority)))
+            fetching = self._fetch_verified(ref, desc, store, progress, priority, manifest_mirror)
+            shared = _Shared(asyncio.ensure_future(fetching))
             self._inflight[key] = shared
             shared.future.add_done_callback(functools.partial(self._fetch_done, key))
         else:
@@ -169,11 +177,17 @@ class BlobFetcher:
         _retrieve(future)
 
     async def _fetch_verified(
-        self, ref: Reference, desc: Descriptor, store: Store, progress: BlobProgress, priority: int
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        store: Store,
+        progress: BlobProgress,
+        priority: int,
+        manifest_mirror: str | None,
     ) -> None:
         mirrors = True
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
-            download = _BlobDownload(self, ref, desc, store, progress, priority, mirrors)
+            download = _BlobDownload(self, ref, desc, store, progress, priority, mirrors, manifest_mirror)
             try:
                 async with self._open_blobs.hold(priority):
                     await download.run()
@@ -216,8 +230,10 @@ class _BlobDownload:
         progress: BlobProgress,
         priority: int,
         mirrors: bool = True,
+        manifest_mirror: str | None = None,
     ):
         self.f = fetcher
+        self.manifest_mirror = manifest_mirror  # see BlobFetcher.fetch
         self.ref = ref
         self.desc = desc
         self.priority = priority
@@ -372,9 +388,9 @@ class _BlobDownload:
     async def _fetch_chunk(self, writer: BlobWriter, chunk: Chunk, conn: Connection) -> None:
         """Fetch ``chunk`` from the current host; when a mirror fails (after MIRROR_ATTEMPTS) or lacks the blob,
         the chunk, and every range after it, continue from the next host. The bytes already written stay:
-        the blob is verified as one, whoever served its parts. A mirror that served part of the blob and then
-        says it lacks it (a P2P mirror whose peer lookup timed out) is asked again, up to MIRROR_NOT_FOUND_RETRIES
-        times, before the rest of the blob leaves it."""
+        the blob is verified as one, whoever served its parts. A mirror that says it lacks the blob after it
+        served part of it, or the image's manifest (a P2P mirror whose peer lookup timed out), is asked again, up to
+        MIRROR_NOT_FOUND_RETRIES times, before the rest of the blob leaves it."""
         not_found = 0
         while True:
             index, last = self.reader.index, self.reader.on_last_host
@@ -385,10 +401,11 @@ class _BlobDownload:
             except (RegistryError, TransportError) as e:
                 if last:
                     raise
-                if isinstance(e, NotFound) and self.mirror_bytes and not_found < MIRROR_NOT_FOUND_RETRIES:
+                held = self.mirror_bytes or self.reader.endpoints[index].host == self.manifest_mirror
+                if isinstance(e, NotFound) and held and not_found < MIRROR_NOT_FOUND_RETRIES:
                     not_found += 1
                     self.progress.retries += 1
-                    await asyncio.sleep(MIRROR_NOT_FOUND_PAUSE_S)
+                    await asyncio.sleep(MIRROR_NOT_FOUND_PAUSE_S * 2 ** (not_found - 1))
                     continue
                 self.reader.fail_over(index, e)
 

@@ -69,24 +69,30 @@ class PullResult:
         return self.fetched_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
-async def resolve(
-    client: RegistryClient, ref: Reference, platform: mf.Platform
-) -> tuple[mf.Descriptor, mf.Descriptor, mf.Manifest, list[tuple[mf.Descriptor, bytes]]]:
-    """Return (top descriptor, platform manifest descriptor, manifest, raw documents to store)."""
-    top, body = await client.get_manifest(ref)
+@dataclass
+class Resolved:
+    top: mf.Descriptor  # what the reference names (an index or a manifest)
+    target: mf.Descriptor  # the platform's manifest
+    manifest: mf.Manifest
+    documents: list[tuple[mf.Descriptor, bytes]]  # raw documents to store
+    mirror: str | None  # the mirror that served the manifest, whose peers then hold the image (BlobFetcher.fetch)
+
+
+async def resolve(client: RegistryClient, ref: Reference, platform: mf.Platform) -> Resolved:
+    top, body, host = await client.get_manifest(ref)
     documents = [(top, body)]
     doc = mf.parse(body, top.media_type)
     target = top
     if isinstance(doc, mf.Index):
         chosen = mf.select_platform(doc, platform)
-        m_desc, m_body = await client.get_manifest(ref.with_digest(chosen.digest), expected=chosen)
+        m_desc, m_body, host = await client.get_manifest(ref.with_digest(chosen.digest), expected=chosen)
         documents.append((m_desc, m_body))
         doc = mf.parse(m_body, chosen.media_type)
         if not isinstance(doc, mf.Manifest):
             raise mf.ManifestError(f"{ref}: index entry {chosen.digest} is not an image manifest (nested index)")
         target = chosen
     assert isinstance(doc, mf.Manifest)
-    return top, target, doc, documents
+    return Resolved(top, target, doc, documents, host.host if host.is_mirror else None)
 
 
 async def pull_image(
@@ -105,7 +111,8 @@ async def pull_image(
     started = time.monotonic()
     begun: mf.Manifest | None = None
     try:
-        top, target, manifest, documents = await resolve(client, ref, platform or mf.Platform.host())
+        resolved = await resolve(client, ref, platform or mf.Platform.host())
+        top, target, manifest, documents = resolved.top, resolved.target, resolved.manifest, resolved.documents
         progress.digest = str(top.digest)
         progress.state = "fetching"
         missing = []
@@ -127,7 +134,10 @@ async def pull_image(
         begun = manifest
         # Blobs in manifest order (config, then layers bottom up) take connections in that order.
         await gather_or_cancel(
-            [fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)], i) for i, d in enumerate(missing)]
+            [
+                fetcher.fetch(ref, d, store, progress.blobs[str(d.digest)], i, resolved.mirror)
+                for i, d in enumerate(missing)
+            ]
         )
         progress.state = "committing"
         # The index (if any) is stored as a blob too; the name points at the platform manifest.

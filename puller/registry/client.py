@@ -407,9 +407,11 @@ class RegistryClient:
 
     # ---- manifests ----------------------------------------------------------------------------------------
 
-    async def get_manifest(self, ref: Reference, expected: mf.Descriptor | None = None) -> tuple[mf.Descriptor, bytes]:
+    async def get_manifest(
+        self, ref: Reference, expected: mf.Descriptor | None = None
+    ) -> tuple[mf.Descriptor, bytes, Endpoint]:
         """Fetch a manifest or index by ``ref.object``; size-capped and, when the digest is known (pulled by
-        digest, or a child of an index), verified. Returns its descriptor and raw bytes.
+        digest, or a child of an index), verified. Returns its descriptor, raw bytes and the host that served it.
 
         Hosts are tried in order as containerd does: a tag only through hosts that may resolve, a digest through
         hosts that may pull; a host that fails or lacks it passes to the next. If all fail, the most telling
@@ -420,7 +422,8 @@ class RegistryClient:
         for i, ep in enumerate(hosts):
             try:
                 attempts = self.settings.attempts if i == len(hosts) - 1 else MIRROR_ATTEMPTS
-                return await retried(attempts, functools.partial(self._get_manifest_from, ep, ref, expected))
+                desc, body = await retried(attempts, functools.partial(self._get_manifest_from, ep, ref, expected))
+                return desc, body, ep
             except (RegistryError, TransportError, VerificationError) as e:
                 rank = 1 if isinstance(e, TransportError) else 2 if isinstance(e, NotFound) else 3
                 if best is None or rank > best[0]:
