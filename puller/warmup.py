@@ -31,6 +31,7 @@ from .errors import ConfigError, WarmupError
 from .reference import Reference
 
 POLL_S = 1.0
+WAVE_POLL_S = 0.25  # a first wave is polled more often: the rest wait on it
 REQUEST_TIMEOUT_S = 10.0
 
 
@@ -197,7 +198,7 @@ class Warmup:
                         raise WarmupError(
                             f"timed out after {timeout:.0f} s in the first wave: {self.describe(unsettled)}"
                         )
-                    await asyncio.sleep(POLL_S)
+                    await asyncio.sleep(WAVE_POLL_S)
                     await asyncio.gather(*(self.poll(session, n) for n in wave if not n.settled(self.keys)))
                     show(self)
                 for node in later:
