@@ -256,7 +256,9 @@ def table(outcomes: list[Outcome], args, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(outcomes: list[Outcome], path: Path, title: str) -> None:
+def plot(outcomes: list, path: Path, title: str, xlabel: str = "seconds since the list update") -> None:
+    """Nodes holding the image over time, a step line per scenario (its first run): ``outcomes`` have
+    ``scenario``, ``done_at``, ``upstream_bytes`` and ``image_bytes``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,7 +277,7 @@ def plot(outcomes: list[Outcome], path: Path, title: str) -> None:
             where="post",
             label=f"{o.scenario} ({o.upstream_bytes / o.image_bytes:.1f}x image upstream)",
         )
-    ax.set_xlabel("seconds since the list update")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("nodes with the image")
     ax.set_title(title)
     ax.legend(fontsize=8)

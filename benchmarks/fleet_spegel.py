@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.fleet import plot
 from tests.daemon_rig import Daemon
 from tests.p2p import SPEGEL, Bridge, SpegelNode
 from tests.rig import LayoutWriter, Nginx, Registry, skopeo_push, tempdir
@@ -161,25 +162,6 @@ def spegel_version() -> str:
     return stamp.read_text().strip() if stamp.exists() else "?"
 
 
-def plot(outcomes: list[Outcome], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for o in outcomes:
-        xs = [0.0, *o.done_at]
-        ax.step(xs, range(len(xs)), where="post", label=f"{o.scenario} ({o.copies:.2f} copies upstream)")
-    ax.set_xlabel("seconds since the pull was asked for")
-    ax.set_ylabel("nodes holding the image")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=8)
@@ -255,8 +237,8 @@ def main() -> int:
     stem = RESULTS / f"{time.strftime('%Y-%m-%d')}-{args.name}-n{args.nodes}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
-    plot(outcomes, stem.with_suffix(".png"), f"{args.nodes} nodes on Spegel, {args.image_mib} MiB, "
-         f"upstream {args.uplink_mbit} Mbit/s")  # fmt: skip
+    title = f"{args.nodes} nodes on Spegel, {args.image_mib} MiB, upstream {args.uplink_mbit} Mbit/s"
+    plot(outcomes, stem.with_suffix(".png"), title, "seconds since the pull was asked for")
     print(f"wrote {stem}.md, .json, .png")
     return 0
 

@@ -19,7 +19,7 @@ import pytest
 from .conftest import run_puller
 from .daemon_rig import Daemon
 from .p2p import Bridge, SpegelNode
-from .rig import LayoutWriter, Nginx, Registry, flip_middle_byte, skopeo_push
+from .rig import LayoutWriter, Nginx, Registry, flip_middle_byte, skopeo_push, wait_for
 
 NET = "10.235.0"
 MIB = 1 << 20
@@ -76,14 +76,6 @@ def _done(r: subprocess.CompletedProcess) -> dict:
     return json.loads(r.stdout.splitlines()[-1])
 
 
-def _until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
-
-
 def test_spegel_serves_what_puller_wrote_and_the_next_nodes_pull_from_peers_not_upstream(fleet):
     """Node 0 pulls from upstream (its Spegel finds no peer with the blobs and answers 404: puller falls through
     to the next host of hosts.toml). Its Spegel then advertises what puller committed (distribution-source
@@ -96,7 +88,7 @@ def test_spegel_serves_what_puller_wrote_and_the_next_nodes_pull_from_peers_not_
     assert set(first["hosts"]) == {reg.host}, first["hosts"]  # no peer had a byte of it
     served = len(_cdn_blob_requests(cdn, blobs))
     assert served >= len(blobs)
-    _until(lambda: all(nodes[1].finds_on_peers("p2p/shared", d) for d in blobs), 30, "Spegel to advertise")
+    wait_for(lambda: all(nodes[1].finds_on_peers("p2p/shared", d) for d in blobs), 30, "Spegel to advertise")
 
     second = _done(nodes[1].puller("pull", ref, "--json"))
     assert set(second["hosts"]) == {nodes[1].mirror}, second["hosts"]  # every byte through the node's Spegel
@@ -113,7 +105,7 @@ def test_a_peer_killed_mid_blob_the_pull_completes_from_the_next_host_verified(f
     ref = f"{reg.host}/p2p/killed:v1"
     blobs = _blobs(reg, "killed")
     _done(nodes[0].puller("pull", ref, "--json"))
-    _until(lambda: all(nodes[1].finds_on_peers("p2p/killed", d) for d in blobs), 30, "Spegel to advertise")
+    wait_for(lambda: all(nodes[1].finds_on_peers("p2p/killed", d) for d in blobs), 30, "Spegel to advertise")
     before = len(_cdn_blob_requests(cdn, blobs))
     killer = threading.Timer(1.5, nodes[0].kill_spegel)
     nodes[0].shape(40)  # about 5 s for the layer: the kill lands mid-blob
@@ -139,7 +131,7 @@ def test_a_peer_that_serves_wrong_bytes_is_refused_by_digest_and_the_blob_fetche
     ref = f"{reg.host}/p2p/lying:v1"
     blobs = _blobs(reg, "lying")
     _done(nodes[0].puller("pull", ref, "--json"))
-    _until(lambda: all(nodes[2].finds_on_peers("p2p/lying", d) for d in blobs), 30, "Spegel to advertise")
+    wait_for(lambda: all(nodes[2].finds_on_peers("p2p/lying", d) for d in blobs), 30, "Spegel to advertise")
     big = max(_manifest(reg, "lying")["layers"], key=lambda d: d["size"])["digest"]
     flip_middle_byte(nodes[0].content_dir / "blobs" / "sha256" / big.split(":")[1])
     before = len(_cdn_blob_requests(cdn, [big]))
@@ -188,7 +180,7 @@ def test_a_frozen_mirror_mid_blob_is_left_within_seconds_for_the_next_host(fleet
     ref = f"{reg.host}/p2p/frozen:v1"
     blobs = _blobs(reg, "frozen")
     _done(nodes[0].puller("pull", ref, "--json"))
-    _until(lambda: all(nodes[2].finds_on_peers("p2p/frozen", d) for d in blobs), 30, "Spegel to advertise")
+    wait_for(lambda: all(nodes[2].finds_on_peers("p2p/frozen", d) for d in blobs), 30, "Spegel to advertise")
     assert nodes[2].spegel is not None
     freezer = threading.Timer(1.5, os.killpg, (nodes[2].spegel.pid, signal.SIGSTOP))
     nodes[0].shape(40)  # about 5 s for the layer: the freeze lands mid-blob
