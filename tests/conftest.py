@@ -38,7 +38,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
     missing += [str(b / "containerd") for b in CONTAINERD_BINS.values() if not (b / "containerd").exists()]
     kube = [b / name for b in KUBE_RELEASES.values() for name in KUBE_BINS]
-    missing += [str(p) for p in (CRICTL, TEST_BIN / "etcd", TEST_BIN / "spegel", *kube) if not p.exists()]
+    tools = (CRICTL, TEST_BIN / "etcd", TEST_BIN / "spegel", TEST_BIN / "helm", *kube)
+    missing += [str(p) for p in tools if not p.exists()]
     if missing:
         # Real parts are the point of these tests: fail loudly rather than skip.
         raise pytest.UsageError(f"missing test tools {missing}: run bash .ci/install-test")

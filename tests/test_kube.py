@@ -65,6 +65,27 @@ def test_every_object_of_deploy_is_accepted_by_the_api_server(cluster: ControlPl
     assert pod["containers"][0]["terminationMessagePolicy"] == "File"
 
 
+def test_the_charts_objects_with_cluster_sources_are_accepted_by_the_api_server(cluster: ControlPlane):
+    """deploy/helm/puller rendered with the cluster sources and pull-secret namespaces on: every object passes the
+    API server's strict validation and admission (a server-side dry run: applied for real, its ClusterRoleBinding
+    would rebind the account deploy/'s objects give to the other tests)."""
+    from .test_helm import CHART, HELM, SOURCES
+
+    for ns in ("ml", "web"):
+        cluster.kubectl("create", "namespace", ns, check=False)
+    rendered = subprocess.run(
+        [str(HELM), "template", "puller", str(CHART), "--namespace", "puller", *SOURCES],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    r = cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=rendered)
+    kinds = {line.split("/")[0] for line in r.stdout.splitlines() if "(server dry run)" in line}
+    rbac = "rbac.authorization.k8s.io"
+    assert {"daemonset.apps", "configmap", f"clusterrole.{rbac}", f"role.{rbac}"} <= kinds
+    assert r.stdout.count("(server dry run)") == len([d for d in yaml.safe_load_all(rendered) if d])
+
+
 def test_the_cluster_generates_the_api_token_and_admits_the_node_agent_pods(cluster: ControlPlane):
     """deploy/'s API token Secret is filled in by the cluster; a pod of the DaemonSet's template passes admission
     in the puller namespace (Pod Security, the system-node-critical priority within its quota) and so does the
