@@ -125,7 +125,7 @@ def _taints(cluster: ControlPlane, name: str) -> list[str]:
 async def test_the_daemon_account_removes_its_start_up_taint_and_nothing_else(
     cluster: ControlPlane, tmp_path: Path, monkeypatch, key: str
 ):
-    """Also with the key cluster-autoscaler takes for a start-up taint (deploy/README.md, node autoscalers)."""
+    """Also with the key cluster-autoscaler takes for a start-up taint (docs/deployment.md, node autoscalers)."""
     node = f"node-{len(key)}"
     taints = [
         {"key": key, "value": "pending", "effect": "NoSchedule"},
