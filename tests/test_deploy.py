@@ -78,6 +78,7 @@ def test_the_pieces_agree():
     assert volumes[mounts[settings.containerd_address]]["hostPath"]["path"] == settings.containerd_address
     assert any(Path(settings.staging_dir).is_relative_to(p) for p in mounts)
     assert volumes[mounts[settings.hosts_dir]]["hostPath"]["path"] == settings.hosts_dir  # the node's mirrors
+    assert volumes[mounts[settings.containerd_root]]["hostPath"]["path"] == settings.containerd_root
     port = settings.listen_address[1]
     assert container["ports"][0]["containerPort"] == port == svc["spec"]["ports"][0]["port"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

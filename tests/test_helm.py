@@ -103,6 +103,20 @@ def test_every_rendered_object_validates_against_the_kubernetes_schema(values):
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
 
 
+def test_a_node_with_other_paths_gets_them_mounted_and_configured():
+    """k3s keeps containerd's socket and root elsewhere: one value each moves the hostPath, the mount and the
+    setting together."""
+    sock, root = "/run/k3s/containerd/containerd.sock", "/var/lib/rancher/k3s/agent/containerd"
+    docs = keyed(template("--set", f"node.containerdSocket={sock}", "--set", f"node.containerdRoot={root}"))
+    settings = yaml.safe_load(docs[("ConfigMap", "puller", "puller")]["data"]["puller.yaml"])
+    assert settings["containerd_address"] == sock and settings["containerd_root"] == root
+    pod = docs[("DaemonSet", "puller", "puller")]["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert mounts["containerd-socket"] == paths["containerd-socket"] == sock
+    assert mounts["containerd-root"] == paths["containerd-root"] == root
+
+
 def test_values_reach_the_settings_puller_reads():
     docs = keyed(template("--set", "startupTaint=", "--set", "store=overlaybd", "--set", "images={busybox:1.36}"))
     data = docs[("ConfigMap", "puller", "puller")]["data"]

@@ -9,6 +9,10 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- define "puller.settings" -}}
 {{- $s := deepCopy .Values.settings -}}
 {{- $_ := set $s "store" .Values.store -}}
+{{- $_ := set $s "containerd_address" .Values.node.containerdSocket -}}
+{{- $_ := set $s "containerd_root" .Values.node.containerdRoot -}}
+{{- $_ := set $s "hosts_dir" .Values.node.hostsDir -}}
+{{- $_ := set $s "staging_dir" (printf "%s/staging" .Values.node.stateDir) -}}
 {{- $_ := set $s "startup_taint" (.Values.startupTaint | default nil) -}}
 {{- if .Values.sources.knativeImages }}{{ $_ := set $s "knative_images" true }}{{ end -}}
 {{- with .Values.sources.workloadSelector }}{{ $_ := set $s "workload_selector" . }}{{ end -}}
