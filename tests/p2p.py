@@ -27,6 +27,14 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=check)
 
 
+def _tbf(dev: str, egress_mbit: int, netns: str | None = None) -> None:
+    """Shape what ``dev`` (in ``netns``) sends to ``egress_mbit`` with tbf (a burst of 10 ms)."""
+    burst = max(64, egress_mbit * 1000 // 8 // 100)  # kbit
+    prefix = ("ip", "netns", "exec", netns) if netns else ()
+    _sh(*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+        "rate", f"{egress_mbit}mbit", "burst", f"{burst}kb", "latency", "50ms")  # fmt: skip
+
+
 class Bridge:
     """Bridge ``name`` with ``<net>.1/24``, and network namespaces on it (a veth each). Removes all on exit."""
 
@@ -56,16 +64,12 @@ class Bridge:
             _sh("ip", "netns", "exec", ns, *cmd)
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         if egress_mbit:
-            burst = max(64, egress_mbit * 1000 // 8 // 100)  # kbit: 10 ms worth
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", inner, "root", "tbf",
-                "rate", f"{egress_mbit}mbit", "burst", f"{burst}kb", "latency", "50ms")  # fmt: skip
+            _tbf(inner, egress_mbit, ns)
         return outer
 
     def shape(self, egress_mbit: int) -> None:
         """Shape what the bridge sends into the namespaces (the root namespace's servers: the upstream)."""
-        burst = max(64, egress_mbit * 1000 // 8 // 100)
-        _sh("tc", "qdisc", "replace", "dev", self.name, "root", "tbf",
-            "rate", f"{egress_mbit}mbit", "burst", f"{burst}kb", "latency", "50ms")  # fmt: skip
+        _tbf(self.name, egress_mbit)
 
     def __exit__(self, *exc: object) -> None:
         for ns in self.namespaces:
@@ -154,9 +158,7 @@ class SpegelNode:
         inner = f"{self.name}-n"[:15]
         _sh("ip", "netns", "exec", self.name, "tc", "qdisc", "del", "dev", inner, "root", check=False)
         if egress_mbit:
-            burst = max(64, egress_mbit * 1000 // 8 // 100)
-            _sh("ip", "netns", "exec", self.name, "tc", "qdisc", "add", "dev", inner, "root", "tbf",
-                "rate", f"{egress_mbit}mbit", "burst", f"{burst}kb", "latency", "50ms")  # fmt: skip
+            _tbf(inner, egress_mbit, self.name)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Spegel's /readyz: its router found a peer."""

@@ -411,7 +411,6 @@ class _BlobDownload:
 
     async def _fetch_chunk_from(self, writer: BlobWriter, chunk: Chunk, conn: Connection, attempts: int) -> None:
         tries = 0
-        on_mirror = not self.reader.on_last_host
 
         async def attempt() -> None:
             nonlocal tries
@@ -420,8 +419,8 @@ class _BlobDownload:
                 self.progress.retries += 1
             await conn.acquire(self.ref.api_host)
             try:
-                request = self._request(writer, chunk)
-                await (self._unless_mirror_stalls(request) if on_mirror else request)
+                request = self._request(writer, chunk)  # to the current host: a retry may follow a fail-over
+                await (request if self.reader.on_last_host else self._unless_mirror_stalls(request))
             except BaseException:
                 conn.release()  # not held while a retry waits
                 raise
