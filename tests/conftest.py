@@ -24,12 +24,13 @@ from .rig import (
     Nginx,
     Registry,
     TokenIssuer,
+    relabel,
     sha256_file,
     skopeo_push,
     tempdir,
 )
 
-REQUIRED = ("docker-registry", "skopeo", "nginx", "htpasswd", "containerd", "ctr")
+REQUIRED = ("docker-registry", "skopeo", "nginx", "htpasswd", "containerd", "ctr", "mmdebstrap")
 MIB = 1024 * 1024
 BUSYBOX = (Path("/bin/busybox").read_bytes(), 0o755)  # busybox-static: runs in any image
 
@@ -84,6 +85,20 @@ def layout(workdir: Path) -> dict[str, object]:
         "pause": lw.add_files_image("pause", {"/bin/busybox": BUSYBOX}, ("/bin/busybox", "sleep", "2147483647")),
         "run": lw.add_files_image("run", {"/bin/busybox": BUSYBOX}),
     }
+
+
+NODE_IMAGE_CACHE = TEST_BIN.parent / "node-image-cache"  # deploy/build-image's Debian layer, kept between runs
+
+
+@pytest.fixture(scope="session")
+def node_image(workdir: Path) -> Path:
+    """puller's node image built by deploy/build-image from this tree, as an OCI layout: tag v1, and v2, the same
+    image with one more label (a new image for a rolling update)."""
+    out = workdir / "node-image"
+    build = [sys.executable, str(Path(__file__).parent.parent / "deploy" / "build-image"), str(out), "--tag", "v1"]
+    subprocess.run([*build, "--cache", str(NODE_IMAGE_CACHE)], check=True, capture_output=True)
+    relabel(out, "v1", "v2", {"dev.puller.test": "v2"})
+    return out
 
 
 @pytest.fixture(scope="session")

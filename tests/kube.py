@@ -6,11 +6,13 @@ token from the TokenRequest API.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,18 @@ KUBE_RELEASES = {minor: TEST_BIN / f"kubernetes-{minor}" for minor in ("1.35", "
 KUBE_BINS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl")
 LOOPBACK_CNI = {"cniVersion": "1.0.0", "name": "puller-test", "plugins": [{"type": "loopback"}]}
 BRIDGE = "pullertest0"
+SERVICE_CIDR = "10.96.0.0/16"
+API_SERVICE_IP = "10.96.0.1"  # the ClusterIP of Service default/kubernetes: what pods' in-cluster clients dial
 
 
-def bridge_cni(subnet: str, data_dir: Path) -> dict:
+def bridge_cni(subnet: str, data_dir: Path, default_route: bool = False) -> dict:
     """A CNI configuration giving each pod its own network namespace and an address of ``subnet`` on a bridge the
-    host reaches (no masquerade, no route out): servers in a pod's namespace are reachable from the node only."""
+    host reaches (no masquerade, no route out): servers in a pod's namespace are reachable from the node only.
+    ``default_route``: pods route everything through the node (then :meth:`ControlPlane.served_on` gives them
+    the API server at its ClusterIP)."""
     ipam = {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": str(data_dir)}
-    bridge = {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False, "ipam": ipam}
+    bridge = {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "isDefaultGateway": default_route}
+    bridge.update(ipMasq=False, ipam=ipam)
     return {"cniVersion": "1.0.0", "name": "puller-test-bridge", "plugins": [bridge]}
 
 
@@ -48,7 +55,8 @@ class Certificates:
         self._ca = TestCA(where, "puller-test-ca")
         self.ca = self._ca.cert
         names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
-        sans = [*(x509.DNSName(n) for n in names), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        ips = ("127.0.0.1", API_SERVICE_IP)
+        sans = [*(x509.DNSName(n) for n in names), *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)]
         self.server, self.server_key = self._ca.issue("apiserver", "kube-apiserver", sans=sans)
         self.admin, self.admin_key = self._ca.issue("admin", "puller-test-admin", org="system:masters")
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -112,7 +120,7 @@ class ControlPlane:
                     "--service-account-issuer=https://kubernetes.default.svc",
                     f"--service-account-key-file={certs.sa_pub}",
                     f"--service-account-signing-key-file={certs.sa_key}",
-                    "--service-cluster-ip-range=10.96.0.0/16",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--authorization-mode=Node,RBAC",
                     # 1.37 refuses a loopback advertise address for the endpoints of the kubernetes Service, which
                     # nothing here reaches (no kube-proxy): that Service gets no endpoints
@@ -128,6 +136,23 @@ class ControlPlane:
             self.__exit__()
             raise
         return self
+
+    @contextlib.contextmanager
+    def served_on(self, bridge: str) -> Iterator[None]:
+        """What kube-proxy does for Service default/kubernetes, for pods on ``bridge`` only: their connections to
+        its ClusterIP, port 443, go to the API server on loopback (a DNAT rule; the API server still listens on
+        loopback only)."""
+        rule = ["PREROUTING", "-i", bridge, "-d", API_SERVICE_IP, "-p", "tcp", "--dport", "443"]
+        rule += ["-j", "DNAT", "--to-destination", f"127.0.0.1:{self.port}"]
+        route_localnet = Path(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet")
+        subprocess.run(["iptables", "-t", "nat", "-A", *rule], check=True, capture_output=True)
+        route_localnet.write_text("1")  # packets from the bridge may then be delivered to 127.0.0.1
+        try:
+            yield
+        finally:
+            subprocess.run(["iptables", "-t", "nat", "-D", *rule], capture_output=True)
+            with contextlib.suppress(OSError):
+                route_localnet.write_text("0")
 
     def _start(self, name: str, cmd: list[str]) -> None:
         with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own descriptor

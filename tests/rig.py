@@ -274,6 +274,29 @@ def _tar(files: dict[str, tuple[bytes, int] | None]) -> bytes:
     return buf.getvalue()
 
 
+def relabel(layout: Path, tag: str, new_tag: str, labels: dict[str, str]) -> None:
+    """Adds image ``new_tag`` to an OCI layout: image ``tag`` with ``labels`` added to its config (the same layers,
+    another image ID)."""
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    manifest = json.loads((blobs / desc["digest"].split(":")[1]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_bytes())
+    config["config"]["Labels"] = {**(config["config"].get("Labels") or {}), **labels}
+
+    def put(doc: dict) -> tuple[str, int]:
+        data = json.dumps(doc).encode()
+        hexd = hashlib.sha256(data).hexdigest()
+        (blobs / hexd).write_bytes(data)
+        return f"sha256:{hexd}", len(data)
+
+    manifest["config"]["digest"], manifest["config"]["size"] = put(config)
+    digest, size = put(manifest)
+    new = {**desc, "digest": digest, "size": size, "annotations": {"org.opencontainers.image.ref.name": new_tag}}
+    index["manifests"].append(new)
+    (layout / "index.json").write_text(json.dumps(index))
+
+
 class LayoutWriter:
     """Writes OCI image layouts for skopeo to push."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -867,3 +868,207 @@ def test_an_image_volume_with_pull_policy_always_starts_its_pod_with_no_blob_fet
                 assert not any("/blobs/" in p for _, p, _ in asked), asked
             finally:
                 cluster.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+# ---- the DaemonSet as real pods: deploy/ and the chart, with the node image of deploy/build-image -----------------
+
+POD_NET = "10.244.79"  # the pods' bridge network of the DaemonSet test
+
+
+def _daemonset_overlay(w: Path, reg: Registry, ctrd: Containerd, images: list[str]) -> Path:
+    """A kustomize overlay of deploy/ for this node: the node image in ``reg``, the node's paths (containerd's
+    socket and root, its hosts.toml, puller's state) as hostPaths, deploy/'s settings with plain HTTP to ``reg``
+    (the tests' registry), and ``images`` as the list."""
+    overlay = w / "overlay"
+    overlay.mkdir()
+    settings = yaml.safe_load(
+        next(d for d in yaml.safe_load_all((DEPLOY / "configmap.yaml").read_text()) if d)["data"]["puller.yaml"]
+    )
+    settings["plain_http"] = [reg.host]
+    host_paths = {
+        "containerd-socket": str(ctrd.socket),
+        "containerd-root": str(ctrd.workdir),
+        "registry-hosts": str(w / "certs.d"),
+        "staging": str(w / "state"),
+    }
+    daemonset = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "puller", "namespace": "puller"},
+        "spec": {
+            "template": {
+                "spec": {"volumes": [{"name": name, "hostPath": {"path": path}} for name, path in host_paths.items()]}
+            }
+        },
+    }
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "puller", "namespace": "puller"},
+        "data": {"puller.yaml": yaml.safe_dump(settings), "images.yaml": yaml.safe_dump({"images": images})},
+    }
+    (overlay / "daemonset.yaml").write_text(json.dumps(daemonset))
+    (overlay / "configmap.yaml").write_text(json.dumps(configmap))
+    base_image = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["images"][0]["newName"]
+    kustomization = {
+        "resources": [os.path.relpath(DEPLOY, overlay)],
+        "images": [{"name": base_image, "newName": f"{reg.host}/puller", "newTag": "v1"}],
+        "patches": [{"path": "daemonset.yaml"}, {"path": "configmap.yaml"}],
+    }
+    (overlay / "kustomization.yaml").write_text(json.dumps(kustomization))
+    return overlay
+
+
+def _chart_values(w: Path, reg: Registry, ctrd: Containerd, images: list[str], tag: str) -> Path:
+    """Values for deploy/helm/puller with the same node, image list and registry as :func:`_daemonset_overlay`."""
+    values = {
+        "image": {"repository": f"{reg.host}/puller", "tag": tag},
+        "images": images,
+        "node": {
+            "containerdSocket": str(ctrd.socket),
+            "containerdRoot": str(ctrd.workdir),
+            "hostsDir": str(w / "certs.d"),
+            "stateDir": str(w / "state"),
+        },
+        "settings": {"plain_http": [reg.host]},  # merged into the chart's own settings
+    }
+    path = w / "values.yaml"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def _daemon_pods(cluster: ControlPlane, node: str) -> list[dict]:
+    selector = ",".join(f"{k}={v}" for k, v in _daemon_labels().items())
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", "puller", "-l", selector, "-o", "json").stdout)["items"]
+    return [p for p in pods if p["spec"].get("nodeName") == node]
+
+
+def _ready_daemon(cluster: ControlPlane, node: str, image: str) -> dict | None:
+    """The node's daemon pod running ``image``, once it is Ready and the only one there."""
+    pods = _daemon_pods(cluster, node)
+    if (
+        len(pods) != 1
+        or pods[0]["spec"]["containers"][0]["image"] != image
+        or pods[0]["metadata"].get("deletionTimestamp")
+    ):
+        return None
+    conditions = pods[0]["status"].get("conditions", [])
+    return pods[0] if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
+
+
+def _node_tags(ctrd: Containerd) -> set[str]:
+    listed = subprocess.run(ctrd.crictl("images", "-o", "json"), capture_output=True, text=True, check=True)
+    return {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}
+
+
+def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over_keeping_the_images(
+    cluster: ControlPlane, layout, node_image: Path, tmp_path: Path
+):
+    """deploy/'s DaemonSet as real pods of puller's node image (deploy/build-image) on a kubelet node with the
+    start-up taint, pods on a bridge network: the pod becomes Ready, prefetches its list into the node's containerd
+    through the API server's ClusterIP (its ServiceAccount token, in-cluster), removes the taint; the Service's
+    endpoints name it; deploy/'s warmup Job, run as a pod, gets an image onto the node through its API port and
+    token. Then the chart's objects with a new image roll the DaemonSet over: the list stays on the node throughout,
+    no blob of it is fetched again, and the new pod is Ready."""
+    from .p2p import Bridge
+    from .test_helm import CHART, HELM
+
+    w, node_name = tmp_path, "node-ds"
+    for stale in json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]:
+        # earlier tests' nodes (their kubelets are gone): the DaemonSet would keep pods pending there
+        cluster.kubectl("delete", "node", stale["metadata"]["name"], "--wait=false")
+    try:
+        with contextlib.ExitStack() as stack:
+            bridge = stack.enter_context(Bridge(BRIDGE, POD_NET))  # the pods' bridge, and its address for the registry
+            reg = stack.enter_context(Registry(w / "registry", bind=bridge.ip, access_log=True))
+            cri = _node_images(reg, layout, w, bridge_cni(f"{POD_NET}.0/24", w / "ipam", default_route=True))
+            for tag in ("v1", "v2"):
+                skopeo_push(node_image, tag, f"{reg.host}/puller:{tag}")
+            listed, warm = f"{reg.host}/test/run:v1", f"{reg.host}/test/warm:v1"
+            skopeo_push(layout["path"], "small", warm)
+            ctrd = stack.enter_context(Containerd(w / "ctrd", version=NODE_CONTAINERD, cri=cri))
+            stack.enter_context(_pods_removed(ctrd))
+            stack.enter_context(cluster.served_on(bridge.name))
+            subprocess.run(ctrd.crictl("pull", cri.sandbox_image), check=True, capture_output=True)
+            node = stack.enter_context(
+                Kubelet(w / "kubelet", cluster, ctrd.socket, node_name, [f"{TAINT}=pending:NoSchedule"])
+            )
+            node.wait_ready()
+            cluster.start_scheduler()
+            cluster.start_controller_manager()
+
+            def diagnosis() -> str:
+                described = cluster.kubectl("describe", "pods", "-n", "puller").stdout
+                ids = subprocess.run(ctrd.crictl("ps", "-a", "-q", "--name", "puller"), capture_output=True, text=True)
+                logs = [ctrd.crictl("logs", "--tail=30", i) for i in ids.stdout.split()]
+                logs_text = "\n".join(subprocess.run(c, capture_output=True, text=True).stderr for c in logs)
+                return f"{described}\n{logs_text}\n{node.log_tail()}"
+
+            # deploy/, as kustomize renders it for this node
+            overlay = _daemonset_overlay(w, reg, ctrd, [listed])
+            r = cluster.kubectl("apply", "-k", str(overlay), "--validate=strict", check=False)
+            assert r.returncode == 0, r.stderr
+            v1 = f"{reg.host}/puller:v1"
+            try:
+                _until(lambda: _ready_daemon(cluster, node_name, v1) is not None, 180, "the daemon pod to be Ready")
+                _until(lambda: TAINT not in _taints(cluster, node_name), 120, "the start-up taint to go")
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{diagnosis()}") from None
+            assert listed in _node_tags(ctrd)
+            pod = _ready_daemon(cluster, node_name, v1)
+            assert pod is not None
+            ip = pod["status"]["podIP"]
+            assert ip.startswith(POD_NET + "."), ip  # its own network namespace, not the host's
+
+            # the Service selects it, with both ports
+            slices = cluster.kubectl(
+                "get", "endpointslices", "-n", "puller", "-l", "kubernetes.io/service-name=puller", "-o", "json"
+            )
+            items = json.loads(slices.stdout)["items"]
+            addresses = {a for s in items for e in s.get("endpoints") or [] for a in e["addresses"]}
+            ports = {p["name"]: p["port"] for s in items for p in s.get("ports") or []}
+            assert ip in addresses and ports == {"api": 8470, "probes": 8471}, items
+
+            # deploy/'s warmup Job, as a pod: finds the daemon through the API, asks it with the token, waits
+            job = yaml.safe_load((DEPLOY / "warmup-job.yaml").read_text())
+            container = job["spec"]["template"]["spec"]["containers"][0]
+            container["image"] = v1
+            container["args"] = [*container["args"][:-1], warm]
+            created = cluster.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(job))
+            job_name = json.loads(created.stdout)["metadata"]["name"]
+            status = ("get", "job", job_name, "-n", "puller", "-o", "json")
+            try:
+                _until(lambda: json.loads(cluster.kubectl(*status).stdout)["status"].get("succeeded") == 1, 120, "it")
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{diagnosis()}") from None
+            assert warm in _node_tags(ctrd)
+
+            # the chart's objects with image v2: a rolling update
+            values = _chart_values(w, reg, ctrd, [listed], "v2")
+            rendered = subprocess.run(
+                [str(HELM), "template", "puller", str(CHART), "--namespace", "puller", "-f", str(values)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            before = len(reg.requests())
+            cluster.kubectl("apply", "-f", "-", input=rendered)
+            v2 = f"{reg.host}/puller:v2"
+            missing: list[set[str]] = []
+
+            def rolled_over() -> bool:
+                tags = _node_tags(ctrd)
+                if listed not in tags or warm not in tags:
+                    missing.append(tags)
+                return _ready_daemon(cluster, node_name, v2) is not None
+
+            try:
+                _until(rolled_over, 180, "the new daemon pod to be Ready")
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{diagnosis()}") from None
+            assert not missing, missing  # the list stayed on the node while the daemon was replaced
+            refetched = [r for r in reg.requests()[before:] if r[1].startswith("/v2/test/run/blobs/")]
+            assert not refetched, refetched
+            assert TAINT not in _taints(cluster, node_name)
+    finally:
+        cluster.kubectl("apply", "-k", str(DEPLOY))  # deploy/ as the module's other tests know it
