@@ -956,6 +956,12 @@ def _ready_daemon(cluster: ControlPlane, node: str, image: str) -> dict | None:
     return pods[0] if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
 
 
+def _container_logs(ctrd: Containerd, name: str) -> list[str]:
+    """What the containers named ``name`` on the node wrote (stderr: puller logs there)."""
+    ids = subprocess.run(ctrd.crictl("ps", "-a", "-q", "--name", name), capture_output=True, text=True)
+    return [subprocess.run(ctrd.crictl("logs", i), capture_output=True, text=True).stderr for i in ids.stdout.split()]
+
+
 def _node_tags(ctrd: Containerd) -> set[str]:
     listed = subprocess.run(ctrd.crictl("images", "-o", "json"), capture_output=True, text=True, check=True)
     return {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}
@@ -977,6 +983,8 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
     for stale in json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]:
         # earlier tests' nodes (their kubelets are gone): the DaemonSet would keep pods pending there
         cluster.kubectl("delete", "node", stale["metadata"]["name"], "--wait=false")
+    # and their pods labelled as the daemon's (which warmup would wait for)
+    cluster.kubectl("delete", "pods", "-n", "puller", "--all", "--force", "--grace-period=0")
     try:
         with contextlib.ExitStack() as stack:
             bridge = stack.enter_context(Bridge(BRIDGE, POD_NET))  # the pods' bridge, and its address for the registry
@@ -999,10 +1007,8 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
 
             def diagnosis() -> str:
                 described = cluster.kubectl("describe", "pods", "-n", "puller").stdout
-                ids = subprocess.run(ctrd.crictl("ps", "-a", "-q", "--name", "puller"), capture_output=True, text=True)
-                logs = [ctrd.crictl("logs", "--tail=30", i) for i in ids.stdout.split()]
-                logs_text = "\n".join(subprocess.run(c, capture_output=True, text=True).stderr for c in logs)
-                return f"{described}\n{logs_text}\n{node.log_tail()}"
+                logs = "\n".join(log[-3000:] for log in _container_logs(ctrd, "puller"))
+                return f"{described}\n{logs}\n{node.log_tail()}"
 
             # deploy/, as kustomize renders it for this node
             overlay = _daemonset_overlay(w, reg, ctrd, [listed])
@@ -1042,6 +1048,10 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
             except AssertionError as e:
                 raise AssertionError(f"{e}\n{diagnosis()}") from None
             assert warm in _node_tags(ctrd)
+            # as shipped (capabilities dropped, containerd's root read-only) layers go through the Diff service
+            daemon_log = "\n".join(_container_logs(ctrd, "puller"))
+            assert "layers applied by diff: puller lacks CAP_CHOWN" in daemon_log, daemon_log
+            assert "WARNING" not in daemon_log, daemon_log
 
             # the chart's objects with image v2: a rolling update
             values = _chart_values(w, reg, ctrd, [listed], "v2")

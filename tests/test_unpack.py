@@ -23,7 +23,7 @@ from puller.stores.containerd.unpack import chain_ids
 from puller.unpack import LayerStream, Limits
 from puller.unpack.decompress import Decompressor
 
-from .conftest import run_puller
+from .conftest import PULLER, run_puller
 from .rig import OCI_LAYER, Containerd, LayoutWriter, Registry, _zstd, skopeo_push
 from .trees import TarBuilder, diff, dir_entries, walk
 
@@ -141,6 +141,43 @@ def snapshot_dir(c: Containerd, ns: str, chain: str) -> Path:
         check=True,
     )
     return Path(json.loads(info.stdout)["Labels"][UPPERDIR])
+
+
+def test_without_the_capabilities_or_a_writable_root_auto_takes_the_diff_service_and_says_why(
+    oracle_containerd: Containerd, layout, tmp_path: Path
+):
+    """As the DaemonSet's pod runs it (every capability dropped, containerd's root mounted read-only), ``auto``
+    leaves applying to containerd's Diff service, says why once, and the image is unpacked; the same pull with
+    them takes the stream path."""
+    cfg = tmp_path / "puller.yaml"
+    root = oracle_containerd.workdir / "root"
+    cfg.write_text(f"staging_dir: {tmp_path / 'staging'}\ncontainerd_root: {root}\n")
+    no_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    read_only = ["unshare", "--mount", "--propagation=private", "sh", "-c",
+                 f'mount --bind {root} {root} && mount -o remount,bind,ro {root} && exec "$@"', "sh"]  # fmt: skip
+    with Registry(tmp_path / "registry") as reg:
+        ref = f"{reg.host}/test/run:v1"
+        skopeo_push(layout["path"], "run", ref)
+        for ns, prefix, why in (
+            ("caps", no_caps, "puller lacks CAP_CHOWN, CAP_DAC_OVERRIDE"),
+            ("ro", read_only, f"containerd's root {root} is not writable here"),
+            ("full", [], "overlayfs snapshots that rebase"),
+        ):
+            args = ("-v", "pull", ref, "--store", "containerd", "--containerd-address", str(oracle_containerd.socket))
+            r = subprocess.run(
+                [*prefix, *PULLER, *args, "--json", "--namespace", ns, "--config", str(cfg)],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stderr
+            path = "stream" if ns == "full" else "diff"
+            assert f"layers applied by {path}: " in r.stderr and why in r.stderr, r.stderr
+            assert "WARNING" not in r.stderr, r.stderr  # decided once, not layer by layer
+            assert json.loads(r.stdout.strip().splitlines()[-1])["unpack"]["path"] == path
+            snapshots = subprocess.run(
+                oracle_containerd.ctr("-n", ns, "snapshots", "ls"), capture_output=True, text=True, check=True
+            )
+            assert "Committed" in snapshots.stdout, snapshots.stdout
 
 
 def test_every_layer_applies_as_containerds_diff_service_applies_it(oracle_containerd: Containerd, tmp_path: Path):

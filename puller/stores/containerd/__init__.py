@@ -73,7 +73,7 @@ class ContainerdStore(StoreBase):
         self.content = Content(self.api, self.root)
         self.leases = Leases(self.api, lease_expiry)
         self.records = ImageRecords(self.api)
-        self.unpacker = Unpacker(self.api, self.content, snapshotter, unpack_path, limits)
+        self.unpacker = Unpacker(self.api, self.content, snapshotter, unpack_path, limits, self.root)
         self._staging: SafeDir | None = None
         self._shared: Shared | None = None
         self._blobs: dict[str, BlobState] = {}  # blobs of the images being pulled

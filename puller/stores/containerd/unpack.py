@@ -11,9 +11,11 @@ Two ways to apply a layer (:class:`ApplyPath`):
   the blob downloads, from the bytes streamed into containerd (the writer hands them to a
   :class:`~puller.unpack.feed.LayerFeed`); the snapshot is committed once containerd has committed the blob (its
   digest checked) and the applier found the diff ID of the config. Chosen by ``auto`` where containerd is 2.2.3
-  or later, the snapshotter is overlayfs and can rebase, and puller can open the snapshot's directory (it runs as
-  root beside containerd). A layer whose bytes did not all pass through its feed (a pull that resumes a blob
-  containerd holds part of) is applied by the Diff service instead.
+  or later, the snapshotter is overlayfs and can rebase, puller has the capabilities to create a layer's files
+  (STREAM_CAPABILITIES: a pod whose capabilities are dropped has none) and containerd's root is writable here
+  (not a read-only mount), and puller can open the snapshot's directory (it runs as root beside containerd). A
+  layer whose bytes did not all pass through its feed (a pull that resumes a blob containerd holds part of) is
+  applied by the Diff service instead.
 - ``diff``: containerd's Diff service applies each layer once its blob is committed.
 """
 
@@ -24,11 +26,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.protobuf import empty_pb2
 
@@ -45,6 +49,17 @@ from .stream import RpcError, StatusCode
 
 log = logging.getLogger(__name__)
 
+
+def missing_capabilities() -> list[str]:
+    """The STREAM_CAPABILITIES this process does not have in effect."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError):
+        return []  # not Linux's procfs: let the first layer tell
+    return [name for name, bit in STREAM_CAPABILITIES.items() if not effective >> bit & 1]
+
+
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
 UNCOMPRESSED = "containerd.io/uncompressed"
 APPLY_TIMEOUT_S = 1800.0  # unpacking one layer (gigabytes, on a slow disk) may take minutes; not forever
@@ -56,6 +71,17 @@ SNAPSHOT_PARENT = "containerd.io/snapshot/parent-chain-id"
 
 APPLY_PATHS = ("auto", "stream", "diff")
 STREAM_SINCE = (2, 2, 3)  # parallel unpack keeps whiteouts since 2.2.3
+# What applying a layer as containerd does takes (bit numbers of linux/capability.h): ownership, modes and times of
+# files that are not puller's, setuid bits, device nodes and whiteouts, trusted.* and security.capability xattrs.
+STREAM_CAPABILITIES = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_MKNOD": 27,
+    "CAP_SETFCAP": 31,
+}
 APPLIER_THREADS = 4  # layers puller's applier works on at once (most wait for bytes)
 
 WaitPresent = Callable[[Descriptor], Awaitable[None]]  # returns once the blob is committed
@@ -82,7 +108,15 @@ class _CannotStream(Exception):
 
 
 class Unpacker:
-    def __init__(self, api: Api, content: Content, snapshotter: str, apply: str = "auto", limits: Limits | None = None):
+    def __init__(
+        self,
+        api: Api,
+        content: Content,
+        snapshotter: str,
+        apply: str = "auto",
+        limits: Limits | None = None,
+        root: Path | None = None,
+    ):
         if apply not in APPLY_PATHS:
             raise ConfigError(f"unpack_path must be one of {', '.join(APPLY_PATHS)}, not {apply!r}")
         self.api = api
@@ -90,6 +124,7 @@ class Unpacker:
         self.snapshotter = snapshotter
         self.apply = apply
         self.limits = limits or Limits()
+        self.root = root  # containerd's root, where the snapshots' directories are
         self._rebase: bool | None = None  # the snapshotter can rebase (parallel unpack); asked once
         self._path: ApplyPath | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -117,6 +152,10 @@ class Unpacker:
             why_not = f"containerd {self.api.version or '(unknown version)'} is older than 2.2.3"
         elif not await self._can_rebase():
             why_not = "the snapshotter cannot rebase (containerd in a user namespace?)"
+        elif missing := missing_capabilities():
+            why_not = f"puller lacks {', '.join(missing)} to create a layer's files (a pod that drops them?)"
+        elif self.root is not None and self.root.is_dir() and not os.access(self.root, os.W_OK):
+            why_not = f"containerd's root {self.root} is not writable here (a read-only mount?)"
         if why_not:
             if self.apply == "stream":
                 raise ConfigError(f"unpack_path is stream, but {why_not}")
