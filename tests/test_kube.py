@@ -931,6 +931,7 @@ def _chart_values(w: Path, reg: Registry, ctrd: Containerd, images: list[str], t
             "stateDir": str(w / "state"),
         },
         "settings": {"plain_http": [reg.host]},  # merged into the chart's own settings
+        "applyWhileDownloading": True,
     }
     path = w / "values.yaml"
     path.write_text(json.dumps(values))
@@ -974,8 +975,9 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
     start-up taint, pods on a bridge network: the pod becomes Ready, prefetches its list into the node's containerd
     through the API server's ClusterIP (its ServiceAccount token, in-cluster), removes the taint; the Service's
     endpoints name it; deploy/'s warmup Job, run as a pod, gets an image onto the node through its API port and
-    token. Then the chart's objects with a new image roll the DaemonSet over: the list stays on the node throughout,
-    no blob of it is fetched again, and the new pod is Ready."""
+    token. Then the chart's objects with a new image and applyWhileDownloading roll the DaemonSet over: the list
+    stays on the node throughout, no blob of it is fetched again, the new pod is Ready and applies the layers of the
+    next image while they download (capabilities added, containerd's root writable)."""
     from .p2p import Bridge
     from .test_helm import CHART, HELM
 
@@ -1080,5 +1082,22 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
             refetched = [r for r in reg.requests()[before:] if r[1].startswith("/v2/test/run/blobs/")]
             assert not refetched, refetched
             assert TAINT not in _taints(cluster, node_name)
+
+            # with applyWhileDownloading the new pod applies layers while they download, into containerd's snapshots
+            streamed = f"{reg.host}/test/streamed:v1"
+            skopeo_push(layout["path"], "app", streamed)
+            new_pod = _ready_daemon(cluster, node_name, v2)
+            assert new_pod is not None
+            token = w / "api-token"
+            secret = ("get", "secret", "puller-api-token", "-n", "puller", "-o", "jsonpath={.data.token}")
+            token.write_bytes(base64.b64decode(cluster.kubectl(*secret).stdout))
+            endpoint = f"http://{new_pod['status']['podIP']}:8470"
+            asked = ("--endpoints", endpoint, "--token-file", str(token), streamed)
+            ok = run_puller("warmup", "--wait", "--timeout", "60", *asked)
+            assert ok.returncode == 0, f"{ok.stderr}\n{diagnosis()}"
+            assert streamed in _node_tags(ctrd)
+            logs = _container_logs(ctrd, "puller")
+            assert any("layers applied by stream: " in log for log in logs), logs
+            assert not any("WARNING" in log for log in logs), logs
     finally:
         cluster.kubectl("apply", "-k", str(DEPLOY))  # deploy/ as the module's other tests know it
