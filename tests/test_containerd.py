@@ -666,3 +666,30 @@ async def test_an_ingest_locked_by_another_writer_is_waited_for_then_written(con
         held.close()  # the other writer goes away
         await asyncio.wait_for(write, 20)
         assert await store.has_blob(desc)
+
+
+async def test_where_layers_are_applied_while_downloading_fewer_received_bytes_are_kept(containerd, tmp_path: Path):
+    """The appliers' memory comes on top of the received bytes kept for their turn: once an image's layers are to
+    be applied while they download (containerd 2.x), a blob waiting for its stream keeps at most a quarter of
+    MAX_KEPT_APPLYING and stages the rest; through the Diff service (1.6) it keeps up to MAX_KEPT_WAITING."""
+    from puller.reference import Reference
+    from puller.stores.containerd import ContainerdStore
+    from puller.stores.containerd import writer as cw
+
+    from .test_store_contract import _tiny_image
+
+    mib = 1 << 20
+    _, _, manifest, _ = _tiny_image()
+    desc, _ = _random_blob(64 * mib)  # not the image's: only its memory is looked at
+    store = ContainerdStore(str(containerd.socket), "applying", staging_dir=tmp_path / "st", root=containerd.workdir)
+    async with store:
+        await store.begin_image(Reference.parse("registry.example/kept/image:v1"), manifest)
+        applying = containerd.version != "1.6"
+        assert store._shared is not None
+        assert store._shared.max_kept == (cw.MAX_KEPT_APPLYING if applying else cw.MAX_KEPT)
+        async with store.writer(desc) as writer:
+            await writer.status()
+            await writer.write_at(8 * mib, [b"k" * (4 * mib)])  # no byte 0 yet, so no stream: kept in both
+            await writer.write_at(12 * mib, [b"s" * (4 * mib)])  # past what applying leaves a waiting blob
+            assert store._shared.kept == (4 if applying else 8) * mib
+            await writer.abort()

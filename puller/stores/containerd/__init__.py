@@ -165,7 +165,11 @@ class ContainerdStore(StoreBase):
             state.images += 1
         self._images[key] = self._images.get(key, 0) + 1
         if self.unpack and key not in self._unpacking:
-            feeds = await self._claim_feeds(manifest) if (await self.unpacker.path()).name == "stream" else None
+            feeds = None
+            if (await self.unpacker.path()).name == "stream":
+                assert self._shared is not None, "store used outside 'async with'"
+                self._shared.applying_while_downloading()  # the appliers' memory comes on top of kept bytes
+                feeds = await self._claim_feeds(manifest)
             unpacking = self.unpacker.unpack(manifest, lease.id, self._wait_present, feeds)
             self._unpacking[key] = asyncio.ensure_future(unpacking)
 

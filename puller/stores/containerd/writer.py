@@ -70,8 +70,12 @@ MAX_AHEAD = 64 << 20  # how far a blob's writes may run ahead of what containerd
 MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the module docstring)
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
+# MAX_KEPT where layers are applied while they download: the appliers' memory comes on top (on real2g, 32 MiB less
+# kept took peak RSS from 212 to 180 MB at 3% of the time, within the noise; benchmarks/README.md)
+MAX_KEPT_APPLYING = 32 << 20
 PREFIX_ROOM = 4  # of the memory for waiting blobs, 1/4 only bytes that extend a blob's prefix may take
-PREFIX_AT_HAND = MAX_KEPT // 2  # a blob's prefix ranges wait for room once this much of it is at hand for containerd
+PREFIX_AT_HAND = 1 / 2  # of the memory for kept bytes: a blob's prefix ranges wait for room once this much of it is
+# at hand for containerd
 BUSY_AT_HAND = 8 << 20  # containerd is the limit when a stream has more than this at hand that it has yet to take
 TAKE_FILLED = 0.75  # a handed-over buffer is kept only when the bytes fill this much of it (else they are copied)
 
@@ -96,6 +100,8 @@ class Shared:
         self.leases = leases
         self.staging = staging
         self.kept = 0  # bytes kept in memory, all writers together
+        self.max_kept = MAX_KEPT  # up to which
+        self.max_kept_waiting = MAX_KEPT_WAITING  # up to which for blobs still waiting for a write stream
         self.promised = 0  # bytes of ranges requested with room promised for them, not yet arrived
         self.streaming: set[ContainerdWriter] = set()  # blobs being streamed
         self.slots = PrioritySemaphore(MAX_WRITE_STREAMS)
@@ -103,6 +109,11 @@ class Shared:
         # memory promised to those woken before it; its bytes; waiter); at most one per download worker, each
         # bounded by its deadline
         self.memory_waiters: list[tuple[Callable[[int], bool], int, asyncio.Future[None]]] = []
+
+    def applying_while_downloading(self) -> None:
+        """Layers are applied as they download: their appliers' memory comes on top of the kept bytes."""
+        self.max_kept = min(self.max_kept, MAX_KEPT_APPLYING)
+        self.max_kept_waiting = min(self.max_kept_waiting, self.max_kept // 4)
 
     def containerd_busy(self) -> bool:
         """Whether a stream has bytes at hand that containerd has yet to take: then containerd, not the network,
@@ -221,10 +232,11 @@ class ContainerdWriter:
     def memory_limit(self, ahead: bool) -> int:
         """Kept bytes (all writers together) up to which this writer may keep more; for a blob waiting for its
         stream, bytes ``ahead`` of its prefix leave 1/PREFIX_ROOM of it to the bytes that let streams start."""
+        kept, waiting = self._shared.max_kept, self._shared.max_kept_waiting
         if self._streaming:  # MAX_AHEAD bounds what it may keep; bytes containerd takes next may go a little over
-            return MAX_KEPT if ahead else MAX_KEPT + MAX_KEPT // PREFIX_ROOM
+            return kept if ahead else kept + kept // PREFIX_ROOM
         # Blobs still waiting for a stream get part of the memory: the rest goes to the ones being sent.
-        return MAX_KEPT_WAITING - MAX_KEPT_WAITING // PREFIX_ROOM if ahead else MAX_KEPT_WAITING
+        return waiting - waiting // PREFIX_ROOM if ahead else waiting
 
     def must_wait(self, offset: int, n: int, reserved: int = 0) -> bool:
         """Whether ``n`` bytes at ``offset`` wait for memory now (``reserved``: memory promised to writes woken
@@ -256,7 +268,7 @@ class ContainerdWriter:
         if self._task is None or self._task.done():
             return False
         prefix = offset <= self.done.prefix_end()
-        if prefix and self.done.prefix_end() - self.sent < PREFIX_AT_HAND:
+        if prefix and self.done.prefix_end() - self.sent < self._shared.max_kept * PREFIX_AT_HAND:
             return False  # what containerd takes next, and it has little else of this blob at hand
         if not self._shared.containerd_busy():
             return False  # the network is the limit: a request held back would leave the link idle
