@@ -174,9 +174,12 @@ def start_puller(*args: str, env: dict | None = None, prefix: list[str] | None =
     return subprocess.Popen([*(prefix or []), *PULLER, *args], env={**os.environ, **(env or {})}, **popen)
 
 
-def run_puller(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_puller(
+    *args: str, env: dict | None = None, timeout: float = 240, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """puller run to its end; ``prefix`` runs it through a wrapper (``setpriv ...``)."""
     return subprocess.run(
-        [*PULLER, *args],
+        [*(prefix or []), *PULLER, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

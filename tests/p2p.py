@@ -6,7 +6,6 @@ Spegel (``spegel registry``, static bootstrap to the other nodes) and the hosts.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -218,10 +217,6 @@ class SpegelNode:
             "hosts_dir": str(self.hosts_dir),
             "api_allow_unauthenticated": True,  # on the test bridge only
         }
-
-    def images(self) -> set[str]:
-        listed = subprocess.run(self.ctrd.crictl("images", "-o", "json"), capture_output=True, text=True, check=True)
-        return {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}
 
     def __exit__(self, *exc: object) -> None:
         if self.spegel is not None:

@@ -274,14 +274,21 @@ def _tar(files: dict[str, tuple[bytes, int] | None]) -> bytes:
     return buf.getvalue()
 
 
-def relabel(layout: Path, tag: str, new_tag: str, labels: dict[str, str]) -> None:
-    """Adds image ``new_tag`` to an OCI layout: image ``tag`` with ``labels`` added to its config (the same layers,
-    another image ID)."""
+def layout_image(layout: Path, tag: str) -> tuple[dict, dict, dict]:
+    """Image ``tag`` of an OCI layout: its descriptor in index.json, its manifest and its config."""
     blobs = layout / "blobs" / "sha256"
     index = json.loads((layout / "index.json").read_text())
     desc = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
     manifest = json.loads((blobs / desc["digest"].split(":")[1]).read_bytes())
     config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_bytes())
+    return desc, manifest, config
+
+
+def relabel(layout: Path, tag: str, new_tag: str, labels: dict[str, str]) -> None:
+    """Adds image ``new_tag`` to an OCI layout: image ``tag`` with ``labels`` added to its config (the same layers,
+    another image ID)."""
+    blobs = layout / "blobs" / "sha256"
+    desc, manifest, config = layout_image(layout, tag)
     config["config"]["Labels"] = {**(config["config"].get("Labels") or {}), **labels}
 
     def put(doc: dict) -> tuple[str, int]:
@@ -293,6 +300,7 @@ def relabel(layout: Path, tag: str, new_tag: str, labels: dict[str, str]) -> Non
     manifest["config"]["digest"], manifest["config"]["size"] = put(config)
     digest, size = put(manifest)
     new = {**desc, "digest": digest, "size": size, "annotations": {"org.opencontainers.image.ref.name": new_tag}}
+    index = json.loads((layout / "index.json").read_text())
     index["manifests"].append(new)
     (layout / "index.json").write_text(json.dumps(index))
 
@@ -916,6 +924,11 @@ class Containerd:
     def crictl(self, *args: str) -> list[str]:
         endpoint = f"unix://{self.socket}"
         return [str(CRICTL), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", "60s", *args]
+
+    def cri_tags(self) -> set[str]:
+        """The image names the CRI lists (what kubelet sees on the node)."""
+        listed = subprocess.run(self.crictl("images", "-o", "json"), capture_output=True, text=True, check=True)
+        return {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the daemon has used so far."""

@@ -33,8 +33,13 @@ def helm(*args: str) -> str:
     return r.stdout
 
 
+def rendered(*args: str) -> str:
+    """The chart's objects as `helm template` prints them, release puller in namespace puller."""
+    return helm("template", "puller", str(CHART), "--namespace", "puller", *args)
+
+
 def template(*args: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(helm("template", "puller", str(CHART), "--namespace", "puller", *args)) if d]
+    return [d for d in yaml.safe_load_all(rendered(*args)) if d]
 
 
 def kustomize(path: Path) -> list[dict]:

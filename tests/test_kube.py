@@ -70,16 +70,12 @@ def test_the_charts_objects_with_cluster_sources_are_accepted_by_the_api_server(
     """deploy/helm/puller rendered with the cluster sources and pull-secret namespaces on: every object passes the
     API server's strict validation and admission (a server-side dry run: applied for real, its ClusterRoleBinding
     would rebind the account deploy/'s objects give to the other tests)."""
-    from .test_helm import CHART, HELM, SOURCES
+    from .test_helm import SOURCES
+    from .test_helm import rendered as chart
 
     for ns in ("ml", "web"):
         cluster.kubectl("create", "namespace", ns, check=False)
-    rendered = subprocess.run(
-        [str(HELM), "template", "puller", str(CHART), "--namespace", "puller", *SOURCES],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    rendered = chart(*SOURCES)
     r = cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", input=rendered)
     kinds = {line.split("/")[0] for line in r.stdout.splitlines() if "(server dry run)" in line}
     rbac = "rbac.authorization.k8s.io"
@@ -268,8 +264,7 @@ def test_a_job_mounting_an_image_volume_runs_with_the_registry_stopped_after_pul
                 daemon = _node_daemon(cluster, w, ctrd, reg, node_name, **sources)
                 with daemon:
                     _until(lambda: TAINT not in _taints(cluster, node_name), 120, "the start-up taint to go")
-                    listed = subprocess.run(ctrd.crictl("images", "-o", "json"), capture_output=True, text=True)
-                    tags = {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}
+                    tags = ctrd.cri_tags()
                     assert {image, volume} <= tags, tags  # both present before the gate opened
                 reg.__exit__(None, None, None)
                 done = ("get", "job", "reader", "-n", "jobs", "-o", "json")
@@ -963,11 +958,6 @@ def _container_logs(ctrd: Containerd, name: str) -> list[str]:
     return [subprocess.run(ctrd.crictl("logs", i), capture_output=True, text=True).stderr for i in ids.stdout.split()]
 
 
-def _node_tags(ctrd: Containerd) -> set[str]:
-    listed = subprocess.run(ctrd.crictl("images", "-o", "json"), capture_output=True, text=True, check=True)
-    return {t for i in json.loads(listed.stdout)["images"] for t in i.get("repoTags") or []}
-
-
 def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over_keeping_the_images(
     cluster: ControlPlane, layout, node_image: Path, tmp_path: Path
 ):
@@ -979,7 +969,7 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
     stays on the node throughout, no blob of it is fetched again, the new pod is Ready and applies the layers of the
     next image while they download (capabilities added, containerd's root writable)."""
     from .p2p import Bridge
-    from .test_helm import CHART, HELM
+    from .test_helm import rendered as chart
 
     w, node_name = tmp_path, "node-ds"
     for stale in json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]:
@@ -1022,7 +1012,7 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
                 _until(lambda: TAINT not in _taints(cluster, node_name), 120, "the start-up taint to go")
             except AssertionError as e:
                 raise AssertionError(f"{e}\n{diagnosis()}") from None
-            assert listed in _node_tags(ctrd)
+            assert listed in ctrd.cri_tags()
             pod = _ready_daemon(cluster, node_name, v1)
             assert pod is not None
             ip = pod["status"]["podIP"]
@@ -1049,7 +1039,7 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
                 _until(lambda: json.loads(cluster.kubectl(*status).stdout)["status"].get("succeeded") == 1, 120, "it")
             except AssertionError as e:
                 raise AssertionError(f"{e}\n{diagnosis()}") from None
-            assert warm in _node_tags(ctrd)
+            assert warm in ctrd.cri_tags()
             # as shipped (capabilities dropped, containerd's root read-only) layers go through the Diff service
             daemon_log = "\n".join(_container_logs(ctrd, "puller"))
             assert "layers applied by diff: puller lacks CAP_CHOWN" in daemon_log, daemon_log
@@ -1057,19 +1047,13 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
 
             # the chart's objects with image v2: a rolling update
             values = _chart_values(w, reg, ctrd, [listed], "v2")
-            rendered = subprocess.run(
-                [str(HELM), "template", "puller", str(CHART), "--namespace", "puller", "-f", str(values)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
             before = len(reg.requests())
-            cluster.kubectl("apply", "-f", "-", input=rendered)
+            cluster.kubectl("apply", "-f", "-", input=chart("-f", str(values)))
             v2 = f"{reg.host}/puller:v2"
             missing: list[set[str]] = []
 
             def rolled_over() -> bool:
-                tags = _node_tags(ctrd)
+                tags = ctrd.cri_tags()
                 if listed not in tags or warm not in tags:
                     missing.append(tags)
                 return _ready_daemon(cluster, node_name, v2) is not None
@@ -1095,7 +1079,7 @@ def test_the_daemonset_runs_as_pods_opens_the_gate_answers_warmup_and_rolls_over
             asked = ("--endpoints", endpoint, "--token-file", str(token), streamed)
             ok = run_puller("warmup", "--wait", "--timeout", "60", *asked)
             assert ok.returncode == 0, f"{ok.stderr}\n{diagnosis()}"
-            assert streamed in _node_tags(ctrd)
+            assert streamed in ctrd.cri_tags()
             logs = _container_logs(ctrd, "puller")
             assert any("layers applied by stream: " in log for log in logs), logs
             assert not any("WARNING" in log for log in logs), logs

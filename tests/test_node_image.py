@@ -13,6 +13,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from .rig import layout_image
+
 ROOT = Path(__file__).parent.parent
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages/"
 
@@ -22,12 +24,8 @@ def _canonical(name: str) -> str:
 
 
 def _layers(layout: Path, tag: str) -> tuple[dict, list[Path]]:
-    blobs = layout / "blobs" / "sha256"
-    index = json.loads((layout / "index.json").read_text())
-    desc = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-    manifest = json.loads((blobs / desc["digest"][7:]).read_bytes())
-    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
-    return config, [blobs / layer["digest"][7:] for layer in manifest["layers"]]
+    _, manifest, config = layout_image(layout, tag)
+    return config, [layout / "blobs" / "sha256" / layer["digest"][7:] for layer in manifest["layers"]]
 
 
 def _dockerfile_pip_args() -> list[str]:

@@ -93,7 +93,7 @@ def test_spegel_serves_what_puller_wrote_and_the_next_nodes_pull_from_peers_not_
     second = _done(nodes[1].puller("pull", ref, "--json"))
     assert set(second["hosts"]) == {nodes[1].mirror}, second["hosts"]  # every byte through the node's Spegel
     subprocess.run(nodes[2].ctrd.crictl("pull", ref), check=True, capture_output=True, timeout=120)
-    assert ref in nodes[1].images() and ref in nodes[2].images()
+    assert ref in nodes[1].ctrd.cri_tags() and ref in nodes[2].ctrd.cri_tags()
     assert len(_cdn_blob_requests(cdn, blobs)) == served  # not one blob more from upstream
 
 
@@ -119,7 +119,7 @@ def test_a_peer_killed_mid_blob_the_pull_completes_from_the_next_host_verified(f
     mirrored = done["hosts"].get(nodes[1].mirror, 0)
     assert 0 < mirrored < done["bytes"], done["hosts"]  # part came from the peer ...
     assert len(_cdn_blob_requests(cdn, blobs)) > before  # ... the rest from upstream
-    assert ref in nodes[1].images()
+    assert ref in nodes[1].ctrd.cri_tags()
     nodes[0].wait_ready()
 
 
@@ -142,7 +142,7 @@ def test_a_peer_that_serves_wrong_bytes_is_refused_by_digest_and_the_blob_fetche
     assert done["hosts"].get(reg.host, 0) >= max(d["size"] for d in _manifest(reg, "lying")["layers"])
     listed = subprocess.run(nodes[2].ctrd.ctr("-n", "k8s.io", "content", "ls", "-q"), capture_output=True, text=True)
     assert big in listed.stdout.split()  # committed: containerd's content store checked its digest at commit
-    assert ref in nodes[2].images()  # and unpacked (its layer applied from the verified blob)
+    assert ref in nodes[2].ctrd.cri_tags()  # and unpacked (its layer applied from the verified blob)
 
 
 def _cdn_bytes(cdn: Nginx, digest: str) -> int:
@@ -167,7 +167,7 @@ def test_with_waves_the_upstream_serves_each_blob_once_and_every_node_holds_the_
     for desc in [manifest["config"], *manifest["layers"]]:
         assert _cdn_bytes(cdn, desc["digest"]) == desc["size"], desc["digest"]  # one copy upstream
     for node in nodes:
-        assert ref in node.images()
+        assert ref in node.ctrd.cri_tags()
 
 
 def test_a_frozen_mirror_mid_blob_is_left_within_seconds_for_the_next_host(fleet):
@@ -195,4 +195,4 @@ def test_a_frozen_mirror_mid_blob_is_left_within_seconds_for_the_next_host(fleet
     took = time.monotonic() - started
     assert done["hosts"].get(nodes[2].mirror, 0) > 0 and done["hosts"].get(reg.host, 0) > 0, done["hosts"]
     assert took < 20, took  # 1.5 s, the stall noticed in 3 s, the rest upstream: not the 30 s read timeout
-    assert ref in nodes[2].images()
+    assert ref in nodes[2].ctrd.cri_tags()

@@ -23,7 +23,7 @@ from puller.stores.containerd.unpack import chain_ids
 from puller.unpack import LayerStream, Limits
 from puller.unpack.decompress import Decompressor
 
-from .conftest import PULLER, run_puller
+from .conftest import run_puller
 from .rig import OCI_LAYER, Containerd, LayoutWriter, Registry, _zstd, skopeo_push
 from .trees import TarBuilder, diff, dir_entries, walk
 
@@ -164,11 +164,7 @@ def test_without_the_capabilities_or_a_writable_root_auto_takes_the_diff_service
             ("full", [], "overlayfs snapshots that rebase"),
         ):
             args = ("-v", "pull", ref, "--store", "containerd", "--containerd-address", str(oracle_containerd.socket))
-            r = subprocess.run(
-                [*prefix, *PULLER, *args, "--json", "--namespace", ns, "--config", str(cfg)],
-                capture_output=True,
-                text=True,
-            )
+            r = run_puller(*args, "--json", "--namespace", ns, "--config", str(cfg), prefix=prefix)
             assert r.returncode == 0, r.stderr
             path = "stream" if ns == "full" else "diff"
             assert f"layers applied by {path}: " in r.stderr and why in r.stderr, r.stderr

@@ -50,16 +50,6 @@ from .stream import RpcError, StatusCode
 log = logging.getLogger(__name__)
 
 
-def missing_capabilities() -> list[str]:
-    """The STREAM_CAPABILITIES this process does not have in effect."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
-    except (OSError, StopIteration, ValueError):
-        return []  # not Linux's procfs: let the first layer tell
-    return [name for name, bit in STREAM_CAPABILITIES.items() if not effective >> bit & 1]
-
-
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
 UNCOMPRESSED = "containerd.io/uncompressed"
 APPLY_TIMEOUT_S = 1800.0  # unpacking one layer (gigabytes, on a slow disk) may take minutes; not forever
@@ -95,6 +85,16 @@ class ApplyPath:
 
     name: str
     reason: str
+
+
+def missing_capabilities() -> list[str]:
+    """The STREAM_CAPABILITIES this process does not have in effect."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError):
+        return []  # not Linux's procfs: let the first layer tell
+    return [name for name, bit in STREAM_CAPABILITIES.items() if not effective >> bit & 1]
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
