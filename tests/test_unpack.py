@@ -317,6 +317,7 @@ def test_a_million_empty_entries_are_refused_without_a_million_files(tmp_path: P
     with pytest.raises(InvalidLayer, match="more than 1,000,000 entries"):
         for i in range(0, len(blob), 1 << 20):
             stream.feed(memoryview(blob)[i : i + (1 << 20)])
+        stream.finish()
     stream.close()
     os.close(fd)
     assert os.listdir(tmp_path / "root") == ["bomb"]

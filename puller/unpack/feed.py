@@ -15,6 +15,7 @@ import contextlib
 from collections import deque
 from concurrent.futures import Executor
 
+from ..stores.threads import settled
 from .layer import Applied, LayerStream
 
 MAX_QUEUED = 4 << 20  # bytes of one layer waiting for its applier thread
@@ -97,8 +98,9 @@ class LayerFeed:
         self.discarded = True
         await self.abort()
 
-    def close(self) -> None:
-        self.stream.close()
+    async def close(self) -> None:
+        """Release the applier (its tar thread may be finishing a piece: waited for in a thread)."""
+        await settled(asyncio.get_running_loop().run_in_executor(self._executor, self.stream.close))
 
 
 def _feed_all(stream: LayerStream, batch: list[bytes]) -> None:

@@ -316,7 +316,7 @@ class Unpacker:
         finally:
             if feed is not None:
                 await feed.abort()
-                feed.close()
+                await feed.close()
         return key
 
     def _open_snapshot(self, mounts: list[types_pb2.Mount]) -> SafeDir:
