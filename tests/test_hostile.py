@@ -349,6 +349,27 @@ def test_failed_pulls_hold_only_what_they_received_and_are_collected(tmp_path: P
     assert sorted(p.name for p in staging.iterdir()) == []  # collected
 
 
+def test_collect_removes_staged_blobs_that_hold_nothing_whatever_their_order(tmp_path: Path):
+    """A pull that failed before its first byte leaves an empty ``.partial``: nothing to resume, so it is removed
+    even within the bounds, and ``max_bytes=0`` removes it whether it is older or newer than the others."""
+    from puller.engine.staging import collect
+
+    for empty_is_newer in (False, True):
+        staging = tmp_path / f"staging-{empty_is_newer}"
+        staging.mkdir()
+        (staging / "sha256-full.partial").write_bytes(os.urandom(64 << 10))
+        (staging / "sha256-empty.partial").write_bytes(b"")
+        os.utime(staging / "sha256-empty.partial", (1e9 + empty_is_newer * 10, 1e9 + empty_is_newer * 10))
+        os.utime(staging / "sha256-full.partial", (1e9 + 5, 1e9 + 5))
+        with SafeDir.open(staging) as d:
+            collect(d, max_bytes=1 << 30, max_age=1e12)
+            assert sorted(os.listdir(staging)) == ["sha256-full.partial"]  # within bounds: kept to resume
+            (staging / "sha256-empty.partial").write_bytes(b"")
+            os.utime(staging / "sha256-empty.partial", (1e9 + empty_is_newer * 10, 1e9 + empty_is_newer * 10))
+            collect(d, max_bytes=0, max_age=1e12)
+        assert os.listdir(staging) == []
+
+
 # ---- 7. one line, the documented exit code, never a traceback ------------------------------------------------
 
 

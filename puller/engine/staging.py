@@ -4,7 +4,8 @@ A staged blob is ``<alg>-<hex>.partial`` with its ``.ranges`` record and ``.lock
 that the next pull resumes it. Kept for ever, failures would fill the disk (three failed pulls of three 20 MiB
 layers hold 60 MiB; a registry that keeps failing holds more every day). :func:`collect` removes, oldest first,
 the staged blobs no pull is writing (their lock is free) that are older than ``max_age`` seconds, or that take
-the staging directory over ``max_bytes`` (allocated blocks, what the disk loses).
+the staging directory over ``max_bytes`` (allocated blocks, what the disk loses), or that hold nothing (a pull
+that failed before its first byte: nothing to resume).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def collect(staging: SafeDir, max_bytes: int, max_age: float, now: float | None 
     total = sum(g.allocated for g in groups.values())
     freed = 0
     for stem, g in sorted(groups.items(), key=lambda kv: kv[1].newest):
-        if now - g.newest <= max_age and total <= max_bytes:
+        if g.allocated and now - g.newest <= max_age and total <= max_bytes:
             continue
         if _remove_unless_in_use(staging, stem, g):
             total -= g.allocated
