@@ -4,8 +4,9 @@ containerd's own pull at its best and as nodes run it, and puller through contai
     python3 benchmarks/ready.py [--runs 3] [--images real2g,layers20,ml3g] [--tools TOOL,...] [--link-mbit 1024]
 
 The rig is bench.py's: the registry redirects blob GETs to nginx (``--rate-mbps`` per connection) across a veth
-link shaped to ``--link-mbit``; each sample gets a fresh containerd (in the clients' network namespace), and is
-timed until its command returns with the image unpacked. Tools:
+link shaped to ``--link-mbit``; each sample gets a fresh containerd (in the clients' network namespace) whose root
+and puller's staging are on a journaled ext4 made afresh for it (:mod:`rig_fs`), and is timed until its command
+returns with the image unpacked. Tools:
 
   ctrd23-best, ctrd24-best   ctr images pull of containerd 2.3 / 2.4: transfer service tuned (32 downloads, 8 MiB
                              ranges within a layer, 4 unpacks at once), igzip on its PATH (it decompresses with it)
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench
 from benchmarks.bench import add_bench_image, run_measured, transfer_config, use_bytecode, use_interpreter
+from benchmarks.rig_fs import ScratchFs
 from benchmarks.rig_net import VethLink
 from tests.rig import Containerd, LayoutWriter, Nginx, Registry, skopeo_push, tempdir
 
@@ -110,16 +112,13 @@ def apply_floor(layer_blobs: list[Path], scratch: Path) -> float:
         with open(blob, "rb") as f:
             while f.read(1 << 24):
                 pass
-    shutil.rmtree(scratch, ignore_errors=True)
     jobs = []
     for i, blob in enumerate(layer_blobs):
         (scratch / str(i)).mkdir(parents=True)
         jobs.append(f"(igzip -dc {blob} | tar -xpf - -C {scratch / str(i)}) &")
     started = time.monotonic()
     subprocess.run(["sh", "-c", " ".join(jobs) + " wait"], check=True)
-    seconds = time.monotonic() - started
-    shutil.rmtree(scratch, ignore_errors=True)
-    return seconds
+    return time.monotonic() - started
 
 
 def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict]:
@@ -132,6 +131,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict]:
     floors: dict[str, list[float]] = {}
     compressed: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
+        fs = stack.enter_context(ScratchFs(work / "fs.img", work / "fs"))
         veth = stack.enter_context(VethLink(args.link_mbit))
         if not veth.ok:
             raise SystemExit(f"no veth link: {veth.error}")
@@ -148,21 +148,20 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict]:
                 _, manifest = reg.manifest(f"bench/{name}", "v1")
                 layers = [work / "layout" / "blobs" / "sha256" / d["digest"][7:] for d in manifest["layers"]]
                 compressed[name] = sum(d["size"] for d in manifest["layers"]) + manifest["config"]["size"]
-                floor = apply_floor(layers, work / "floor")
+                floor = apply_floor(layers, fs.fresh() / "floor")
                 floors.setdefault(name, []).append(floor)
                 print(f"run {run_no + 1} {name:9} apply floor {floor:6.2f} s", flush=True)
                 order = tools[run_no % len(tools) :] + tools[: run_no % len(tools)]
                 for tool in order:
-                    shutil.rmtree(work / "staging", ignore_errors=True)
-                    with containerd_for(tool, work, veth.ns) as ctrd:
+                    root = fs.fresh()
+                    with containerd_for(tool, root, veth.ns) as ctrd:
                         assert ctrd.proc is not None
-                        cmd = command(tool, ref, ctrd, work, veth)
+                        cmd = command(tool, ref, ctrd, root, veth)
                         cpu0 = ctrd.cpu_seconds()
                         s = run_measured(cmd)
                         sample = Sample(
                             s.seconds, s.own_cpu, ctrd.cpu_seconds() - cpu0, s.rss_mb, vm_hwm_mb(ctrd.proc.pid)
                         )
-                    shutil.rmtree(work / "ctrd", ignore_errors=True)
                     rows.setdefault((tool, name), Row(tool, name)).samples.append(sample)
                     print(
                         f"run {run_no + 1} {name:9} {tool:16} ready {sample.seconds:7.2f} s  own cpu "
