@@ -14,7 +14,8 @@ class PrioritySemaphore:
     """An asyncio semaphore whose waiters are served lowest ``priority`` first (FIFO among equals)."""
 
     def __init__(self, value: int):
-        self._free = value
+        self.value = value  # slots handed out at most
+        self._free = value  # below 0 after a resize down: slots held beyond the new value, taken back on release
         self._waiters: list[tuple[int, int, asyncio.Future]] = []
         self._order = itertools.count()
 
@@ -32,12 +33,23 @@ class PrioritySemaphore:
             raise
 
     def release(self) -> None:
+        if self._free < 0:  # held beyond a smaller value: taken back
+            self._free += 1
+            return
         while self._waiters:
             _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
                 waiter.set_result(None)
                 return
         self._free += 1
+
+    def resize(self, value: int) -> None:
+        """Hand out at most ``value`` slots from now on (slots held beyond it are taken back as they are released)."""
+        grown, self.value = value - self.value, value
+        self._free += grown
+        for _ in range(max(0, min(grown, self._free))):
+            self._free -= 1
+            self.release()  # a waiter served, or the slot free again
 
     def outranks(self, priority: int) -> bool:
         """True when someone with a lower (more urgent) priority than ``priority`` is waiting."""

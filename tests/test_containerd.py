@@ -672,7 +672,7 @@ async def test_where_layers_are_applied_while_downloading_fewer_received_bytes_a
     """The appliers' memory comes on top of the received bytes kept for their turn: once an image's layers are to
     be applied while they download (containerd 2.x), a blob waiting for its stream keeps at most a quarter of
     MAX_KEPT_APPLYING and stages the rest, and ranges are not held back for memory; through the Diff service (1.6)
-    it keeps up to MAX_KEPT_WAITING."""
+    it keeps up to MAX_KEPT_WAITING. One blob streams at a time while applied (MAX_WRITE_STREAMS_APPLYING)."""
     from puller.reference import Reference
     from puller.stores.containerd import ContainerdStore
     from puller.stores.containerd import writer as cw
@@ -689,6 +689,7 @@ async def test_where_layers_are_applied_while_downloading_fewer_received_bytes_a
         assert store._shared is not None
         assert store._shared.max_kept == (cw.MAX_KEPT_APPLYING if applying else cw.MAX_KEPT)
         assert store._shared.hold_requests is not applying  # ranges are not held back for a stream's applier
+        assert store._shared.slots.value == (cw.MAX_WRITE_STREAMS_APPLYING if applying else cw.MAX_WRITE_STREAMS)
         async with store.writer(desc) as writer:
             await writer.status()
             await writer.write_at(8 * mib, [b"k" * (4 * mib)])  # no byte 0 yet, so no stream: kept in both

@@ -338,6 +338,26 @@ async def test_priority_semaphore_serves_the_most_urgent_first():
     await sem.acquire(3)  # the slot given back is free again, not lost to the cancelled waiter
 
 
+async def test_priority_semaphore_resized_takes_back_slots_as_they_are_released():
+    sem = PrioritySemaphore(2)
+    await sem.acquire()
+    await sem.acquire()
+    sem.resize(1)  # both still held
+    waiter = asyncio.ensure_future(sem.acquire())
+    sem.release()  # taken back: 1 is held, the value
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    sem.release()
+    await asyncio.wait_for(waiter, 1)  # the one slot, passed on
+    sem.resize(3)  # two more: one acquired at once, the next too, the fourth waits
+    await asyncio.wait_for(sem.acquire(), 1)
+    await asyncio.wait_for(sem.acquire(), 1)
+    fourth = asyncio.ensure_future(sem.acquire())
+    await asyncio.sleep(0)
+    assert not fourth.done() and sem.value == 3
+    fourth.cancel()
+
+
 async def test_connection_is_kept_across_requests_until_outranked():
     budget = ConnectionBudget(total=1, per_host=1)
     conn = budget.connection(priority=3)

@@ -21,8 +21,9 @@ change; after it the bytes are kept or staged as any others. Where layers are ap
 stream with bytes at hand waits for its applier rather than for containerd, and ranges are not held back for it
 before they are requested (:meth:`ContainerdWriter.room_for`).
 
-At most MAX_WRITE_STREAMS blobs are streamed at once, lowest layers first: the layer unpacked next must not share
-containerd's ingest with the layers after it, nor wait for a layer whose bytes are still on their way.
+At most MAX_WRITE_STREAMS blobs are streamed at once (MAX_WRITE_STREAMS_APPLYING where layers are applied while they
+download), lowest layers first: the layer unpacked next must not share containerd's ingest (or the interpreter, for
+its applier) with the layers after it, nor wait for a layer whose bytes are still on their way.
 
 Where layers are applied while they download (the unpacker's stream path), a layer's stream first waits (up to
 FEED_WAIT_S) for the unpacker to hand it the layer's :class:`~puller.unpack.feed.LayerFeed`, then gives the feed
@@ -67,6 +68,10 @@ if TYPE_CHECKING:
     from ..safedir import SafeDir
 
 MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
+# where layers are applied while they download: one, so that the layer being applied has the interpreter and both
+# cores to itself (appliers of many small files contend for the GIL; real2g 14.3-14.8 s against 16.5-20.1 s with
+# two, ml3g the same, side by side: benchmarks/README.md)
+MAX_WRITE_STREAMS_APPLYING = 1
 FEED_WAIT_S = 60.0  # longest wait of a layer's stream for its feed (the unpacker needs the image config first)
 MAX_AHEAD = 64 << 20  # how far a blob's writes may run ahead of what containerd has taken before they wait
 MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the module docstring)
@@ -114,10 +119,12 @@ class Shared:
         self.memory_waiters: list[tuple[Callable[[int], bool], int, asyncio.Future[None]]] = []
 
     def applying_while_downloading(self) -> None:
-        """Layers are applied as they download: their appliers' memory comes on top of the kept bytes, and ranges
-        are not held back for a busy stream (see :meth:`ContainerdWriter.room_for`)."""
+        """Layers are applied as they download: their appliers' memory comes on top of the kept bytes, one blob
+        streams (and is applied) at a time, and ranges are not held back for a busy stream (see
+        :meth:`ContainerdWriter.room_for`)."""
         self.max_kept = min(self.max_kept, MAX_KEPT_APPLYING)
         self.max_kept_waiting = min(self.max_kept_waiting, self.max_kept // 4)
+        self.slots.resize(min(self.slots.value, MAX_WRITE_STREAMS_APPLYING))
         # A stream with bytes at hand then waits for its applier (in bursts), not for containerd's ingest: ranges
         # held back meanwhile left the link idle (side by side without: ml3g 24.9 -> 20.9 s, real2g 26.8 -> 23.3 s).
         self.hold_requests = False
