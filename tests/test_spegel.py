@@ -164,8 +164,11 @@ def test_with_waves_the_upstream_serves_each_blob_once_and_every_node_holds_the_
         r = run_puller("warmup", ref, "--endpoints", endpoints, "--wait", "--first-wave", "1", "--timeout", "120")
         assert r.returncode == 0, r.stderr
     manifest = _manifest(reg, "waves")
+    pulls = "\n".join(  # which node took what from where, for a failure's message
+        f"{n.name}: {line}" for n, d in zip(nodes, daemons, strict=True) for line in d.log.read_text().splitlines()
+    )
     for desc in [manifest["config"], *manifest["layers"]]:
-        assert _cdn_bytes(cdn, desc["digest"]) == desc["size"], desc["digest"]  # one copy upstream
+        assert _cdn_bytes(cdn, desc["digest"]) == desc["size"], f"{desc['digest']}\n{pulls}"  # one copy upstream
     for node in nodes:
         assert ref in node.ctrd.cri_tags()
 
