@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -44,8 +45,10 @@ ca = "/etc/certs/upstream.pem"
 
 [host."http://mirror-b:5000/registry"]
   capabilities = ["pull", "resolve"]
+  dial_timeout = "1m30.5s"
 
 [host."mirror-c.example.com"]
+  dial_timeout = "200ms"
 """
     a, b, c, server = parse_hosts_toml(text, tmp_path)
     assert (a.scheme, a.host, a.path) == ("https", "mirror-a.example.com", "")  # override_path: no /v2 added
@@ -55,6 +58,8 @@ ca = "/etc/certs/upstream.pem"
     assert a.header == (("x-custom-1", "a"), ("x-custom-2", "b"), ("x-custom-2", "c"))
     assert (b.scheme, b.host, b.path, b.capabilities) == ("http", "mirror-b:5000", "/registry/v2", {"pull", "resolve"})
     assert (c.scheme, c.host, c.path, c.capabilities) == ("https", "mirror-c.example.com", "/v2", ALL_CAPABILITIES)
+    assert (a.dial_timeout, b.dial_timeout, c.dial_timeout) == (None, 90.5, 0.2)  # Go durations, as containerd reads
+    assert (b.origin(), c.origin()) == ("mirror-b:5000", "mirror-c.example.com:443")
     assert (server.host, server.capabilities, server.ca) == (
         "registry-1.docker.io",
         {"pull", "resolve"},
@@ -67,6 +72,8 @@ ca = "/etc/certs/upstream.pem"
         ('server = "http://"', "invalid server URL"),
         ("server = [", "not valid TOML"),
         ('[host."https://m"]\nclient = [["only-one"]]', "invalid client entry"),
+        ('[host."https://m"]\ndial_timeout = "200"', "dial_timeout must be a duration"),
+        ('[host."https://m"]\ndial_timeout = 5', "dial_timeout must be a duration"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_hosts_toml(bad, tmp_path)
@@ -147,6 +154,29 @@ def test_a_mirror_without_the_image_falls_back_to_upstream(upstream, tmp_path):
         config.write_text(json.dumps({"mirrors": {upstream.host: [{"host": f"http://{empty.host}"}]}}))
         done = pull_json(app.ref, "--store", f"oci:{tmp_path / 'store2'}", "--config", str(config))
         assert done["hosts"] == {upstream.host: sum(app.blobs.values())}
+
+
+def test_a_mirror_that_does_not_answer_connects_is_left_after_its_dial_timeout(upstream, tmp_path):
+    """A mirror whose listen queue is full (its host drops the SYNs: connects hang) with ``dial_timeout = "200ms"``:
+    the pull goes upstream within seconds, though puller's own connect_timeout is a minute."""
+    app = pushed(upstream, "test/app", "v1")
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(0)
+        queued = socket.create_connection(mute.getsockname())  # fills the queue: later connects hang
+        host = f"127.0.0.1:{mute.getsockname()[1]}"
+        certs = hosts_dir(tmp_path, upstream.host, f'[host."http://{host}"]\n  dial_timeout = "200ms"\n')
+        config = tmp_path / "puller.yaml"
+        config.write_text(json.dumps({"connect_timeout": 60}))
+        started = time.monotonic()
+        done = pull_json(
+            app.ref, "--store", f"oci:{tmp_path / 'store'}", "--hosts-dir", str(certs), "--config", str(config)
+        )
+        took = time.monotonic() - started
+        queued.close()
+    assert done["hosts"] == {upstream.host: sum(app.blobs.values())}
+    assert took < 20, took  # a few 0.2 s connects, not 60 s each
+    assert_store_holds(tmp_path / "store", app)
 
 
 def test_tags_resolve_only_through_hosts_that_may_resolve(upstream, tmp_path):

@@ -183,7 +183,8 @@ class RegistryClient:
         self._schemes: dict[str, str] = {}  # loopback hosts found to speak plain HTTP
         self._endpoints: dict[str, tuple[Endpoint, ...]] = {}  # registry -> its hosts, mirrors first
         s = self.settings
-        self._timeouts = Timeouts(s.connect_timeout_s, s.headers_timeout_s, s.read_timeout_s)
+        self._dial: dict[str, float] = {}  # "host:port" -> dial_timeout of the hosts that set one
+        self._timeouts = Timeouts(s.connect_timeout_s, s.headers_timeout_s, s.read_timeout_s, self._dial)
         self.lean = LeanRanges(self._ssl_for, self._timeouts) if s.lean_ranges else None
 
     async def __aenter__(self) -> RegistryClient:
@@ -217,6 +218,9 @@ class RegistryClient:
         """The hosts that serve ``ref``'s registry with ``capabilities``, mirrors first (see hosts.py)."""
         if ref.domain not in self._endpoints:
             self._endpoints[ref.domain] = self.settings.hosts.endpoints(ref.domain)
+            for ep in self._endpoints[ref.domain]:
+                if ep.dial_timeout is not None:
+                    self._dial[ep.origin()] = ep.dial_timeout
             if len(self._endpoints[ref.domain]) > 1:
                 log.info("%s: hosts %s", ref.domain, ", ".join(e.host for e in self._endpoints[ref.domain]))
         found = tuple(e for e in self._endpoints[ref.domain] if e.can(*capabilities))

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import posixpath
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,11 +119,17 @@ class Endpoint:
     ca: tuple[str, ...] = ()
     client: tuple[tuple[str, str], ...] = ()  # (certificate, key); key "" = in the certificate file
     header: tuple[tuple[str, str], ...] = ()
+    dial_timeout: float | None = None  # seconds to connect to it (hosts.toml ``dial_timeout``), else connect_timeout
 
     @property
     def is_mirror(self) -> bool:
         """Not the registry itself: requests carry ``?ns=<registry>`` as containerd sends them."""
         return self.host != self.registry and not (self.registry == DOCKER_HUB and self.host == DOCKER_HUB_API_HOST)
+
+    def origin(self) -> str:
+        """``host:port`` as connections name it (the scheme's port where the URL has none)."""
+        parts = urlsplit(f"//{self.host}")
+        return f"{parts.hostname}:{parts.port or (80 if self.scheme == 'http' else 443)}"
 
     def can(self, *capabilities: str) -> bool:
         return all(c in self.capabilities for c in capabilities)
@@ -247,7 +254,39 @@ def parse_host_entry(server: str, entry: Any, base_dir: str, where: str) -> Endp
         ca=tuple(_abs(p, base_dir) for p in _strings(entry.get("ca"), "ca", where)),
         client=_client_pairs(entry.get("client"), base_dir, where),
         header=_headers(entry.get("header"), where),
+        dial_timeout=_dial_timeout(entry.get("dial_timeout"), where),
     )
+
+
+_DURATION_PART = r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+_DURATION_UNITS["h"] = 3600.0
+
+
+def go_duration(text: str) -> float:
+    """Seconds of a Go duration (``time.ParseDuration``: "200ms", "1.5s", "1m30s", "0"); ValueError if it is not
+    one."""
+    body = text[1:] if text[:1] in "+-" else text
+    if body == "0":
+        return 0.0
+    if not body or not re.fullmatch(f"(?:{_DURATION_PART})+", body):
+        raise ValueError(text)
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(_DURATION_PART, body))
+    return -seconds if text.startswith("-") else seconds
+
+
+def _dial_timeout(value: Any, where: str) -> float | None:
+    """``dial_timeout``: a Go duration, as containerd parses it; zero or less leaves puller's connect_timeout (Go's
+    dialer has no timeout of its own then)."""
+    if value is None:
+        return None
+    try:
+        seconds = go_duration(value) if isinstance(value, str) else None
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        raise ConfigError(f"{where}: dial_timeout must be a duration such as '200ms' or '2s', not {value!r}")
+    return seconds if seconds > 0 else None
 
 
 def _bool(value: Any, key: str, where: str) -> bool:

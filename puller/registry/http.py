@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import functools
 import ssl
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Generic, NamedTuple, Protocol, TypeVar, overload
 from urllib.parse import urlsplit
 
@@ -39,6 +40,11 @@ class Timeouts(NamedTuple):
     connect_s: float
     headers_s: float  # from sending the request to the end of the answer's head
     read_s: float  # between two reads of the body
+    dial_s: Mapping[str, float] = MappingProxyType({})  # "host:port" -> its own connect timeout (dial_timeout)
+
+    def connect_for(self, host: str, port: int) -> float:
+        """The connect timeout of ``host:port``: its hosts.toml ``dial_timeout``, else ``connect_s``."""
+        return self.dial_s.get(f"{host}:{port}", self.connect_s)
 
 
 class ConnectionFailed(TransportError):
@@ -382,7 +388,7 @@ class HttpPool:
 
     async def _connect(self, host: str, port: int, netloc: str, context: ssl.SSLContext | None) -> _Connection:
         with connect_errors(netloc, tls=context is not None):
-            async with asyncio.timeout(self.timeouts.connect_s):
+            async with asyncio.timeout(self.timeouts.connect_for(host, port)):
                 reader, writer = await asyncio.open_connection(
                     host, port, ssl=context, server_hostname=host if context else None, limit=READ_SIZE
                 )

@@ -433,7 +433,7 @@ class LeanRanges:
         context = tls_for(self._ssl_for, url)
         loop = asyncio.get_running_loop()
         with connect_errors(f"{host}:{port}", tls=context is not None):
-            async with asyncio.timeout(self._timeouts.connect_s):
+            async with asyncio.timeout(self._timeouts.connect_for(host, port)):
                 _, conn = await loop.create_connection(
                     _Connection, host, port, ssl=context, server_hostname=host if context else None
                 )
