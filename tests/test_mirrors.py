@@ -77,6 +77,10 @@ ca = "/etc/certs/upstream.pem"
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_hosts_toml(bad, tmp_path)
+    started = time.monotonic()  # a long bad duration is refused at once: its pattern reads each string one way
+    with pytest.raises(ConfigError, match="dial_timeout must be a duration"):
+        parse_hosts_toml(f'[host."https://m"]\ndial_timeout = "{"1" * 100_000}x"', tmp_path)
+    assert time.monotonic() - started < 5  # the ambiguous pattern took minutes (0.4 s at 5,000 digits, quadratic)
 
 
 def test_host_directories_as_containerd_looks_them_up(tmp_path):

@@ -258,9 +258,18 @@ def parse_host_entry(server: str, entry: Any, base_dir: str, where: str) -> Endp
     )
 
 
-_DURATION_PART = r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
-_DURATION_UNITS["h"] = 3600.0
+# Go's grammar: digits with an optional fraction, then a unit; one way to read each string (no backtracking blow-up)
+_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 
 
 def go_duration(text: str) -> float:
@@ -281,11 +290,11 @@ def _dial_timeout(value: Any, where: str) -> float | None:
     if value is None:
         return None
     try:
-        seconds = go_duration(value) if isinstance(value, str) else None
+        if not isinstance(value, str):
+            raise ValueError(value)
+        seconds = go_duration(value)
     except ValueError:
-        seconds = None
-    if seconds is None:
-        raise ConfigError(f"{where}: dial_timeout must be a duration such as '200ms' or '2s', not {value!r}")
+        raise ConfigError(f"{where}: dial_timeout must be a duration such as '200ms' or '2s', not {value!r}") from None
     return seconds if seconds > 0 else None
 
 
