@@ -165,19 +165,22 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
     """Run ``cmd``; wall seconds, CPU seconds (user+sys, plus ``extra_cpu()`` delta) and its peak RSS.
 
     Peak RSS is read from /proc/PID/status VmHWM while it runs: wait4's ru_maxrss would carry over the RSS of
-    this (forking) Python process into every child."""
+    this (forking) Python process into every child. It is the sum of the peaks of the process and of every process
+    it starts (puller's applier process), an upper bound of their peak together; wait4's CPU times count the
+    children it waited for."""
     cpu0 = extra_cpu() if extra_cpu else 0.0
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     outs: list[bytes] = []
     out_reader = threading.Thread(target=lambda: outs.append(proc.stdout.read()), daemon=True)
     out_reader.start()
-    peak = [0]
+    peaks: dict[int, int] = {}  # of the process and each of its descendants (puller's applier process)
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.wait(0.02):
-            peak[0] = max(peak[0], _vm_hwm_kb(proc.pid))
+            for pid in _tree(proc.pid):
+                peaks[pid] = max(peaks.get(pid, 0), _vm_hwm_kb(pid))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -196,7 +199,7 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
     cpu = own + ((extra_cpu() - cpu0) if extra_cpu else 0.0)
     last = outs[0].strip().rsplit(b"\n", 1)[-1] if outs and outs[0].strip() else b""
     inner = json.loads(last)["seconds"] if last.startswith(b'{"event":"done"') else None
-    return Sample(seconds, cpu, peak[0] / 1024, inner, own)
+    return Sample(seconds, cpu, sum(peaks.values()) / 1024, inner, own)
 
 
 def add_bench_image(lw: LayoutWriter, name: str) -> None:
@@ -252,6 +255,17 @@ def use_bytecode(work: Path) -> None:
 
 def compile_bytecode(package: Path) -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (each thread's children, from /proc)."""
+    found, i = [pid], 0
+    while i < len(found):
+        for task in Path(f"/proc/{found[i]}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                found.extend(int(child) for child in task.read_text().split())
+        i += 1
+    return found
 
 
 def _vm_hwm_kb(pid: int) -> int:

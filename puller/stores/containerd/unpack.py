@@ -7,9 +7,9 @@ committed onto its parent in layer order (containerd's parallel unpack); elsewhe
 
 Two ways to apply a layer (:class:`ApplyPath`):
 
-- ``stream``: puller's own applier (:mod:`puller.unpack`) writes the layer into its snapshot's directory while
-  the blob downloads, from the bytes streamed into containerd (the writer hands them to a
-  :class:`~puller.unpack.feed.LayerFeed`); the snapshot is committed once containerd has committed the blob (its
+- ``stream``: puller's own applier (:mod:`puller.unpack`, in a worker process of its own) writes the layer into its
+  snapshot's directory while the blob downloads, from the bytes streamed into containerd (the writer hands them to a
+  :class:`~puller.unpack.process.LayerFeed`); the snapshot is committed once containerd has committed the blob (its
   digest checked) and the applier found the diff ID of the config. Chosen by ``auto`` where containerd is 2.2.3
   or later, the snapshotter is overlayfs and can rebase, puller has the capabilities to create a layer's files
   (STREAM_CAPABILITIES: a pod whose capabilities are dropped has none) and containerd's root is writable here
@@ -30,7 +30,6 @@ import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +38,8 @@ from google.protobuf import empty_pb2
 from ...errors import ConfigError, StoreError
 from ...registry import manifest as mf
 from ...registry.manifest import Descriptor
-from ...unpack import LayerStream, Limits
-from ...unpack.feed import LayerFeed
+from ...unpack import Limits
+from ...unpack.process import ApplierProcess, LayerFeed
 from ..containerd_api import diff_pb2, introspection_pb2, snapshots_pb2, types_pb2
 from ..safedir import SafeDir
 from .api import DIFF, INTROSPECTION, SNAPSHOTS, Api
@@ -72,7 +71,6 @@ STREAM_CAPABILITIES = {
     "CAP_MKNOD": 27,
     "CAP_SETFCAP": 31,
 }
-APPLIER_THREADS = 4  # layers puller's applier works on at once (most wait for bytes)
 
 WaitPresent = Callable[[Descriptor], Awaitable[None]]  # returns once the blob is committed
 FeedSlot = Callable[[Descriptor], "asyncio.Future[LayerFeed | None] | None"]  # where a layer's writer finds its feed
@@ -127,7 +125,7 @@ class Unpacker:
         self.root = root  # containerd's root, where the snapshots' directories are
         self._rebase: bool | None = None  # the snapshotter can rebase (parallel unpack); asked once
         self._path: ApplyPath | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._applier: ApplierProcess | None = None  # started with the first layer applied by the stream path
 
     @property
     def chosen(self) -> ApplyPath | None:
@@ -163,9 +161,9 @@ class Unpacker:
         return ApplyPath("stream", f"containerd {self.api.version} with overlayfs snapshots that rebase")
 
     async def close(self) -> None:
-        if self._executor is not None:
-            await asyncio.to_thread(self._executor.shutdown)
-            self._executor = None
+        if self._applier is not None:
+            await self._applier.close()
+            self._applier = None
 
     async def unpack(
         self, manifest: mf.Manifest, lease: str | None, wait_present: WaitPresent, feeds: FeedSlot | None = None
@@ -299,18 +297,20 @@ class Unpacker:
                 await self._apply_diff(x, key, mounts, lease, slots, wait_present)
                 return key
             with root:
-                stream = LayerStream(x.desc, x.diff_id, root.fd, bool(x.parent), self.limits, check_digest=False)
-            feed = LayerFeed(stream, self._applier_threads())
+                feed = self._applier_process().open(x.desc, x.diff_id, root.fd, bool(x.parent), self.limits)
             slot.set_result(feed)
             await wait_present(x.desc)
             if feed.offset != x.desc.size or feed.discarded:  # a resumed blob, or one fetched again
                 why = "its bytes failed the digest" if feed.discarded else "resumed"
                 log.info("layer %s %s: applied by containerd's Diff service", x.desc.digest, why)
+                await feed.abort()  # the applier stops writing into the snapshot before it is removed
                 await self._remove_snapshot(key)
                 return await self._prepare_apply(x, lease, slots, True, wait_present)
             async with asyncio.timeout(APPLY_TIMEOUT_S):
                 await feed.finish()
         except BaseException:
+            if feed is not None:
+                await feed.abort()
             await self._remove_snapshot(key)
             raise
         finally:
@@ -328,10 +328,10 @@ class Unpacker:
         except (OSError, StoreError) as e:
             raise _CannotStream(f"cannot open its snapshot directory {mounts[0].source}: {e}") from None
 
-    def _applier_threads(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(APPLIER_THREADS, thread_name_prefix="puller-apply")
-        return self._executor
+    def _applier_process(self) -> ApplierProcess:
+        if self._applier is None:
+            self._applier = ApplierProcess()
+        return self._applier
 
     async def _prepare(self, x: Layer, lease: str | None, rebase: bool) -> tuple[str, list[types_pb2.Mount]]:
         """An active snapshot for layer ``x`` (without a parent when ``rebase``): its key and mounts."""

@@ -26,7 +26,7 @@ download), lowest layers first: the layer unpacked next must not share container
 its applier) with the layers after it, nor wait for a layer whose bytes are still on their way.
 
 Where layers are applied while they download (the unpacker's stream path), a layer's stream first waits (up to
-FEED_WAIT_S) for the unpacker to hand it the layer's :class:`~puller.unpack.feed.LayerFeed`, then gives the feed
+FEED_WAIT_S) for the unpacker to hand it the layer's :class:`~puller.unpack.process.LayerFeed`, then gives the feed
 every piece it sends, in order from byte 0 (a stream that resumes containerd's ingest past byte 0 gives it
 nothing: the unpacker then has the Diff service apply that layer). A feed with no room makes the stream wait.
 """
@@ -64,7 +64,7 @@ from .leases import Lease, Leases
 from .stream import Framed, Gathered
 
 if TYPE_CHECKING:
-    from ...unpack.feed import LayerFeed
+    from ...unpack.process import LayerFeed
     from ..safedir import SafeDir
 
 MAX_WRITE_STREAMS = 2  # blobs streamed into containerd at once, lowest layers first
