@@ -166,8 +166,9 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
 
     Peak RSS is read from /proc/PID/status VmHWM while it runs: wait4's ru_maxrss would carry over the RSS of
     this (forking) Python process into every child. It is the sum of the peaks of the process and of every process
-    it starts (puller's applier process), an upper bound of their peak together; wait4's CPU times count the
-    children it waited for."""
+    it starts (puller's applier process), an upper bound of their peak together; a child is counted once it runs
+    its own program (before its exec it shares or copies the parent's pages, and its VmHWM is the parent's).
+    wait4's CPU times count the children it waited for."""
     cpu0 = extra_cpu() if extra_cpu else 0.0
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -180,7 +181,8 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
     def watch() -> None:
         while not stop.wait(0.02):
             for pid in _tree(proc.pid):
-                peaks[pid] = max(peaks.get(pid, 0), _vm_hwm_kb(pid))
+                if pid == proc.pid or _cmdline(pid) != _cmdline(proc.pid):  # a child not yet exec'd is a copy
+                    peaks[pid] = max(peaks.get(pid, 0), _vm_hwm_kb(pid))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -266,6 +268,13 @@ def _tree(pid: int) -> list[int]:
                 found.extend(int(child) for child in task.read_text().split())
         i += 1
     return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _vm_hwm_kb(pid: int) -> int:

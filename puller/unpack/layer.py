@@ -45,11 +45,19 @@ class Applied:
 class LayerStream:
     """Feed the blob ``desc``'s bytes in order (:meth:`feed`), then :meth:`finish`, then :meth:`close` (also when
     giving up); the tree goes into the open directory ``root_fd`` (not closed here). ``overlay``: whiteouts in
-    overlayfs form (every layer but the bottom one, as containerd's parallel unpack applies them). ``feed`` and
-    ``finish`` are called by one thread at a time."""
+    overlayfs form (every layer but the bottom one, as containerd's parallel unpack applies them). ``budget``: a
+    semaphore that layers applied at once share, one unit per decompressed piece queued for a tar thread (their
+    memory together). ``feed`` and ``finish`` are called by one thread at a time."""
 
     def __init__(
-        self, desc: Descriptor, diff_id: str, root_fd: int, overlay: bool, limits: Limits, check_digest: bool = True
+        self,
+        desc: Descriptor,
+        diff_id: str,
+        root_fd: int,
+        overlay: bool,
+        limits: Limits,
+        check_digest: bool = True,
+        budget: threading.Semaphore | None = None,
     ):
         self.desc = desc
         self.diff_id = diff_id
@@ -63,6 +71,7 @@ class LayerStream:
         self.uncompressed = hashlib.sha256()
         self.unpacked = 0
         self._pieces: queue.Queue[memoryview] = queue.Queue(QUEUED_PIECES)
+        self._budget = budget  # queued pieces of every layer together, where several apply at once
         self._thread: threading.Thread | None = None  # the tar thread, started with the first piece
         self._error: BaseException | None = None  # the tar thread's
         self._stopping = False  # the tar thread drops what is queued (giving up)
@@ -88,18 +97,23 @@ class LayerStream:
         if self._thread is None:
             self._thread = threading.Thread(target=self._tar_thread, name="puller-tar", daemon=True)
             self._thread.start()
+        if self._budget is not None:
+            self._budget.acquire()  # released by the tar thread once it is done with the piece
         self._pieces.put(piece if isinstance(piece.obj, bytes) else memoryview(bytes(piece)))
 
     def _tar_thread(self) -> None:
         while (piece := self._pieces.get()) is not _END:
-            if self._error is not None or self._stopping:
-                continue  # drained, so that feed never waits for room that will not come
             try:
+                if self._error is not None or self._stopping:
+                    continue  # drained, so that feed never waits for room that will not come
                 self.uncompressed.update(piece)
                 if not self.tar.ended:
                     self.tar.feed(piece)
             except BaseException as e:
                 self._error = e
+            finally:
+                if self._budget is not None:
+                    self._budget.release()
 
     def _raise_tar_error(self) -> None:
         if self._error is not None:

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -25,6 +26,15 @@ PIECE = 1 << 20  # most bytes read from a layer's socket at once
 MAX_HEADER = 64 << 10  # largest header message
 MAX_LAYERS = 1024  # layers applied at once (a thread each)
 PR_SET_PDEATHSIG = 1
+# The parent feeds many layers a little at a time (a layer's stream gives way when it runs out of bytes): unbounded,
+# each held a few MiB here (the bytes read, the decompressor's output, its tar thread's queue), and layers20's 20
+# layers took puller and this process past 200 MB. So at most DECOMPRESSING layers read and decompress at once
+# (waiting for a turn holds nothing: the bytes stay in the layer's socket), and the pieces queued for the tar threads
+# of every layer together are at most QUEUED_PIECES (of 1 MiB).
+DECOMPRESSING = 2
+QUEUED_PIECES = 6
+_decompressing = threading.Semaphore(DECOMPRESSING)
+_queued = threading.Semaphore(QUEUED_PIECES)
 
 
 def serve() -> None:
@@ -74,15 +84,21 @@ def _apply_layer(header: bytes, sock_fd: int, root_fd: int) -> None:
 def _layer_stream(header: dict[str, Any], root_fd: int) -> LayerStream:
     desc = Descriptor(header["media_type"], Digest.parse(header["digest"]), int(header["size"]))
     limits = Limits(**header["limits"])
-    return LayerStream(desc, header["diff_id"], root_fd, bool(header["overlay"]), limits, check_digest=False)
+    overlay = bool(header["overlay"])
+    return LayerStream(desc, header["diff_id"], root_fd, overlay, limits, check_digest=False, budget=_queued)
 
 
 def _applied(stream: LayerStream, sock: socket.socket) -> Applied:
     """Feed the stream every byte the parent sends, then finish it; on an error, stop reading first (so that the
     parent's next send fails). The stream's tar thread has ended when this returns."""
     try:
-        while data := sock.recv(PIECE):
-            stream.feed(data)
+        while True:
+            select.select([sock], [], [])  # bytes (or the end) are there: waiting for them holds no memory
+            with _decompressing:
+                data = sock.recv(PIECE)
+                if not data:
+                    break
+                stream.feed(data)
         return stream.finish()
     except BaseException:
         with contextlib.suppress(OSError):

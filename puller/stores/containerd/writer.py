@@ -78,9 +78,9 @@ MAX_WAIT_S = 10.0  # longest wait in write_at (every wait is bounded: see the mo
 MAX_KEPT = 64 << 20  # received bytes kept in memory for their turn, all blobs together; the rest is staged
 MAX_KEPT_WAITING = MAX_KEPT // 4  # of which for blobs still waiting for a write stream
 # MAX_KEPT where layers are applied while they download: the applier process's memory comes on top (18 MB for its
-# interpreter, and a few MiB per layer in progress; on real2g and ml3g, 16 MiB kept held puller and its applier
-# together to 183-184 MB, 24 MiB to 191-202 MB; benchmarks/README.md)
-MAX_KEPT_APPLYING = 16 << 20
+# interpreter and about 12 MiB of pieces; side by side, puller and its applier together peaked at 162-172 MB with 8
+# MiB kept and 169-200 MB with 16, 1-3% faster; benchmarks/README.md)
+MAX_KEPT_APPLYING = 8 << 20
 PREFIX_ROOM = 4  # of the memory for waiting blobs, 1/4 only bytes that extend a blob's prefix may take
 PREFIX_AT_HAND = 1 / 2  # of the memory for kept bytes: a blob's prefix ranges wait for room once this much of it is
 # at hand for containerd
