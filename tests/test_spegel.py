@@ -90,8 +90,10 @@ def test_spegel_serves_what_puller_wrote_and_the_next_nodes_pull_from_peers_not_
     assert served >= len(blobs)
     wait_for(lambda: all(nodes[1].finds_on_peers("p2p/shared", d) for d in blobs), 30, "Spegel to advertise")
 
-    second = _done(nodes[1].puller("pull", ref, "--json"))
-    assert set(second["hosts"]) == {nodes[1].mirror}, second["hosts"]  # every byte through the node's Spegel
+    pulled = nodes[1].puller("-v", "pull", ref, "--json")
+    second = _done(pulled)
+    # every byte through the node's Spegel (else the log says why puller left it: a stall, a 404, a failed connect)
+    assert set(second["hosts"]) == {nodes[1].mirror}, (second["hosts"], pulled.stderr[-4000:])
     subprocess.run(nodes[2].ctrd.crictl("pull", ref), check=True, capture_output=True, timeout=120)
     assert ref in nodes[1].ctrd.cri_tags() and ref in nodes[2].ctrd.cri_tags()
     assert len(_cdn_blob_requests(cdn, blobs)) == served  # not one blob more from upstream
