@@ -131,6 +131,28 @@ def test_a_worker_killed_mid_layer_fails_it_in_one_line_and_the_next_layer_gets_
     assert (tmp_path / "b" / "big").stat().st_size == 4 << 20
 
 
+def test_layers_whose_descriptors_number_past_1024_are_applied(tmp_path: Path):
+    """Each layer in progress holds descriptors in the worker (its socket, its directory): an image of many layers
+    takes them past select()'s 1,024, which must not matter."""
+    tar = TarBuilder().file("f", b"x").bytes()
+    blob, desc, diff_id = _layer(tar)
+
+    async def main() -> None:
+        process = ApplierProcess()
+        try:
+            feeds = [_open(process, tmp_path / str(i), desc, diff_id) for i in range(600)]
+            for feed in feeds:
+                await _feed(feed, blob)
+            for feed in feeds:
+                assert (await feed.finish()).diff_id == diff_id
+                await feed.close()
+        finally:
+            await process.close()
+
+    asyncio.run(main())
+    assert (tmp_path / "599" / "f").read_bytes() == b"x"
+
+
 def test_an_aborted_layer_is_left_alone_once_abort_returns(tmp_path: Path):
     t = TarBuilder()
     for i in range(20_000):

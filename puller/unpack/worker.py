@@ -91,9 +91,11 @@ def _layer_stream(header: dict[str, Any], root_fd: int) -> LayerStream:
 def _applied(stream: LayerStream, sock: socket.socket) -> Applied:
     """Feed the stream every byte the parent sends, then finish it; on an error, stop reading first (so that the
     parent's next send fails). The stream's tar thread has ended when this returns."""
+    readable = select.poll()  # not select(): a worker of many layers holds descriptors past 1,024
+    readable.register(sock, select.POLLIN)
     try:
         while True:
-            select.select([sock], [], [])  # bytes (or the end) are there: waiting for them holds no memory
+            readable.poll()  # bytes (or the end) are there: waiting for them holds no memory
             with _decompressing:
                 data = sock.recv(PIECE)
                 if not data:
