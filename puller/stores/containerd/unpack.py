@@ -310,13 +310,12 @@ class Unpacker:
                 await feed.finish()
         except BaseException:
             if feed is not None:
-                await feed.abort()
+                await feed.abort()  # the applier stops writing into the snapshot before it is removed
             await self._remove_snapshot(key)
             raise
         finally:
             if feed is not None:
-                await feed.abort()
-                await feed.close()
+                await feed.close()  # finished or aborted by now: every path above waited for its answer
         return key
 
     def _open_snapshot(self, mounts: list[types_pb2.Mount]) -> SafeDir:
