@@ -38,7 +38,8 @@ def _is_zstd(head: bytes) -> bool:
 
 
 class Decompressor:
-    """``feed`` compressed bytes in order, then ``close``; the decompressed stream goes to ``sink``."""
+    """``feed`` compressed bytes in order, then ``close``; the decompressed stream goes to ``sink``. Nothing fed is
+    kept past ``feed`` (the caller may reuse its buffer); the sink may be handed views of it (uncompressed layers)."""
 
     def __init__(self, media_type: str, sink: Sink):
         self.sink = sink
@@ -93,7 +94,7 @@ class Decompressor:
             for i in range(0, len(view), PIECE):
                 self.sink(view[i : i + PIECE])
         elif self.kind == "gzip":
-            self._inflate(bytes(data) if isinstance(data, memoryview) else data)
+            self._inflate(data)
         else:
             assert self._zstd is not None
             try:
@@ -101,7 +102,7 @@ class Decompressor:
             except zstandard.ZstdError as e:
                 raise InvalidLayer(f"the layer's zstd stream is broken: {e}") from None
 
-    def _inflate(self, data: bytes) -> None:
+    def _inflate(self, data: bytes | memoryview) -> None:
         d = self._gzip
         try:
             while data:

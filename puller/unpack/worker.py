@@ -35,6 +35,7 @@ DECOMPRESSING = 2
 QUEUED_PIECES = 6
 _decompressing = threading.Semaphore(DECOMPRESSING)
 _queued = threading.Semaphore(QUEUED_PIECES)
+_buffers: list[bytearray] = []  # receive buffers, reused (fresh ones fault their pages in): one per DECOMPRESSING
 
 
 def serve() -> None:
@@ -97,10 +98,14 @@ def _applied(stream: LayerStream, sock: socket.socket) -> Applied:
         while True:
             readable.poll()  # bytes (or the end) are there: waiting for them holds no memory
             with _decompressing:
-                data = sock.recv(PIECE)
-                if not data:
-                    break
-                stream.feed(data)
+                buffer = _buffers.pop() if _buffers else bytearray(PIECE)
+                try:
+                    n = sock.recv_into(buffer)
+                    if not n:
+                        break
+                    stream.feed(memoryview(buffer)[:n])  # nothing keeps the view: the decompressor copies
+                finally:
+                    _buffers.append(buffer)
         return stream.finish()
     except BaseException:
         with contextlib.suppress(OSError):
