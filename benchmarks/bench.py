@@ -182,7 +182,7 @@ def run_measured(cmd: list[str], extra_cpu=None) -> Sample:
         while not stop.wait(0.02):
             for pid in _tree(proc.pid):
                 if pid == proc.pid or _cmdline(pid) != _cmdline(proc.pid):  # a child not yet exec'd is a copy
-                    peaks[pid] = max(peaks.get(pid, 0), _vm_hwm_kb(pid))
+                    peaks[pid] = max(peaks.get(pid, 0), vm_hwm_kb(pid))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -277,7 +277,8 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _vm_hwm_kb(pid: int) -> int:
+def vm_hwm_kb(pid: int) -> int:
+    """A process's peak RSS so far (VmHWM), in KiB; 0 when it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

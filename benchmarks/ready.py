@@ -78,13 +78,6 @@ class Row:
         return statistics.median(getattr(s, attr) for s in self.samples)
 
 
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def containerd_for(tool: str, work: Path, netns: str | None) -> Containerd:
     version = "2.3" if "23" in tool else "2.4"
     if tool.endswith("-node"):
@@ -159,9 +152,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict]:
                         cmd = command(tool, ref, ctrd, root, veth)
                         cpu0 = ctrd.cpu_seconds()
                         s = run_measured(cmd)
-                        sample = Sample(
-                            s.seconds, s.own_cpu, ctrd.cpu_seconds() - cpu0, s.rss_mb, vm_hwm_mb(ctrd.proc.pid)
-                        )
+                        ctrd_rss_mb = bench.vm_hwm_kb(ctrd.proc.pid) / 1024
+                        sample = Sample(s.seconds, s.own_cpu, ctrd.cpu_seconds() - cpu0, s.rss_mb, ctrd_rss_mb)
                     rows.setdefault((tool, name), Row(tool, name)).samples.append(sample)
                     print(
                         f"run {run_no + 1} {name:9} {tool:16} ready {sample.seconds:7.2f} s  own cpu "
