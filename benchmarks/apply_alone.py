@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.realistic import _layers
+from benchmarks.realistic import cached_layers
 from benchmarks.rig_fs import ScratchFs
 from puller.digest import Digest
 from puller.registry.manifest import Descriptor
@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/puller-apply-alone")
     args = ap.parse_args()
-    layers = _layers(args.image)
+    layers = cached_layers(args.image)
     blobs = [Path(x["path"]).read_bytes() for x in layers]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

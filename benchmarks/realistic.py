@@ -41,7 +41,7 @@ def _files(min_size: int = 0) -> Iterator[Path]:
                     yield p
 
 
-def _layers(name: str) -> list[dict]:
+def cached_layers(name: str) -> list[dict]:
     """[{path, digest, size, diff_id}] of the recipe's layers, made once and cached."""
     from tests.rig import _HashingWriter
 
@@ -93,7 +93,7 @@ def add_real_image(lw, name: str) -> int:
     """Put image ``name`` (a key of RECIPES) into LayoutWriter ``lw``; returns its unpacked size."""
     from tests.rig import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST  # the layout's media types
 
-    layers = _layers(name)
+    layers = cached_layers(name)
     blobs_dir = lw.root / "blobs" / "sha256"
     for layer in layers:
         target = blobs_dir / layer["digest"][7:]
